@@ -1,0 +1,58 @@
+# Two commands on a fresh machine:  `make run`  and  `make test`.
+# Both are idempotent: the virtualenv is rebuilt only when requirements change.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# torch first, pinned: on these machines 2.13.0 is the CPU build already on disk;
+# left to sentence-transformers, pip would fetch a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: run test setup setup-dev migrate sample lint format bench stop-db clean
+
+$(VENV)/.stamp-runtime: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.stamp-runtime
+setup-dev: $(VENV)/.stamp-dev
+
+migrate: setup
+	$(PY) manage.py migrate --noinput
+
+# Loads the project's own docs as a sample knowledge base when it is empty.
+sample: migrate
+	$(PY) manage.py ingest --if-empty README.md docs/
+
+run: sample
+	@echo "Serving on http://$(HOST):$(PORT)/  (Ctrl+C to stop)"
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(VENV)/bin/daphne -b $(HOST) -p $(PORT) ragsite.asgi:application
+
+test: setup-dev
+	$(PY) -m pytest
+
+lint: setup-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup-dev
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: setup-dev
+	$(PY) bench/stream_bench.py
+
+stop-db:
+	$(PY) -c "import pathlib, pgserver; pgserver.pg_ctl(['-w', 'stop'], pgdata=pathlib.Path('var/pgdata').resolve(), user='pgserver')" || true
+
+clean: stop-db
+	rm -rf $(VENV) var

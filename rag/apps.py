@@ -1,0 +1,25 @@
+import logging
+
+from django.apps import AppConfig
+
+logger = logging.getLogger("rag")
+
+
+class RagConfig(AppConfig):
+    name = "rag"
+    verbose_name = "Knowledge base"
+
+    def ready(self) -> None:
+        from django.conf import settings
+
+        from rag.providers import ProviderError, chat_provider, embedding_provider
+
+        db = settings.DATABASES["default"]
+        where = f"embedded Postgres in {settings.DATA_DIR / 'pgdata'}" if settings.EMBEDDED_DATABASE else db.get("HOST")
+        try:
+            chat, embedder = chat_provider().description, embedding_provider().description
+        except ProviderError as exc:
+            # Said at startup rather than on the first question.
+            logger.error("Provider configuration: %s", exc.message)
+            return
+        logger.info("Chat: %s | Embeddings: %s | Database: %s (%s)", chat, embedder, where, db.get("NAME"))

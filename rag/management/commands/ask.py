@@ -1,0 +1,56 @@
+"""python manage.py ask "question" — stream an answer to the terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from rag.forms import BadQuestion, parse_question
+from rag.pipeline import RAG
+from rag.services import answering
+
+
+class Command(BaseCommand):
+    help = "Ask the knowledge base a question and stream the answer as it is generated."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("question", nargs="+", help="The question (quotes optional).")
+        parser.add_argument("-k", type=int, default=None, help="How many chunks to retrieve.")
+        parser.add_argument("--no-sources", action="store_true", help="Do not list the sources.")
+
+    def handle(self, *args, question: list[str], k: int | None, no_sources: bool, **options) -> None:
+        try:
+            q = parse_question(question=" ".join(question), k=k)
+        except BadQuestion as exc:
+            raise CommandError(str(exc)) from None
+        if not asyncio.run(self._ask(q.question, q.k, show_sources=not no_sources)):
+            raise CommandError("The answer failed (see above).")
+
+    async def _ask(self, question: str, k: int, *, show_sources: bool) -> bool:
+        out = self.stdout
+        started = time.perf_counter()
+        first: float | None = None
+        ok = True
+        async for event in RAG().aevents(question, k=k):
+            match event:
+                case answering.Sources(sources=sources) if show_sources:
+                    for s in sources:
+                        out.write(self.style.HTTP_INFO(f"[{s.n}] {s.title} ({s.score:.2f})"))
+                    out.write("")
+                case answering.Token(text=text):
+                    if first is None:
+                        first = time.perf_counter()
+                    # Flushed per token: the point is to watch it arrive.
+                    out.write(text, ending="")
+                    out.flush()
+                case answering.Error(message=message):
+                    ok = False
+                    sys.stderr.write(self.style.ERROR(f"\nError: {message}") + "\n")
+        total = time.perf_counter() - started
+        ttft = f"{(first - started) * 1000:.0f} ms" if first else "n/a"
+        out.write("")
+        out.write(self.style.SUCCESS(f"\nTime to first token: {ttft} | Total: {total * 1000:.0f} ms"))
+        return ok

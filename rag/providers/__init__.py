@@ -1,0 +1,96 @@
+"""Provider selection from settings.
+
+``chat_provider()`` and ``embedding_provider()`` build the provider the
+settings name, once per distinct configuration, so a settings override in a
+test picks a new one while a running server reuses the loaded models.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from django.conf import settings
+
+from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError
+
+__all__ = [
+    "ChatChunk",
+    "ChatProvider",
+    "EmbeddingProvider",
+    "ProviderError",
+    "chat_provider",
+    "embedding_provider",
+]
+
+
+def _openai_config():
+    from rag.providers.openai_compat import OpenAIConfig
+
+    return OpenAIConfig(
+        api_key=settings.OPENAI_API_KEY,
+        base_url=settings.OPENAI_BASE_URL,
+        timeout=settings.RAG_LLM_TIMEOUT,
+        max_retries=settings.RAG_LLM_MAX_RETRIES,
+    )
+
+
+def chat_provider() -> ChatProvider:
+    return _chat(
+        settings.RAG_CHAT_PROVIDER,
+        settings.RAG_CHAT_MODEL,
+        settings.OPENAI_API_KEY,
+        settings.OPENAI_BASE_URL,
+        settings.RAG_LLM_TIMEOUT,
+        settings.RAG_LLM_MAX_RETRIES,
+        settings.RAG_LLM_GGUF,
+        settings.RAG_LOCAL_CONTEXT,
+        settings.RAG_LOCAL_THREADS,
+    )
+
+
+def embedding_provider() -> EmbeddingProvider:
+    return _embeddings(
+        settings.RAG_EMBEDDING_PROVIDER,
+        settings.RAG_EMBEDDING_MODEL,
+        settings.RAG_EMBEDDING_DIMENSIONS,
+        settings.OPENAI_API_KEY,
+        settings.OPENAI_BASE_URL,
+        settings.RAG_LLM_TIMEOUT,
+        settings.RAG_LLM_MAX_RETRIES,
+    )
+
+
+@cache
+def _chat(kind: str, model: str, *_config: object) -> ChatProvider:
+    if kind == "openai":
+        from rag.providers.openai_compat import OpenAIChat
+
+        return OpenAIChat(config=_openai_config(), model=model)
+    if kind == "local":
+        from rag.providers.local import LlamaCppChat
+
+        return LlamaCppChat(
+            model_path=settings.RAG_LLM_GGUF, n_ctx=settings.RAG_LOCAL_CONTEXT, n_threads=settings.RAG_LOCAL_THREADS
+        )
+    if kind == "fake":
+        from rag.providers.fake import FakeChat
+
+        return FakeChat()
+    raise ProviderError(f"Unknown RAG_CHAT_PROVIDER {kind!r}: use openai, local or fake.", code="config")
+
+
+@cache
+def _embeddings(kind: str, model: str, dimensions: int, *_config: object) -> EmbeddingProvider:
+    if kind == "openai":
+        from rag.providers.openai_compat import OpenAIEmbeddings
+
+        return OpenAIEmbeddings(config=_openai_config(), model=model, dimensions=dimensions)
+    if kind == "local":
+        from rag.providers.local import LocalEmbeddings
+
+        return LocalEmbeddings(model=model)
+    if kind == "fake":
+        from rag.providers.fake import FakeEmbeddings
+
+        return FakeEmbeddings(dimensions=dimensions or 64)
+    raise ProviderError(f"Unknown RAG_EMBEDDING_PROVIDER {kind!r}: use openai, local or fake.", code="config")

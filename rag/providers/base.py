@@ -1,0 +1,67 @@
+"""The provider interface: one for embeddings, one for chat, chosen by settings."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+
+class ProviderError(Exception):
+    """A failure a person can act on: the message says what went wrong and what to do.
+
+    ``code`` is a short machine-readable kind (``unreachable``, ``timeout``,
+    ``rate_limited``, ``auth``, ``upstream_error``, ``bad_stream``, ``config``).
+    """
+
+    def __init__(self, message: str, *, code: str = "upstream_error") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class ChatChunk:
+    """One piece of a streamed reply: text, and on the last piece the finish reason."""
+
+    text: str = ""
+    finish_reason: str | None = None
+
+
+class EmbeddingProvider(ABC):
+    #: The model id recorded on every chunk it embeds; search only compares
+    #: vectors made by the same model.
+    model: str
+    description: str
+
+    @abstractmethod
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text, in order."""
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text`` as this model counts them (an estimate by default)."""
+        return estimate_tokens(text)
+
+
+class ChatProvider(ABC):
+    model: str
+    description: str
+    #: True for the small bundled model, so the UI can suggest a stronger one.
+    is_bundled: bool = False
+
+    @abstractmethod
+    def stream(
+        self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float
+    ) -> AsyncIterator[ChatChunk]:
+        """Stream the reply. Closing the iterator (``aclose()``, cancellation)
+        must stop generation upstream at once."""
+
+
+_TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def estimate_tokens(text: str) -> int:
+    """Word-piece estimate (~1.3 tokens per word for English BPE vocabularies)."""
+    words = _TOKEN_RE.findall(text)
+    return max(1, round(len(words) * 1.3)) if words else 0

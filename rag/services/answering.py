@@ -1,0 +1,202 @@
+"""Answering a question as a stream of events: the one service every transport uses.
+
+    sources → token … token → metrics          (or → error)
+
+Retrieval runs once, before generation. The question and the answer are
+saved as messages; the answer is saved with its final status whatever ends
+the stream: completion, an upstream failure, or the consumer going away
+(``aclose()``, a client disconnect, task cancellation), in which case the
+upstream LLM request is closed at once and the partial text kept as stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import asdict, dataclass
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import connection, transaction
+
+from rag.models import Conversation, Message
+from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider, embedding_provider
+from rag.services.prompting import build_messages
+from rag.services.retrieval import Source, retrieve
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Sources:
+    sources: list[Source]
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    message_id: int
+    conversation_id: str
+    status: str
+    model: str
+    embedding_model: str
+    retrieval_ms: float
+    ttft_ms: float | None
+    total_ms: float
+    tokens: int
+    finish_reason: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    message: str
+    code: str
+    message_id: int | None = None
+
+
+AnswerEvent = Sources | Token | Metrics | Error
+
+
+async def stream_answer(
+    *,
+    question: str,
+    k: int,
+    conversation: Conversation | None = None,
+    user_id: int | None = None,
+    session_key: str = "",
+    chat: ChatProvider | None = None,
+    embedder: EmbeddingProvider | None = None,
+) -> AsyncIterator[AnswerEvent]:
+    started = time.perf_counter()
+    chat = chat or chat_provider()
+    embedder = embedder or embedding_provider()
+    answer = await _start_answer(
+        question=question, conversation=conversation, user_id=user_id, session_key=session_key, model=chat.model
+    )
+
+    def elapsed_ms() -> float:
+        return (time.perf_counter() - started) * 1000
+
+    try:
+        retrieval = await retrieve(question=question, k=k, embedder=embedder)
+    except ProviderError as exc:
+        await _finish_answer(answer, text="", status=Message.Status.ERROR, error=exc.message, total_ms=elapsed_ms())
+        yield Error(message=exc.message, code=exc.code, message_id=answer.pk)
+        return
+    # The LLM may take a while; give the database connection back meanwhile
+    # so that concurrent streams do not exhaust the pool.
+    await _release_connection()
+    yield Sources(retrieval.sources)
+
+    messages = build_messages(question=question, sources=retrieval.sources, context_chars=settings.RAG_CONTEXT_CHARS)
+    parts: list[str] = []
+    ttft_ms: float | None = None
+    finish_reason = ""
+    status, error = Message.Status.STOPPED, None
+    try:
+        stream = chat.stream(messages, max_tokens=settings.RAG_MAX_TOKENS, temperature=settings.RAG_TEMPERATURE)
+        async with aclosing(stream):
+            async for chunk in stream:
+                if chunk.finish_reason:
+                    finish_reason = chunk.finish_reason
+                if chunk.text:
+                    if ttft_ms is None:
+                        ttft_ms = elapsed_ms()
+                    parts.append(chunk.text)
+                    yield Token(chunk.text)
+        status = Message.Status.COMPLETE
+    except ProviderError as exc:
+        status, error = Message.Status.ERROR, exc
+    except Exception as exc:
+        logger.exception("Answer %s failed", answer.pk)
+        status = Message.Status.ERROR
+        error = ProviderError(
+            f"The answer failed unexpectedly ({type(exc).__name__}); see the server log.", code="internal"
+        )
+    finally:
+        # Reached on completion, on error, and when the consumer leaves
+        # (GeneratorExit / CancelledError): the partial answer is never lost.
+        metrics = Metrics(
+            message_id=answer.pk,
+            conversation_id=str(answer.conversation_id),
+            status=status,
+            model=chat.model,
+            embedding_model=embedder.model,
+            retrieval_ms=round(retrieval.ms, 2),
+            ttft_ms=round(ttft_ms, 2) if ttft_ms is not None else None,
+            total_ms=round(elapsed_ms(), 2),
+            tokens=len(parts),
+            finish_reason=finish_reason or ("stopped" if status == Message.Status.STOPPED else ""),
+        )
+        await _finish_answer(
+            answer,
+            text="".join(parts),
+            status=status,
+            error=error.message if error else "",
+            sources=[s.public() for s in retrieval.sources],
+            metrics=metrics,
+        )
+    if error is not None:
+        yield Error(message=error.message, code=error.code, message_id=answer.pk)
+    else:
+        yield metrics
+
+
+@sync_to_async
+def _start_answer(
+    *, question: str, conversation: Conversation | None, user_id: int | None, session_key: str, model: str
+) -> Message:
+    with transaction.atomic():
+        if conversation is None:
+            conversation = Conversation.objects.create(
+                user_id=user_id, session_key=session_key, title=" ".join(question.split())[:200]
+            )
+        Message.objects.create(conversation=conversation, role=Message.Role.USER, text=question)
+        return Message.objects.create(
+            conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, model=model
+        )
+
+
+@sync_to_async
+def _finish_answer(
+    answer: Message,
+    *,
+    text: str,
+    status: str,
+    error: str = "",
+    sources: list[dict] | None = None,
+    metrics: Metrics | None = None,
+    total_ms: float | None = None,
+) -> None:
+    answer.text = text
+    answer.status = status
+    answer.error = error
+    answer.sources = sources or []
+    if metrics is not None:
+        answer.retrieval_ms = metrics.retrieval_ms
+        answer.ttft_ms = metrics.ttft_ms
+        answer.total_ms = metrics.total_ms
+        answer.tokens = metrics.tokens
+        answer.finish_reason = metrics.finish_reason
+    else:
+        answer.total_ms = total_ms
+    answer.save()
+    _release_connection_sync()
+
+
+def _release_connection_sync() -> None:
+    # Inside a transaction (tests, an outer atomic block) the connection must stay.
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+_release_connection = sync_to_async(_release_connection_sync)

@@ -1,0 +1,79 @@
+"""Query-time retrieval: embed the question once, search pgvector once."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from rag.models import Chunk
+from rag.providers import EmbeddingProvider
+
+SNIPPET_CHARS = 240
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    n: int  # the number the model cites: [n]
+    chunk_id: int
+    document_id: int
+    title: str
+    source: str
+    heading: str
+    text: str
+    score: float  # cosine similarity, 1 = identical
+
+    @property
+    def snippet(self) -> str:
+        text = " ".join(self.text.split())
+        return text if len(text) <= SNIPPET_CHARS else text[: SNIPPET_CHARS - 1].rstrip() + "…"
+
+    def public(self) -> dict:
+        """What clients see (SSE ``sources`` event, JSON API, stored on the message)."""
+        return {
+            "id": self.chunk_id,
+            "n": self.n,
+            "document_id": self.document_id,
+            "title": self.title,
+            "source": self.source,
+            "heading": self.heading,
+            "snippet": self.snippet,
+            "score": round(self.score, 4),
+        }
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    sources: list[Source]
+    ms: float
+
+
+async def retrieve(*, question: str, k: int, embedder: EmbeddingProvider) -> Retrieval:
+    started = time.perf_counter()
+    [vector] = await embedder.embed([question])
+    chunks = Chunk.objects.nearest(vector, embedding_model=embedder.model, dimensions=len(vector), k=k).select_related(
+        "document"
+    )
+    sources = [
+        Source(
+            n=n,
+            chunk_id=chunk.pk,
+            document_id=chunk.document_id,
+            title=chunk.document.title,
+            source=chunk.document.source,
+            heading=chunk.heading,
+            text=chunk.text,
+            score=1.0 - float(chunk.distance),
+        )
+        async for n, chunk in _aenumerate(chunks.defer("embedding", "document__content"), start=1)
+    ]
+    return Retrieval(sources=sources, ms=(time.perf_counter() - started) * 1000)
+
+
+async def _aenumerate(queryset, start: int = 0):
+    n = start
+    async for item in queryset:
+        yield n, item
+        n += 1

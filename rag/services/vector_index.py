@@ -1,0 +1,61 @@
+"""One HNSW index per embedding model.
+
+Chunk.embedding has no fixed dimension, so that chunks of several models can
+live side by side (during a switch of models, say). HNSW needs a fixed
+dimension, so each model gets a partial expression index:
+
+    CREATE INDEX ... USING hnsw ((embedding::vector(384)) vector_cosine_ops)
+    WHERE embedding_model = 'all-MiniLM-L6-v2'
+
+and ChunkQuerySet.nearest() queries with the same cast and filter, which is
+what makes the planner choose it. The index is created the first time chunks
+of a model are stored, so a new model needs no migration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+from django.db import connection
+from psycopg.sql import Literal
+
+logger = logging.getLogger(__name__)
+
+#: pgvector's HNSW limit for the ``vector`` type.
+HNSW_MAX_DIMENSIONS = 2000
+
+_ensured: set[tuple[str, int]] = set()
+
+
+def index_name(embedding_model: str, dimensions: int) -> str:
+    digest = hashlib.sha1(f"{embedding_model}:{dimensions}".encode()).hexdigest()[:12]
+    return f"rag_chunk_hnsw_{digest}"
+
+
+def ensure_vector_index(*, embedding_model: str, dimensions: int) -> None:
+    """Create the HNSW index for this model if it does not exist (idempotent)."""
+    key = (embedding_model, dimensions)
+    if key in _ensured:
+        return
+    if dimensions > HNSW_MAX_DIMENSIONS:
+        logger.warning(
+            "%s has %d dimensions, over pgvector's HNSW limit of %d: search will be exact (slower). "
+            "Set RAG_EMBEDDING_DIMENSIONS to shorten the vectors if the model supports it.",
+            embedding_model,
+            dimensions,
+            HNSW_MAX_DIMENSIONS,
+        )
+        _ensured.add(key)
+        return
+    name = index_name(embedding_model, dimensions)
+    with connection.cursor() as cursor:
+        # DDL takes no parameters: the name is a hex digest, the dimension an
+        # int, and the model name is quoted by psycopg.
+        cursor.execute(
+            f"CREATE INDEX IF NOT EXISTS {name} ON rag_chunk "
+            f"USING hnsw ((embedding::vector({int(dimensions)})) vector_cosine_ops) "
+            f"WHERE embedding_model = {Literal(embedding_model).as_string(connection.connection)}"
+        )
+    _ensured.add(key)
+    logger.info("HNSW index %s ready for %s (%d dimensions)", name, embedding_model, dimensions)

@@ -1,0 +1,140 @@
+"""Server-Sent Events framing for answer events.
+
+Two formats share one event order (sources, tokens, metrics | error, end):
+
+``text`` (default, compatible with the seed tutorial's ``EventSource`` client):
+    each token is an unnamed event whose data is the token itself. A token
+    holding line breaks is sent as several ``data:`` lines, which the client
+    joins with LF, so ``event.data`` equals the token, except that SSE turns
+    CR and CRLF into LF. The stream ends with ``data: [DONE]``; a token that
+    is exactly ``[DONE]`` is therefore indistinguishable from the end marker
+    for a seed-style client (a limit of that protocol; use ``json``).
+
+``json``:
+    every event's data is JSON (``{"token": "..."}``), so every character of
+    every token survives, CR and ``[DONE]`` included; the stream ends with
+    ``event: done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import TypeVar
+
+from rag.services import answering
+
+T = TypeVar("T")
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # exactly SSE's line terminators, unlike str.splitlines()
+
+DONE = b"data: [DONE]\n\n"
+HEARTBEAT = b": keep-alive\n\n"
+# Sent at once so that clients and proxies see the response start immediately.
+OPENING = b": stream open\n\n"
+
+
+def frame(data: str, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    lines = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data))
+    return f"{head}{lines}\n".encode()
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def encode(event: answering.AnswerEvent, *, fmt: str) -> bytes:
+    match event:
+        case answering.Token(text=text):
+            return frame(_json({"token": text}) if fmt == "json" else text)
+        case answering.Sources(sources=sources):
+            return frame(_json([s.public() for s in sources]), "sources")
+        case answering.Metrics():
+            return frame(_json(event.as_dict()), "metrics")
+        case answering.Error(message=message, code=code, message_id=message_id):
+            return frame(_json({"message": message, "code": code, "message_id": message_id}), "error")
+    raise TypeError(f"not an answer event: {event!r}")
+
+
+def end(fmt: str) -> bytes:
+    return frame(_json({"done": True}), "done") if fmt == "json" else DONE
+
+
+async def event_stream(
+    events: AsyncIterator[answering.AnswerEvent], *, fmt: str, heartbeat: float
+) -> AsyncIterator[bytes]:
+    """Encode events as SSE bytes, with heartbeat comments while the source is quiet.
+
+    However the source ends (normally, by an exception), the client gets an
+    end marker, never a silently truncated stream.
+    """
+    yield OPENING
+    async with aclosing(events):
+        try:
+            async for item in with_heartbeat(events, interval=heartbeat):
+                yield HEARTBEAT if item is None else encode(item, fmt=fmt)
+        except Exception as exc:  # the service reports expected failures as events
+            yield encode(answering.Error(message=f"The answer failed: {type(exc).__name__}.", code="internal"), fmt=fmt)
+    yield end(fmt)
+
+
+async def with_heartbeat(source: AsyncIterator[T], *, interval: float) -> AsyncIterator[T | None]:
+    """Yield items from ``source``, and None whenever ``interval`` seconds pass without one.
+
+    The source runs in its own task feeding a queue, so a heartbeat costs a
+    timer rather than a task per item; the task inherits this context (and so
+    Django's per-request thread for ORM calls).
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+    last_put = loop.time()
+
+    def put(kind: str, value: object = None) -> None:
+        nonlocal last_put
+        last_put = loop.time()
+        queue.put_nowait((kind, value))
+
+    def beat() -> None:
+        nonlocal timer
+        quiet = loop.time() - last_put
+        if quiet >= interval:
+            put("beat")
+            quiet = 0.0
+        timer = loop.call_later(interval - quiet, beat)
+
+    async def pump() -> None:
+        try:
+            async for item in source:
+                put("item", item)
+        except Exception as exc:  # handed to the consumer, raised there
+            put("error", exc)
+        else:
+            put("end")
+
+    task = asyncio.create_task(pump())
+    timer = loop.call_later(interval, beat)
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "item":
+                yield value  # type: ignore[misc]
+            elif kind == "beat":
+                yield None
+            elif kind == "error":
+                raise value  # type: ignore[misc]
+            else:
+                return
+    finally:
+        timer.cancel()
+        if not task.done():
+            # The consumer left mid-answer: cancelling the pump unwinds the
+            # source, which closes the upstream LLM request and saves the answer.
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_GET, require_POST
+
+from rag import sse
+from rag.forms import BadQuestion, parse_question
+from rag.pipeline import RAG
+
+FORMATS = ("text", "json")
+
+
+def bad_request(message: str, status: int = 400) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status)
+
+
+@require_GET
+async def stream(request: HttpRequest):
+    """GET /rag/stream?question=…&k=…[&format=json] → text/event-stream."""
+    fmt = request.GET.get("format", "text")
+    if fmt not in FORMATS:
+        return bad_request(f"'format' must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    try:
+        q = parse_question(question=request.GET.get("question"), k=request.GET.get("k"))
+    except BadQuestion as exc:
+        return bad_request(str(exc))
+    user = await request.auser()
+    events = RAG().aevents(q.question, k=q.k, user_id=user.pk if user.is_authenticated else None)
+    response = StreamingHttpResponse(
+        sse.event_stream(events, fmt=fmt, heartbeat=settings.RAG_SSE_HEARTBEAT),
+        content_type="text/event-stream; charset=utf-8",
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"  # nginx: do not buffer
+    return response
+
+
+# An API for programs: no session cookie is involved, so CSRF does not apply.
+@csrf_exempt
+@require_POST
+async def query(request: HttpRequest):
+    """POST /rag/query {"question": "...", "k": 4} → {"answer", "sources", "metrics"}."""
+    if request.content_type != "application/json":
+        return bad_request("Send JSON with Content-Type: application/json.", status=415)
+    try:
+        body = json.loads(request.body or b"")
+    except (ValueError, UnicodeDecodeError) as exc:
+        return bad_request(f"The body is not valid JSON: {exc}.")
+    if not isinstance(body, dict):
+        return bad_request('The body must be a JSON object like {"question": "...", "k": 4}.')
+    try:
+        q = parse_question(question=body.get("question"), k=body.get("k"))
+    except BadQuestion as exc:
+        return bad_request(str(exc))
+    user = await request.auser()
+    answer = await RAG().aask(q.question, k=q.k, user_id=user.pk if user.is_authenticated else None)
+    payload = {
+        "answer": answer.text,
+        "sources": [s.public() for s in answer.sources],
+        "metrics": answer.metrics.as_dict() if answer.metrics else None,
+    }
+    if answer.error:
+        payload["error"] = {"message": answer.error.message, "code": answer.error.code}
+        status = 504 if answer.error.code == "timeout" else 502
+        return JsonResponse(payload, status=status)
+    return JsonResponse(payload)

