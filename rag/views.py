@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import json
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import connection
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
@@ -68,3 +70,19 @@ async def query(request: HttpRequest):
         status = 504 if answer.error.code == "timeout" else 502
         return JsonResponse(payload, status=status)
     return JsonResponse(payload)
+
+
+@require_GET
+async def healthz(request: HttpRequest):
+    """Liveness and database reachability, for container health checks."""
+    try:
+        await _ping_database()
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        return JsonResponse({"status": "error", "database": str(exc)}, status=503)
+    return JsonResponse({"status": "ok"})
+
+
+@sync_to_async
+def _ping_database() -> None:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")

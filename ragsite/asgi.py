@@ -1,9 +1,45 @@
 """ASGI entry point: ``daphne ragsite.asgi:application``."""
 
-import os
+from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from asgiref.sync import ThreadSensitiveContext
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 
-application = get_asgi_application()
+
+class ReuseRequestThreads:
+    """Give each HTTP request a thread for its sync work, reusing threads.
+
+    Django runs a request's thread-sensitive sync code (ORM calls, signal
+    receivers) in a thread of its own, and by default starts a new thread for
+    every request and stops it afterwards. Starting a thread while the event
+    loop is busy with other streams costs milliseconds; here a request takes
+    an idle single-thread executor from a free list and gives it back when it
+    ends. Requests still never share a thread while both are running.
+    """
+
+    def __init__(self, app, *, keep_idle: int = 64) -> None:
+        self.app = app
+        self.keep_idle = keep_idle
+        self._idle: list[ThreadPoolExecutor] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        executor = self._idle.pop() if self._idle else ThreadPoolExecutor(1, thread_name_prefix="request")
+        try:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.app(scope, receive, send)
+        finally:
+            if len(self._idle) < self.keep_idle:
+                self._idle.append(executor)
+            else:
+                executor.shutdown(wait=False)
+
+
+application = ReuseRequestThreads(get_asgi_application())

@@ -39,15 +39,17 @@ INSTALLED_APPS = [
     "rag",
 ]
 
-# No GZipMiddleware: compressing an event stream buffers it.
+# Django's own middleware, adapted to run on the event loop instead of a thread
+# hop per hook (see ragsite/middleware.py). No GZipMiddleware: compressing an
+# event stream buffers it.
 MIDDLEWARE = [
-    "django.middleware.security.SecurityMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "ragsite.middleware.SecurityMiddleware",
+    "ragsite.middleware.SessionMiddleware",
+    "ragsite.middleware.CommonMiddleware",
+    "ragsite.middleware.CsrfViewMiddleware",
+    "ragsite.middleware.AuthenticationMiddleware",
+    "ragsite.middleware.MessageMiddleware",
+    "ragsite.middleware.XFrameOptionsMiddleware",
 ]
 
 ROOT_URLCONF = "ragsite.urls"

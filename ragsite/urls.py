@@ -1,7 +1,10 @@
 from django.contrib import admin
 from django.urls import include, path
 
+from rag.views import healthz
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("rag/", include("rag.urls")),
+    path("healthz", healthz, name="healthz"),
 ]

@@ -8,8 +8,12 @@ import json
 import weakref
 from collections.abc import AsyncIterator
 
-import httpx
 import openai
+
+try:  # openai >= 3 moved to the httpx2 fork; older releases use httpx
+    import httpx2 as httpx
+except ImportError:  # pragma: no cover
+    import httpx
 
 from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError
 
@@ -46,10 +50,18 @@ class OpenAIConfig:
             )
         return per_loop[key]
 
-    def explain(self, exc: BaseException, what: str) -> ProviderError:
+    def explain(self, exc: BaseException, what: str, *, mid_stream: bool = False) -> ProviderError:
         """Turn a client exception into a message that says what to fix."""
         where = self.where
-        if isinstance(exc, openai.APITimeoutError):
+        timed_out = isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException))
+        if mid_stream and not timed_out:
+            # The server answered, then broke off or sent something unparsable.
+            return ProviderError(
+                f"The {what} server at {where} broke off or sent a malformed stream "
+                f"({type(exc).__name__}). The partial answer was kept; ask again.",
+                code="bad_stream",
+            )
+        if timed_out:
             return ProviderError(
                 f"The {what} server at {where} did not answer within {self.timeout:g} s. "
                 "Check that it is running and not overloaded, or raise RAG_LLM_TIMEOUT.",
@@ -80,13 +92,6 @@ class OpenAIConfig:
                 f"The {what} server at {where} failed with HTTP {exc.status_code}: {_api_message(exc)}",
                 code="upstream_error",
             )
-        if isinstance(exc, (httpx.HTTPError, ValueError)):
-            # Mid-stream: a dropped connection or a chunk that is not valid JSON.
-            return ProviderError(
-                f"The {what} server at {where} broke off or sent a malformed stream "
-                f"({type(exc).__name__}). The partial answer was kept; ask again.",
-                code="bad_stream",
-            )
         return ProviderError(f"The {what} server at {where} failed: {exc}", code="upstream_error")
 
 
@@ -112,13 +117,26 @@ class OpenAIEmbeddings(EmbeddingProvider):
             return []
         extra = {"dimensions": self._dimensions} if self._dimensions else {}
         try:
-            response = await self.config.client().embeddings.create(
+            # The raw body, parsed by json: the SDK's typed parse builds a model
+            # object per float, milliseconds per query vector on this hot path.
+            raw = await self.config.client().embeddings.with_raw_response.create(
                 model=self._api_model, input=texts, encoding_format="float", **extra
             )
-        except (openai.OpenAIError, httpx.HTTPError, ValueError) as exc:
+            data = json.loads(raw.content)["data"]
+            vectors = [item["embedding"] for item in sorted(data, key=lambda item: item["index"])]
+        except (openai.OpenAIError, httpx.HTTPError) as exc:
             raise self.config.explain(exc, "embedding") from exc
-        ordered = sorted(response.data, key=lambda item: item.index)
-        return [item.embedding for item in ordered]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProviderError(
+                f"The embedding server at {self.config.where} sent an unexpected response ({exc!r}).",
+                code="bad_stream",
+            ) from exc
+        if len(vectors) != len(texts):
+            raise ProviderError(
+                f"The embedding server at {self.config.where} returned {len(vectors)} vectors for {len(texts)} texts.",
+                code="bad_stream",
+            )
+        return vectors
 
 
 class OpenAIChat(ChatProvider):
@@ -130,35 +148,56 @@ class OpenAIChat(ChatProvider):
     async def stream(
         self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float
     ) -> AsyncIterator[ChatChunk]:
+        # The client does the request (auth, base URL, retries before the first
+        # byte, status errors); the event stream is read raw, because the SDK's
+        # per-chunk model objects cost more CPU than everything else per token.
+        request = self.config.client().chat.completions.with_streaming_response.create(
+            model=self.model,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=max_tokens,
+            temperature=temperature,
+            stream=True,
+        )
         try:
-            response = await self.config.client().chat.completions.create(
-                model=self.model,
-                messages=messages,  # type: ignore[arg-type]
-                max_tokens=max_tokens,
-                temperature=temperature,
-                stream=True,
-            )
+            response = await request.__aenter__()
         except (openai.OpenAIError, httpx.HTTPError) as exc:
             raise self.config.explain(exc, "LLM") from exc
         finished = False
-        # ``async with`` closes the HTTP response when this generator is closed
-        # early, which is what tells the server to stop generating.
-        async with response:
-            try:
-                async for chunk in response:
-                    if not chunk.choices:
-                        continue
-                    choice = chunk.choices[0]
-                    text = choice.delta.content if choice.delta else None
-                    if text or choice.finish_reason:
-                        if choice.finish_reason:
-                            finished = True
-                        yield ChatChunk(text=text or "", finish_reason=choice.finish_reason)
-            except (openai.OpenAIError, httpx.HTTPError, json.JSONDecodeError) as exc:
-                raise self.config.explain(exc, "LLM") from exc
+        try:
+            async for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue  # blank separators, comments, "event:" lines
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise ProviderError(
+                        f"The LLM server at {self.config.where} reported an error mid-answer: "
+                        f"{_error_text(chunk['error'])}",
+                        code="upstream_error",
+                    )
+                for choice in chunk.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content") or ""
+                    reason = choice.get("finish_reason")
+                    if reason:
+                        finished = True
+                    if text or reason:
+                        yield ChatChunk(text=text, finish_reason=reason)
+        except (openai.OpenAIError, httpx.HTTPError, ValueError, AttributeError, TypeError) as exc:
+            raise self.config.explain(exc, "LLM", mid_stream=True) from exc
+        finally:
+            # Closing the response closes the connection: the server stops generating.
+            await request.__aexit__(None, None, None)
         if not finished:
             raise ProviderError(
                 f"The LLM server at {self.config.where} ended the stream without finishing the answer. "
                 "The partial answer was kept; ask again.",
                 code="bad_stream",
             )
+
+
+def _error_text(error: object) -> str:
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error)

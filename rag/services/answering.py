@@ -24,7 +24,7 @@ from django.db import connection, transaction
 from rag.models import Conversation, Message
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider, embedding_provider
 from rag.services.prompting import build_messages
-from rag.services.retrieval import Source, retrieve
+from rag.services.retrieval import Source, search
 
 logger = logging.getLogger(__name__)
 
@@ -79,25 +79,35 @@ async def stream_answer(
     started = time.perf_counter()
     chat = chat or chat_provider()
     embedder = embedder or embedding_provider()
-    answer = await _start_answer(
-        question=question, conversation=conversation, user_id=user_id, session_key=session_key, model=chat.model
-    )
 
     def elapsed_ms() -> float:
         return (time.perf_counter() - started) * 1000
 
     try:
-        retrieval = await retrieve(question=question, k=k, embedder=embedder)
+        [vector] = await embedder.embed([question])
+        embed_error = None
     except ProviderError as exc:
-        await _finish_answer(answer, text="", status=Message.Status.ERROR, error=exc.message, total_ms=elapsed_ms())
-        yield Error(message=exc.message, code=exc.code, message_id=answer.pk)
+        vector, embed_error = None, exc
+    # One trip to the database before the first token: save the question,
+    # search, and hand the connection back to the pool for the (long) generation.
+    answer, sources = await _begin(
+        question=question,
+        vector=vector,
+        k=k,
+        embedding_model=embedder.model,
+        conversation=conversation,
+        user_id=user_id,
+        session_key=session_key,
+        model=chat.model,
+        error=embed_error.message if embed_error else "",
+    )
+    retrieval_ms = elapsed_ms()
+    if embed_error is not None:
+        yield Error(message=embed_error.message, code=embed_error.code, message_id=answer.pk)
         return
-    # The LLM may take a while; give the database connection back meanwhile
-    # so that concurrent streams do not exhaust the pool.
-    await _release_connection()
-    yield Sources(retrieval.sources)
+    yield Sources(sources)
 
-    messages = build_messages(question=question, sources=retrieval.sources, context_chars=settings.RAG_CONTEXT_CHARS)
+    messages = build_messages(question=question, sources=sources, context_chars=settings.RAG_CONTEXT_CHARS)
     parts: list[str] = []
     ttft_ms: float | None = None
     finish_reason = ""
@@ -131,7 +141,7 @@ async def stream_answer(
             status=status,
             model=chat.model,
             embedding_model=embedder.model,
-            retrieval_ms=round(retrieval.ms, 2),
+            retrieval_ms=round(retrieval_ms, 2),
             ttft_ms=round(ttft_ms, 2) if ttft_ms is not None else None,
             total_ms=round(elapsed_ms(), 2),
             tokens=len(parts),
@@ -142,7 +152,7 @@ async def stream_answer(
             text="".join(parts),
             status=status,
             error=error.message if error else "",
-            sources=[s.public() for s in retrieval.sources],
+            sources=[s.public() for s in sources],
             metrics=metrics,
         )
     if error is not None:
@@ -152,18 +162,38 @@ async def stream_answer(
 
 
 @sync_to_async
-def _start_answer(
-    *, question: str, conversation: Conversation | None, user_id: int | None, session_key: str, model: str
-) -> Message:
+def _begin(
+    *,
+    question: str,
+    vector: list[float] | None,
+    k: int,
+    embedding_model: str,
+    conversation: Conversation | None,
+    user_id: int | None,
+    session_key: str,
+    model: str,
+    error: str,
+) -> tuple[Message, list[Source]]:
     with transaction.atomic():
         if conversation is None:
             conversation = Conversation.objects.create(
                 user_id=user_id, session_key=session_key, title=" ".join(question.split())[:200]
             )
-        Message.objects.create(conversation=conversation, role=Message.Role.USER, text=question)
-        return Message.objects.create(
-            conversation=conversation, role=Message.Role.ASSISTANT, status=Message.Status.STREAMING, model=model
+        _question, answer = Message.objects.bulk_create(
+            [
+                Message(conversation=conversation, role=Message.Role.USER, text=question),
+                Message(
+                    conversation=conversation,
+                    role=Message.Role.ASSISTANT,
+                    status=Message.Status.ERROR if error else Message.Status.STREAMING,
+                    error=error,
+                    model=model,
+                ),
+            ]
         )
+    sources = search(vector, embedding_model=embedding_model, k=k) if vector is not None else []
+    _release_connection_sync()
+    return answer, sources
 
 
 @sync_to_async
@@ -175,7 +205,6 @@ def _finish_answer(
     error: str = "",
     sources: list[dict] | None = None,
     metrics: Metrics | None = None,
-    total_ms: float | None = None,
 ) -> None:
     answer.text = text
     answer.status = status
@@ -187,8 +216,6 @@ def _finish_answer(
         answer.total_ms = metrics.total_ms
         answer.tokens = metrics.tokens
         answer.finish_reason = metrics.finish_reason
-    else:
-        answer.total_ms = total_ms
     answer.save()
     _release_connection_sync()
 
@@ -197,6 +224,3 @@ def _release_connection_sync() -> None:
     # Inside a transaction (tests, an outer atomic block) the connection must stay.
     if not connection.in_atomic_block:
         connection.close()
-
-
-_release_connection = sync_to_async(_release_connection_sync)

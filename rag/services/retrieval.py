@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
 
 from rag.models import Chunk
 from rag.providers import EmbeddingProvider
@@ -40,9 +42,6 @@ class Source:
             "score": round(self.score, 4),
         }
 
-    def as_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass(frozen=True, slots=True)
 class Retrieval:
@@ -50,13 +49,14 @@ class Retrieval:
     ms: float
 
 
-async def retrieve(*, question: str, k: int, embedder: EmbeddingProvider) -> Retrieval:
-    started = time.perf_counter()
-    [vector] = await embedder.embed([question])
-    chunks = Chunk.objects.nearest(vector, embedding_model=embedder.model, dimensions=len(vector), k=k).select_related(
-        "document"
+def search(vector: list[float], *, embedding_model: str, k: int) -> list[Source]:
+    """The k nearest chunks to a query vector (sync: call it from a thread)."""
+    chunks = (
+        Chunk.objects.nearest(vector, embedding_model=embedding_model, dimensions=len(vector), k=k)
+        .select_related("document")
+        .defer("embedding", "document__content", "document__metadata")
     )
-    sources = [
+    return [
         Source(
             n=n,
             chunk_id=chunk.pk,
@@ -67,13 +67,12 @@ async def retrieve(*, question: str, k: int, embedder: EmbeddingProvider) -> Ret
             text=chunk.text,
             score=1.0 - float(chunk.distance),
         )
-        async for n, chunk in _aenumerate(chunks.defer("embedding", "document__content"), start=1)
+        for n, chunk in enumerate(chunks, start=1)
     ]
+
+
+async def retrieve(*, question: str, k: int, embedder: EmbeddingProvider) -> Retrieval:
+    started = time.perf_counter()
+    [vector] = await embedder.embed([question])
+    sources = await sync_to_async(search)(vector, embedding_model=embedder.model, k=k)
     return Retrieval(sources=sources, ms=(time.perf_counter() - started) * 1000)
-
-
-async def _aenumerate(queryset, start: int = 0):
-    n = start
-    async for item in queryset:
-        yield n, item
-        n += 1

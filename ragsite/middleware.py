@@ -1,0 +1,82 @@
+"""Django's built-in middleware, run on the event loop.
+
+Under ASGI, ``MiddlewareMixin`` calls every ``process_request`` and
+``process_response`` through ``sync_to_async``: a hop to a worker thread and
+back for each, about a dozen per request with the default stack. Measured on
+this project, that was most of the time Django spent on a request before the
+view ran, and at 100 concurrent streams it dominated time to first token.
+
+Most of those hooks only look at headers and cookies; they run inline here.
+The ones that can touch the database (saving a session, reading stored
+messages, parsing an uploaded POST body for CSRF) still go to a thread, and
+only when they actually would.
+"""
+
+from __future__ import annotations
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import middleware as auth
+from django.contrib.messages import middleware as messages
+from django.contrib.sessions import middleware as sessions
+from django.middleware import clickjacking, common, csrf, security
+
+
+class InlineHooksMixin:
+    """Call process_request/process_response directly: they must do no I/O."""
+
+    async def __acall__(self, request):
+        response = None
+        if hasattr(self, "process_request"):
+            response = self.process_request(request)
+        response = response or await self.get_response(request)
+        if hasattr(self, "process_response"):
+            response = await self.aprocess_response(request, response)
+        return response
+
+    async def aprocess_response(self, request, response):
+        return self.process_response(request, response)
+
+
+class SecurityMiddleware(InlineHooksMixin, security.SecurityMiddleware):
+    pass
+
+
+class CommonMiddleware(InlineHooksMixin, common.CommonMiddleware):
+    pass
+
+
+class XFrameOptionsMiddleware(InlineHooksMixin, clickjacking.XFrameOptionsMiddleware):
+    pass
+
+
+class AuthenticationMiddleware(InlineHooksMixin, auth.AuthenticationMiddleware):
+    # process_request only attaches lazy request.user / request.auser.
+    pass
+
+
+class SessionMiddleware(InlineHooksMixin, sessions.SessionMiddleware):
+    # process_request only creates a lazy SessionStore; saving it is I/O.
+    async def aprocess_response(self, request, response):
+        session = request.session
+        if session.modified or settings.SESSION_SAVE_EVERY_REQUEST:
+            return await sync_to_async(self.process_response)(request, response)
+        return self.process_response(request, response)
+
+
+class MessageMiddleware(InlineHooksMixin, messages.MessageMiddleware):
+    # Storing messages may first load the stored ones from the session (I/O).
+    async def aprocess_response(self, request, response):
+        storage = getattr(request, "_messages", None)
+        if storage is not None and (storage.used or storage.added_new):
+            return await sync_to_async(self.process_response)(request, response)
+        return self.process_response(request, response)
+
+
+class CsrfViewMiddleware(InlineHooksMixin, csrf.CsrfViewMiddleware):
+    async def process_view(self, request, callback, callback_args, callback_kwargs):
+        if request.method in ("GET", "HEAD", "OPTIONS", "TRACE"):
+            # Safe methods are not checked: nothing to read but a cookie.
+            return super().process_view(request, callback, callback_args, callback_kwargs)
+        # Unsafe methods may read request.POST, which can spool from disk.
+        return await sync_to_async(super().process_view)(request, callback, callback_args, callback_kwargs)

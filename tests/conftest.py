@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from tests.fake_openai import FakeOpenAI
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def fake_server() -> Iterator[FakeOpenAI]:
+    server = FakeOpenAI(dimensions=64)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(autouse=True)
+def fake_llm(fake_server: FakeOpenAI, settings) -> FakeOpenAI:
+    """Every test talks to the fake OpenAI-compatible server over real HTTP."""
+    fake_server.reset()
+    settings.OPENAI_BASE_URL = fake_server.base_url
+    return fake_server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server_url(django_db_setup, django_db_blocker, fake_server: FakeOpenAI) -> Iterator[str]:
+    """The app under daphne in a subprocess, on the test database, against the fake LLM.
+
+    Tests using it need ``transactional_db`` so that what they write is
+    committed and visible to the server process.
+    """
+    with django_db_blocker.unblock():
+        db_name = connection.settings_dict["NAME"]
+    port = _free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "RAG_TEST_DATABASE_NAME": db_name,
+        "RAG_TEST_OPENAI_BASE_URL": fake_server.base_url,
+        "RAG_SSE_HEARTBEAT": "0.2",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ragsite.asgi:application"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                output = proc.stdout.read().decode() if proc.stdout else ""
+                raise RuntimeError(f"daphne did not start:\n{output}") from None
+            time.sleep(0.05)  # polling for the port to open, not timing a race
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, what: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if result := predicate():
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.01)

@@ -1,0 +1,20 @@
+"""Test data: documents with chunks embedded by whichever provider the settings choose."""
+
+from __future__ import annotations
+
+from rag.models import Document
+from rag.services.documents import DocumentInput, aadd_documents
+
+CORPUS = {
+    "Django": "Django is a high-level Python web framework that encourages rapid development.",
+    "pgvector": "pgvector adds vector similarity search to Postgres, with HNSW and IVFFlat indexes.",
+    "Bananas": "Bananas are yellow fruit rich in potassium, grown in tropical climates.",
+    "SSE": "Server-Sent Events stream text from a server to a browser over one HTTP response.",
+}
+
+
+async def add_corpus(corpus: dict[str, str] | None = None) -> list[Document]:
+    results = await aadd_documents(
+        documents=[DocumentInput(text=text, title=title) for title, text in (corpus or CORPUS).items()]
+    )
+    return [await Document.objects.aget(pk=r.document_id) for r in results]

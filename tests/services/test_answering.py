@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from rag.models import Message
+from rag.pipeline import RAG
+from rag.services import answering
+from tests.factories import add_corpus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def test_events_come_in_order_and_answer_is_saved(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["pgvector", " does", " vectors", " [1]"]
+    events = [e async for e in RAG().aevents("What does pgvector add to Postgres?", k=2)]
+
+    assert [type(e) for e in events] == [answering.Sources] + [answering.Token] * 4 + [answering.Metrics]
+    assert events[0].sources[0].title == "pgvector"
+    assert [s.n for s in events[0].sources] == [1, 2]
+    metrics = events[-1]
+    assert metrics.tokens == 4 and metrics.finish_reason == "stop" and metrics.status == "complete"
+    message = await Message.objects.aget(pk=metrics.message_id)
+    assert message.text == "pgvector does vectors [1]"
+    assert message.status == Message.Status.COMPLETE
+    assert message.sources[0]["title"] == "pgvector"
+    assert message.ttft_ms is not None and message.ttft_ms <= message.total_ms
+
+
+async def test_retrieval_happens_once_and_prompt_numbers_sources(fake_llm):
+    await add_corpus()
+    before = len(fake_llm.embedding_requests)
+    await RAG().aquery("Tell me about bananas", k=3)
+    assert fake_llm.embedding_requests[before:] == [["Tell me about bananas"]]
+    prompt = fake_llm.records[-1].request["messages"]
+    system = prompt[0]["content"]
+    assert "[1] Bananas" in system and "[2]" in system and "[3]" in system and "[4]" not in system
+    assert "cite" in system.lower()
+    assert prompt[-1] == {"role": "user", "content": "Tell me about bananas"}
+
+
+async def test_astream_yields_token_strings(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["a", "\n", "b"]
+    assert [t async for t in RAG().astream("q", k=1)] == ["a", "\n", "b"]
+
+
+async def test_aclose_closes_upstream_and_keeps_partial_answer(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f"t{i} " for i in range(50)]
+    fake_llm.inter_token_ms = 20
+    events = RAG().aevents("pgvector?", k=1)
+    seen = []
+    async for event in events:
+        if isinstance(event, answering.Token):
+            seen.append(event.text)
+            if len(seen) == 3:
+                break
+    loop = asyncio.get_running_loop()
+    closed_at = loop.time()
+    await events.aclose()
+    record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=2)
+    assert record.closed_by_client
+    assert record.tokens_sent < 50
+    message = await Message.objects.filter(role="assistant").alatest("created_at")
+    assert message.status == Message.Status.STOPPED
+    assert message.text == "".join(seen)
+    assert message.finish_reason == "stopped"
+    assert closed_at  # the close itself is timed in the live-server test
+
+
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        ("http500", "upstream_error"),
+        ("http429", "rate_limited"),
+        ("hang", "timeout"),
+        ("drop_after=2", "bad_stream"),
+        ("malformed_after=1", "bad_stream"),
+    ],
+)
+async def test_upstream_failures_become_error_events(fake_llm, fault, code):
+    await add_corpus()
+    fake_llm.fault = fault
+    events = [e async for e in RAG().aevents("pgvector?", k=1)]
+    assert isinstance(events[-1], answering.Error), events
+    assert events[-1].code == code
+    message = await Message.objects.aget(pk=events[-1].message_id)
+    assert message.status == Message.Status.ERROR
+    assert message.error == events[-1].message
+
+
+async def test_embedding_failure_is_an_error_before_sources(fake_llm):
+    await add_corpus()
+    fake_llm.fault = "embed500"
+    events = [e async for e in RAG().aevents("pgvector?", k=1)]
+    assert len(events) == 1 and isinstance(events[0], answering.Error)
+    assert "embedding server" in events[0].message
