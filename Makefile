@@ -35,7 +35,7 @@ sample: migrate
 
 run: sample
 	@echo "Serving on http://$(HOST):$(PORT)/  (Ctrl+C to stop)"
-	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(VENV)/bin/daphne -b $(HOST) -p $(PORT) ragsite.asgi:application
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(PY) manage.py runserver --noreload $(HOST):$(PORT)
 
 test: setup-dev
 	$(PY) -m pytest

@@ -28,13 +28,23 @@ def parse_question(*, question: object, k: object = None) -> QuestionInput:
         )
     if "\x00" in question:
         raise BadQuestion("The question contains a NUL character; remove it.")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadQuestion("The question is not valid Unicode text (it holds a lone surrogate); send UTF-8.") from None
+    return QuestionInput(question=question, k=_parse_k(k))
+
+
+def _parse_k(k: object) -> int:
     if k is None or k == "":
-        k_value = settings.RAG_DEFAULT_K
-    else:
-        try:
-            k_value = int(k)  # type: ignore[call-overload]
-        except (TypeError, ValueError):
-            raise BadQuestion(f"'k' must be a whole number from 1 to {settings.RAG_MAX_K}, not {k!r}.") from None
-        if isinstance(k, float | bool) or not 1 <= k_value <= settings.RAG_MAX_K:
-            raise BadQuestion(f"'k' must be a whole number from 1 to {settings.RAG_MAX_K}, not {k!r}.")
-    return QuestionInput(question=question, k=k_value)
+        return settings.RAG_DEFAULT_K
+    problem = BadQuestion(f"'k' must be a whole number from 1 to {settings.RAG_MAX_K}, not {str(k)[:20]!r}.")
+    if isinstance(k, bool | float):
+        raise problem
+    try:
+        value = int(k)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        raise problem from None
+    if not 1 <= value <= settings.RAG_MAX_K:
+        raise problem
+    return value

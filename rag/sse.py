@@ -73,9 +73,11 @@ async def event_stream(
     end marker, never a silently truncated stream.
     """
     yield OPENING
-    async with aclosing(events):
+    # Closing order matters: the batches (and the task feeding them) stop
+    # first, then the source, which is then no longer running.
+    async with aclosing(events), aclosing(ready_batches(events, heartbeat=heartbeat)) as batches:
         try:
-            async for batch in ready_batches(events, heartbeat=heartbeat):
+            async for batch in batches:
                 yield b"".join(encode(event, fmt=fmt) for event in batch) if batch else HEARTBEAT
         except Exception as exc:  # the service reports expected failures as events
             yield encode(answering.Error(message=f"The answer failed: {type(exc).__name__}.", code="internal"), fmt=fmt)

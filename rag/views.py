@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import functools
 import json
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.db import connection
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET
 
 from rag import sse
 from rag.forms import BadQuestion, parse_question
@@ -20,7 +22,24 @@ def bad_request(message: str, status: int = 400) -> JsonResponse:
     return JsonResponse({"error": message}, status=status)
 
 
-@require_GET
+def api_method(method: str):
+    """Like require_GET/require_POST, but the 405 is JSON that says what to use."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        async def wrapper(request: HttpRequest, *args, **kwargs):
+            if request.method != method and not (method == "GET" and request.method == "HEAD"):
+                response = bad_request(f"Use {method} for {request.path}.", status=405)
+                response["Allow"] = method
+                return response
+            return await view(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+@api_method("GET")
 async def stream(request: HttpRequest):
     """GET /rag/stream?question=…&k=…[&format=json] → text/event-stream."""
     fmt = request.GET.get("format", "text")
@@ -43,15 +62,19 @@ async def stream(request: HttpRequest):
 
 # An API for programs: no session cookie is involved, so CSRF does not apply.
 @csrf_exempt
-@require_POST
+@api_method("POST")
 async def query(request: HttpRequest):
     """POST /rag/query {"question": "...", "k": 4} → {"answer", "sources", "metrics"}."""
     if request.content_type != "application/json":
         return bad_request("Send JSON with Content-Type: application/json.", status=415)
     try:
         body = json.loads(request.body or b"")
+    except RequestDataTooBig:
+        return bad_request(f"The body is too large: the limit is {settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes.", 413)
     except (ValueError, UnicodeDecodeError) as exc:
         return bad_request(f"The body is not valid JSON: {exc}.")
+    except RecursionError:
+        return bad_request("The body is not valid JSON: it is nested too deeply.")
     if not isinstance(body, dict):
         return bad_request('The body must be a JSON object like {"question": "...", "k": 4}.')
     try:
@@ -77,7 +100,7 @@ async def healthz(request: HttpRequest):
     """Liveness and database reachability, for container health checks."""
     try:
         await _ping_database()
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
+    except Exception as exc:
         return JsonResponse({"status": "error", "database": str(exc)}, status=503)
     return JsonResponse({"status": "ok"})
 

@@ -7,6 +7,7 @@ accepts, instead of surfacing later as a confusing runtime error.
 
 from __future__ import annotations
 
+import math
 import os
 
 from django.core.exceptions import ImproperlyConfigured
@@ -51,6 +52,8 @@ def env_float(name: str, default: float, *, min_value: float | None = None, max_
         value = float(raw.strip())
     except ValueError:
         raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
+    if not math.isfinite(value):
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a finite number.")
     _check_range(name, value, min_value, max_value)
     return value
 

@@ -16,6 +16,30 @@ from tests.fake_openai import FakeOpenAI
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _close_db_pools(django_db_setup, django_db_blocker) -> Iterator[None]:
+    """Close pooled connections before pytest-django drops the test database.
+
+    Closing a pooled connection only returns it to the pool; the database
+    cannot be dropped while the pool still holds real connections to it.
+    """
+    yield
+    from django.db import connections
+
+    with django_db_blocker.unblock():
+        # Worker threads of async tests may still hold a connection checked
+        # out of the pool; end those sessions so the database can be dropped.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        for conn in connections.all():
+            conn.close()
+            if hasattr(conn, "close_pool"):
+                conn.close_pool()
+
+
 @pytest.fixture(scope="session")
 def fake_server() -> Iterator[FakeOpenAI]:
     server = FakeOpenAI(dimensions=64)

@@ -206,9 +206,10 @@ def _finish_answer(
     sources: list[dict] | None = None,
     metrics: Metrics | None = None,
 ) -> None:
-    answer.text = text
+    # Postgres text cannot hold NUL; a model can still emit one.
+    answer.text = text.replace("\x00", "\ufffd")
     answer.status = status
-    answer.error = error
+    answer.error = error.replace("\x00", "\ufffd")
     answer.sources = sources or []
     if metrics is not None:
         answer.retrieval_ms = metrics.retrieval_ms

@@ -104,32 +104,32 @@ _Piece = tuple[int, str]  # (paragraph number, text)
 
 
 def _pack(pieces: list[_Piece], max_tokens: int, overlap: int, count: Callable[[str], int]) -> Iterator[str]:
-    """Greedily join pieces into chunks, carrying trailing pieces forward as overlap."""
-    window: list[tuple[_Piece, int]] = []
-    size = 0
+    """Greedily join pieces into chunks, carrying trailing pieces forward as overlap.
+
+    Sizes are counted on the joined text, not summed per piece: tokenizers
+    are not additive (a word split at a piece boundary, rounding).
+    """
+    window: list[_Piece] = []
     for piece in pieces:
-        tokens = count(piece[1])
-        if window and size + tokens > max_tokens:
+        if window and count(_join([*window, piece])) > max_tokens:
             yield _join(window)
-            carried: list[tuple[_Piece, int]] = []
-            carried_size = 0
+            carried: list[_Piece] = []
             for old in reversed(window):
-                if carried_size + old[1] > overlap or carried_size + old[1] + tokens > max_tokens:
+                candidate = [old, *carried]
+                if count(_join(candidate)) > overlap or count(_join([*candidate, piece])) > max_tokens:
                     break
-                carried.insert(0, old)
-                carried_size += old[1]
-            window, size = carried, carried_size
-        window.append((piece, tokens))
-        size += tokens
+                carried = candidate
+            window = carried
+        window.append(piece)
     if window:
         yield _join(window)
 
 
-def _join(window: list[tuple[_Piece, int]]) -> str:
+def _join(window: list[_Piece]) -> str:
     """Sentences of one paragraph rejoin with a space, paragraphs with a blank line."""
     out = ""
     previous = None
-    for (paragraph, text), _ in window:
+    for paragraph, text in window:
         if previous is not None:
             out += " " if paragraph == previous else "\n\n"
         out += text

@@ -11,7 +11,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from rag.models import Chunk, Document
 from rag.providers import EmbeddingProvider, embedding_provider
@@ -75,9 +75,46 @@ async def aadd_document(*, document: DocumentInput, embedder: EmbeddingProvider)
     digest = content_hash(text)
     existing = await Document.objects.filter(content_hash=digest).afirst()
     if existing is not None:
-        chunks = await existing.chunks.filter(embedding_model=embedder.model).acount()
-        return AddResult(existing.pk, existing.title, created=False, chunks=chunks)
+        return await _reuse(existing, embedder)
 
+    drafts, vectors = await _chunk_and_embed(text, embedder)
+    title = document.title.strip() or guess_title(text, document.source)
+    new = Document(
+        title=title[:300],
+        source=document.source[:1000],
+        content=text,
+        content_hash=digest,
+        metadata=document.metadata,
+    )
+    try:
+        await _store_chunks(new, drafts=drafts, vectors=vectors, embedding_model=embedder.model, create=True)
+    except IntegrityError:
+        # The same text was added concurrently; keep the first one.
+        return await _reuse(await Document.objects.aget(content_hash=digest), embedder)
+    return AddResult(new.pk, new.title, created=True, chunks=len(drafts))
+
+
+async def aembed_document(*, document: Document, embedder: EmbeddingProvider) -> int:
+    """(Re)build a stored document's chunks for ``embedder``'s model.
+
+    The document's chunks of that model are replaced in one transaction, so
+    search sees either the old chunks or the new ones, never a mix or none.
+    """
+    drafts, vectors = await _chunk_and_embed(document.content, embedder)
+    await _store_chunks(document, drafts=drafts, vectors=vectors, embedding_model=embedder.model, create=False)
+    return len(drafts)
+
+
+async def _reuse(existing: Document, embedder: EmbeddingProvider) -> AddResult:
+    """An already stored text: embed it for this model if it has no chunks of it yet
+    (after a switch of embedding models), otherwise leave it alone."""
+    chunks = await existing.chunks.filter(embedding_model=embedder.model).acount()
+    if not chunks:
+        chunks = await aembed_document(document=existing, embedder=embedder)
+    return AddResult(existing.pk, existing.title, created=False, chunks=chunks)
+
+
+async def _chunk_and_embed(text: str, embedder: EmbeddingProvider) -> tuple[list[ChunkDraft], list[list[float]]]:
     # Chunking counts tokens with the model's tokenizer: CPU work, off the loop.
     drafts = await asyncio.to_thread(
         chunk_text,
@@ -86,40 +123,30 @@ async def aadd_document(*, document: DocumentInput, embedder: EmbeddingProvider)
         overlap=settings.RAG_CHUNK_OVERLAP,
         count_tokens=embedder.count_tokens,
     )
-    vectors = await embed_drafts(drafts=drafts, embedder=embedder)
-    title = document.title.strip() or guess_title(text, document.source)
-    doc = await _store(
-        document=Document(
-            title=title[:300],
-            source=document.source[:1000],
-            content=text,
-            content_hash=digest,
-            metadata=document.metadata,
-        ),
-        drafts=drafts,
-        vectors=vectors,
-        embedding_model=embedder.model,
-    )
-    return AddResult(doc.pk, doc.title, created=True, chunks=len(drafts))
-
-
-async def embed_drafts(*, drafts: list[ChunkDraft], embedder: EmbeddingProvider) -> list[list[float]]:
     batch = settings.RAG_EMBED_BATCH
     vectors: list[list[float]] = []
     for start in range(0, len(drafts), batch):
         vectors += await embedder.embed([d.embedding_text for d in drafts[start : start + batch]])
-    return vectors
+    return drafts, vectors
 
 
 @sync_to_async
-def _store(
-    *, document: Document, drafts: list[ChunkDraft], vectors: list[list[float]], embedding_model: str
-) -> Document:
-    # All or nothing: a document is never visible with half its chunks.
+def _store_chunks(
+    document: Document,
+    *,
+    drafts: list[ChunkDraft],
+    vectors: list[list[float]],
+    embedding_model: str,
+    create: bool,
+) -> None:
     if vectors:
         ensure_vector_index(embedding_model=embedding_model, dimensions=len(vectors[0]))
+    # All or nothing: a document is never visible with half its chunks.
     with transaction.atomic():
-        document.save()
+        if create:
+            document.save()
+        else:
+            document.chunks.filter(embedding_model=embedding_model).delete()
         Chunk.objects.bulk_create(
             Chunk(
                 document=document,
@@ -132,4 +159,3 @@ def _store(
             )
             for draft, vector in zip(drafts, vectors, strict=True)
         )
-    return document

@@ -57,5 +57,8 @@ def ensure_vector_index(*, embedding_model: str, dimensions: int) -> None:
             f"USING hnsw ((embedding::vector({int(dimensions)})) vector_cosine_ops) "
             f"WHERE embedding_model = {Literal(embedding_model).as_string(connection.connection)}"
         )
-    _ensured.add(key)
+    # Inside a transaction the index may yet be rolled back: remember it only
+    # once it is committed.
+    if not connection.in_atomic_block:
+        _ensured.add(key)
     logger.info("HNSW index %s ready for %s (%d dimensions)", name, embedding_model, dimensions)

@@ -1,0 +1,177 @@
+"""manage.py ingest and manage.py ask.
+
+These are sync tests on purpose: the commands call asyncio.run themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from rag.models import Chunk, Document, Message
+from tests.factories import add_corpus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+class RecordingOutput(io.StringIO):
+    """A stdout that remembers each write and where the flushes came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+
+    def write(self, text: str) -> int:
+        self.events.append(("write", text))
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.events.append(("flush", ""))
+        super().flush()
+
+
+def ingest(*args: str) -> str:
+    out = io.StringIO()
+    call_command("ingest", *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "django.md").write_text("# Django\n\nDjango is a Python web framework.\n", encoding="utf-8")
+    (tmp_path / "notes.txt").write_text("Bananas are yellow and rich in potassium.\n", encoding="utf-8")
+    (tmp_path / "nested" / "deeper").mkdir(parents=True)
+    (tmp_path / "nested" / "deeper" / "pgvector.MARKDOWN").write_text(
+        "pgvector adds vector search to Postgres.", encoding="utf-8"
+    )
+    (tmp_path / "script.py").write_text("print('not a document')\n", encoding="utf-8")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00")
+    return tmp_path
+
+
+def test_ingest_folder_adds_text_files_recursively(folder):
+    output = ingest(str(folder))
+    assert "Added 3, unchanged 0, failed 0." in output
+    sources = set(Document.objects.values_list("source", flat=True))
+    assert sources == {
+        str(folder / "django.md"),
+        str(folder / "notes.txt"),
+        str(folder / "nested" / "deeper" / "pgvector.MARKDOWN"),
+    }
+    assert Document.objects.get(source=str(folder / "django.md")).title == "Django"
+    assert Chunk.objects.filter(document__source=str(folder / "notes.txt"), embedding_model="fake-embed").count() == 1
+
+
+def test_ingest_again_reports_unchanged(folder):
+    ingest(str(folder))
+    chunks = Chunk.objects.count()
+    assert "Added 0, unchanged 3, failed 0." in ingest(str(folder))
+    assert (Document.objects.count(), Chunk.objects.count()) == (3, chunks)
+    # A new file next to the old ones is the only one added.
+    (folder / "new.txt").write_text("Server-Sent Events stream text.", encoding="utf-8")
+    assert "Added 1, unchanged 3, failed 0." in ingest(str(folder))
+
+
+def test_ingest_single_file(folder):
+    assert "Added 1, unchanged 0, failed 0." in ingest(str(folder / "notes.txt"))
+    assert list(Document.objects.values_list("source", flat=True)) == [str(folder / "notes.txt")]
+
+
+def test_if_empty_skips_when_documents_exist(folder, fake_llm):
+    assert "Added 3" in ingest("--if-empty", str(folder))  # empty: it ingests
+    (folder / "new.txt").write_text("Server-Sent Events stream text.", encoding="utf-8")
+    requests = len(fake_llm.embedding_requests)
+    output = ingest("--if-empty", str(folder))
+    assert "nothing to do" in output and "Added" not in output
+    assert Document.objects.count() == 3
+    assert len(fake_llm.embedding_requests) == requests
+
+
+def test_ingest_stdin(monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Text piped in on standard input.\n"))
+    assert "Added 1, unchanged 0, failed 0." in ingest("-", "--title", "Piped")
+    doc = Document.objects.get()
+    assert (doc.title, doc.source, doc.content) == ("Piped", "stdin", "Text piped in on standard input.")
+
+
+def test_nonexistent_path_is_a_command_error_and_adds_nothing(folder):
+    missing = folder / "missing"
+    with pytest.raises(CommandError, match=re.escape(f"{missing} does not exist")):
+        ingest(str(folder), str(missing))
+    assert Document.objects.count() == 0
+
+
+def test_folder_without_text_files_is_a_command_error(tmp_path):
+    (tmp_path / "script.py").write_text("x = 1\n", encoding="utf-8")
+    with pytest.raises(CommandError, match="No text files found"):
+        ingest(str(tmp_path))
+
+
+def test_non_utf8_file_is_a_command_error(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    with pytest.raises(CommandError, match="not UTF-8"):
+        ingest(str(tmp_path))
+    assert Document.objects.count() == 0
+
+
+def test_failed_documents_are_reported_and_the_rest_is_kept(folder, fake_llm):
+    (folder / "empty.md").write_text("   \n", encoding="utf-8")
+    (folder / "poison.txt").write_text("This one breaks the embedder: fault=embed500", encoding="utf-8")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match="2 document"):
+        call_command("ingest", str(folder), stdout=out, stderr=err)
+    assert "Added 3, unchanged 0, failed 2." in out.getvalue()
+    assert f"failed: {folder / 'empty.md'}" in err.getvalue()
+    assert f"failed: {folder / 'poison.txt'}" in err.getvalue() and "embedding server" in err.getvalue()
+    assert Document.objects.count() == 3
+    assert not Document.objects.filter(source__endswith="poison.txt").exists()
+
+
+def test_ask_streams_tokens_and_prints_time_to_first_token(fake_llm):
+    asyncio.run(add_corpus())
+    fake_llm.tokens = ["pgvector", " adds", " vectors", " [1]"]
+    out = RecordingOutput()
+    call_command("ask", "What does pgvector", "add to Postgres?", "-k", "2", stdout=out)
+    text = out.getvalue()
+    assert "pgvector adds vectors [1]" in text
+    assert re.search(r"^\[1\] pgvector \(0\.\d\d\)\n\[2\] \w+ \(0\.\d\d\)\n", text)  # sources, with scores
+    assert re.search(r"Time to first token: \d+ ms \| Total: \d+ ms", text)
+    # Each token is written on its own and flushed at once, not buffered to the end.
+    for token in fake_llm.tokens:
+        at = out.events.index(("write", token))
+        assert out.events[at + 1] == ("flush", "")
+    # The joined question went to the model.
+    assert fake_llm.records[-1].request["messages"][-1]["content"] == "What does pgvector add to Postgres?"
+    assert Message.objects.get(role="assistant").status == Message.Status.COMPLETE
+
+
+def test_ask_without_sources(fake_llm):
+    asyncio.run(add_corpus())
+    out = io.StringIO()
+    call_command("ask", "pgvector?", "--no-sources", stdout=out)
+    assert "Hello world!" in out.getvalue()
+    assert not re.search(r"^\[\d+\] ", out.getvalue(), re.MULTILINE)
+
+
+def test_ask_upstream_failure_is_a_command_error(fake_llm, capsys):
+    asyncio.run(add_corpus())
+    fake_llm.fault = "http500"
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="The answer failed"):
+        call_command("ask", "pgvector?", stdout=out)
+    assert "HTTP 500" in capsys.readouterr().err
+    assert "Time to first token: n/a" in out.getvalue()
+    assert Message.objects.get(role="assistant").status == Message.Status.ERROR
+
+
+@pytest.mark.parametrize("args", [["   "], ["question", "-k", "0"]])
+def test_ask_bad_input_is_a_command_error(args, fake_llm):
+    with pytest.raises(CommandError):
+        call_command("ask", *args, stdout=io.StringIO())
+    assert fake_llm.records == []

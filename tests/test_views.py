@@ -1,0 +1,642 @@
+"""The HTTP endpoints: GET /rag/stream (SSE) and POST /rag/query (JSON).
+
+Streaming tests talk to the app under daphne (``live_server_url``) with aiohttp over real HTTP,
+the app talks to the fake OpenAI server over real HTTP, and every stream is read back with the
+spec-conformant parser in tests.sse. Input validation is checked in-process with AsyncClient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.test import AsyncClient
+from multidict import CIMultiDictProxy
+
+from rag.models import Message
+from tests.conftest import wait_until
+from tests.factories import add_corpus
+from tests.sse import Event, SSEParser
+from tests.test_sse import TRICKY_TOKENS, as_sse_sees_it
+
+live = pytest.mark.django_db(transaction=True)
+
+STREAM_TIMEOUT = 20  # seconds; a stream that does not end by then is a hang, and fails the test
+OPENING = " stream open"
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Streamed:
+    """A stream as the client saw it: comments and events in arrival order."""
+
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+    timeline: list[Event | str] = field(default_factory=list)  # str: a comment
+    parser: SSEParser = field(default_factory=SSEParser)
+
+    @property
+    def events(self) -> list[Event]:
+        return [item for item in self.timeline if isinstance(item, Event)]
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """Feed byte by byte, so comments and events keep their exact relative order."""
+        new: list[Event] = []
+        for i in range(len(chunk)):
+            seen = len(self.parser.comments)
+            events = self.parser.feed(chunk[i : i + 1])
+            self.timeline += self.parser.comments[seen:]
+            self.timeline += events
+            new += events
+        return new
+
+
+def tokens_text(events: list[Event]) -> list[str]:
+    """Data of the unnamed events, which in ``text`` format are the tokens and the end marker."""
+    return [e.data for e in events if e.type == "message"]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    # auto_decompress=False: the test sees the bytes as sent.
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=STREAM_TIMEOUT), auto_decompress=False
+    ) as session:
+        yield session
+
+
+async def stream(
+    http: aiohttp.ClientSession, base: str, params: dict[str, str], headers: dict[str, str] | None = None
+) -> Streamed:
+    async with http.get(f"{base}/rag/stream", params=params, headers=headers) as resp:
+        result = Streamed(status=resp.status, headers=resp.headers, body=b"")
+        async for chunk in resp.content.iter_any():
+            result.body += chunk
+            result.feed(chunk)
+    return result
+
+
+def normalized(tokens: list[str]) -> str:
+    return "".join(as_sse_sees_it(t) for t in tokens)
+
+
+def last_assistant_message() -> Message | None:
+    return Message.objects.filter(role=Message.Role.ASSISTANT).order_by("-id").first()
+
+
+async def wait_for_final_message() -> Message:
+    """The assistant message once the server has given it a final status."""
+
+    def final() -> Message | None:
+        message = last_assistant_message()
+        return message if message is not None and message.status != Message.Status.STREAMING else None
+
+    return await sync_to_async(wait_until)(final, timeout=5.0, what="the answer to be saved")  # type: ignore[return-value]
+
+
+# --- the stream: headers and event order ---------------------------------------------------------
+
+
+@live
+async def test_stream_headers_and_event_order(live_server_url, http, fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["pgvector", " adds", " vectors"]
+    result = await stream(
+        http,
+        live_server_url,
+        {"question": "What does pgvector add to Postgres?", "k": "2"},
+        headers={"Accept-Encoding": "gzip, deflate, br"},
+    )
+
+    assert result.status == 200
+    assert result.headers["Content-Type"].split(";")[0].strip() == "text/event-stream"
+    assert result.headers["Cache-Control"] == "no-cache"
+    assert result.headers["X-Accel-Buffering"] == "no"
+    assert "Content-Encoding" not in result.headers
+    assert "Content-Length" not in result.headers
+    assert result.body.startswith(b": stream open\n\n")
+
+    events = result.events
+    assert [e.type for e in events] == ["sources", "message", "message", "message", "metrics", "message"]
+    sources = json.loads(events[0].data)
+    assert isinstance(sources, list) and len(sources) == 2
+    for source in sources:
+        assert {"id", "title", "snippet", "score"} <= set(source)
+        assert isinstance(source["id"], int) and isinstance(source["score"], float)
+    assert sources[0]["title"] == "pgvector"
+    assert tokens_text(events[1:4]) == ["pgvector", " adds", " vectors"]
+    metrics = json.loads(events[4].data)
+    assert metrics["status"] == "complete" and metrics["tokens"] == 3 and metrics["finish_reason"] == "stop"
+    assert events[-1].data == "[DONE]"
+    assert result.body.endswith(b"data: [DONE]\n\n")
+    assert result.timeline[0] == OPENING
+
+    message = await Message.objects.aget(pk=metrics["message_id"])
+    assert message.status == Message.Status.COMPLETE and message.text == "pgvector adds vectors"
+
+
+@live
+async def test_stream_json_format_event_order(live_server_url, http, fake_llm):
+    await add_corpus()
+    result = await stream(http, live_server_url, {"question": "Tell me about bananas", "format": "json", "k": "1"})
+    assert result.status == 200
+    assert [e.type for e in result.events] == ["sources", "message", "message", "message", "metrics", "done"]
+    assert [json.loads(e.data)["token"] for e in result.events[1:4]] == ["Hello", " world", "!"]
+    assert json.loads(result.events[-1].data) == {"done": True}
+    assert b"[DONE]" not in result.body
+
+
+@live
+async def test_tokens_reach_the_client_while_the_llm_is_still_generating(live_server_url, http, fake_llm):
+    """Nothing buffers the stream: the first token arrives while the fake still has tokens to send."""
+    await add_corpus()
+    fake_llm.tokens = [f"t{i} " for i in range(10)]
+    fake_llm.inter_token_ms = 100
+    sent_when_first_seen = None
+    async with http.get(f"{live_server_url}/rag/stream", params={"question": "pgvector?"}) as resp:
+        result = Streamed(status=resp.status, headers=resp.headers, body=b"")
+        async for chunk in resp.content.iter_any():
+            for event in result.feed(chunk):
+                if event.type == "message" and sent_when_first_seen is None:
+                    sent_when_first_seen = fake_llm.records[-1].tokens_sent
+    assert sent_when_first_seen is not None
+    assert sent_when_first_seen < 10
+    assert tokens_text(result.events)[:-1] == fake_llm.tokens
+
+
+# --- tricky tokens end to end --------------------------------------------------------------------
+
+SAFE_TRICKY = [t for t in TRICKY_TOKENS if t != "\x00"]
+
+
+@live
+async def test_tricky_tokens_seed_client_stops_at_a_done_token(live_server_url, http, fake_llm):
+    """A seed-style client (stop at the first ``data: [DONE]``) loses everything from a token that is
+    exactly "[DONE]" on: in ``text`` format that token cannot be told from the end marker. This is a
+    documented limit of the seed protocol (see rag/sse.py); ``format=json`` does not have it."""
+    await add_corpus()
+    fake_llm.tokens = list(TRICKY_TOKENS)
+    result = await stream(http, live_server_url, {"question": "pgvector?"})
+    assert result.status == 200
+
+    seen: list[str] = []
+    stopped_early = False
+    events = result.events
+    for i, event in enumerate(events):
+        if event.type != "message":
+            continue
+        if event.data == "[DONE]":
+            stopped_early = i < len(events) - 1
+            break
+        seen.append(event.data)
+
+    done_at = TRICKY_TOKENS.index("[DONE]")
+    assert "".join(seen) == normalized(TRICKY_TOKENS[:done_at])
+    assert stopped_early  # more of the answer followed the lone "[DONE]" token
+    assert len("".join(seen)) < len(normalized(TRICKY_TOKENS))
+
+
+@live
+async def test_tricky_tokens_client_reading_until_close_gets_every_token(live_server_url, http, fake_llm):
+    """A client that treats ``[DONE]`` as data and waits for the stream to close gets every token,
+    with CR and CRLF turned into LF as SSE requires."""
+    await add_corpus()
+    fake_llm.tokens = list(TRICKY_TOKENS)
+    result = await stream(http, live_server_url, {"question": "pgvector?"})
+    assert result.status == 200
+    data = tokens_text(result.events)
+    assert data[-1] == "[DONE]"  # the real end marker
+    assert data[:-1] == [as_sse_sees_it(t) for t in TRICKY_TOKENS]
+    assert "".join(data[:-1]) == normalized(TRICKY_TOKENS)
+    assert result.parser.retry is None and result.parser.last_event_id is None
+    assert {e.id for e in result.events} == {None}
+
+
+@live
+async def test_tricky_tokens_json_format_is_exact(live_server_url, http, fake_llm):
+    await add_corpus()
+    fake_llm.tokens = list(TRICKY_TOKENS)
+    result = await stream(http, live_server_url, {"question": "pgvector?", "format": "json"})
+    assert result.status == 200
+    tokens = [json.loads(e.data)["token"] for e in result.events if e.type == "message"]
+    assert tokens == TRICKY_TOKENS
+    assert "".join(tokens) == "".join(TRICKY_TOKENS)
+    assert result.events[-1].type == "done"
+    assert result.parser.retry is None and result.parser.last_event_id is None
+
+
+@live
+async def test_tricky_answer_without_nul_is_saved_complete(live_server_url, http, fake_llm):
+    await add_corpus()
+    fake_llm.tokens = list(SAFE_TRICKY)
+    result = await stream(http, live_server_url, {"question": "pgvector?", "format": "json"})
+    assert [e.type for e in result.events][-2:] == ["metrics", "done"]
+    metrics = json.loads(result.events[-2].data)
+    assert metrics["status"] == "complete" and metrics["tokens"] == len(SAFE_TRICKY)
+    message = await Message.objects.aget(pk=metrics["message_id"])
+    assert message.status == Message.Status.COMPLETE
+    assert message.text == "".join(SAFE_TRICKY)
+
+
+@live
+async def test_answer_with_a_nul_token_is_still_saved(live_server_url, http, fake_llm):
+    """An LLM can emit U+0000, which a Postgres text column cannot hold. The answer must still end
+    with ``metrics`` and be saved as complete (with the NUL dropped or replaced), not fail at the very
+    end and leave the message "streaming" forever."""
+    await add_corpus()
+    fake_llm.tokens = ["before", "\x00", "after"]
+    result = await stream(http, live_server_url, {"question": "pgvector?", "format": "json"})
+    assert [json.loads(e.data)["token"] for e in result.events if e.type == "message"] == ["before", "\x00", "after"]
+    assert result.events[-1].type == "done"
+    assert result.events[-2].type == "metrics", json.loads(result.events[-2].data)
+    message = await wait_for_final_message()
+    assert message.status == Message.Status.COMPLETE
+    assert message.text.replace("\ufffd", "") == "beforeafter"
+
+
+# --- cancellation --------------------------------------------------------------------------------
+
+
+@live
+async def test_client_disconnect_closes_the_upstream_request_and_keeps_the_partial_answer(
+    live_server_url, http, fake_llm
+):
+    await add_corpus()
+    fake_llm.tokens = [f"t{i} " for i in range(40)]
+    fake_llm.inter_token_ms = 50
+    full = "".join(fake_llm.tokens)
+    seen: list[str] = []
+
+    resp = await http.get(f"{live_server_url}/rag/stream", params={"question": "pgvector?"})
+    try:
+        assert resp.status == 200
+        result = Streamed(status=resp.status, headers=resp.headers, body=b"")
+        async for chunk in resp.content.iter_any():
+            seen += [e.data for e in result.feed(chunk) if e.type == "message"]
+            if len(seen) >= 3:
+                break
+        close_time = time.monotonic()
+    finally:
+        resp.close()  # closes the connection, not just releases it
+
+    assert len(seen) >= 3
+    record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=3)
+    assert record.closed_by_client
+    assert not record.finished
+    assert record.tokens_sent < 40
+    assert record.ended_at is not None
+    assert record.ended_at - close_time < 0.1
+
+    message = await wait_for_final_message()
+    assert message.status == Message.Status.STOPPED
+    assert message.text.startswith("".join(seen))
+    assert len(message.text) < len(full)
+    assert message.finish_reason == "stopped"
+    assert message.tokens == len(message.text.split())
+
+
+@live
+async def test_client_disconnect_while_the_llm_hangs(live_server_url, http, fake_llm):
+    """Leaving before the first token closes the upstream request too, and saves an empty stopped answer."""
+    await add_corpus()
+    resp = await http.get(f"{live_server_url}/rag/stream", params={"question": "pgvector? fault=hang"})
+    try:
+        result = Streamed(status=resp.status, headers=resp.headers, body=b"")
+        async for chunk in resp.content.iter_any():
+            if any(e.type == "sources" for e in result.feed(chunk)):
+                break
+        # The request reached the fake before we leave, so that leaving is what ends it.
+        await asyncio.to_thread(wait_until, lambda: fake_llm.records, timeout=3, what="the chat request")
+        close_time = time.monotonic()
+    finally:
+        resp.close()
+    record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=3)
+    assert record.closed_by_client
+    assert record.ended_at - close_time < 0.1
+    message = await wait_for_final_message()
+    assert message.status == Message.Status.STOPPED
+    assert message.text == ""
+
+
+# --- heartbeat -----------------------------------------------------------------------------------
+
+
+@live
+async def test_heartbeats_while_waiting_for_the_first_token(live_server_url, http, fake_llm):
+    await add_corpus()
+    fake_llm.first_token_ms = 700  # the live server beats every 0.2 s
+    result = await stream(http, live_server_url, {"question": "pgvector?"})
+    assert result.status == 200
+    first_token = next(
+        i for i, item in enumerate(result.timeline) if isinstance(item, Event) and item.type == "message"
+    )
+    before = result.timeline[:first_token]
+    assert before[0] == OPENING
+    heartbeats = [item for item in before if isinstance(item, str) and item != OPENING]
+    assert len(heartbeats) >= 1
+    assert set(heartbeats) == {" keep-alive"}
+    assert tokens_text(result.events) == ["Hello", " world", "!", "[DONE]"]
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def error_of(response, status: int) -> str:
+    assert response.status_code == status, (response.status_code, response.content[:300])
+    assert response["Content-Type"].startswith("application/json"), response["Content-Type"]
+    payload = json.loads(response.content)
+    assert isinstance(payload, dict) and isinstance(payload.get("error"), str), payload
+    assert payload["error"].strip()
+    return payload["error"]
+
+
+@pytest.fixture
+def client() -> AsyncClient:
+    # Report a 500 as a response, so a test shows the status rather than the exception.
+    return AsyncClient(raise_request_exception=False)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("params", "hint"),
+    [
+        ({}, "question"),
+        ({"question": ""}, "question"),
+        ({"question": "   \t\n "}, "question"),
+        ({"question": "x" * 2001}, "2000"),
+        ({"question": "a\x00b"}, "NUL"),
+        ({"question": "ok", "k": "0"}, "'k'"),
+        ({"question": "ok", "k": "-1"}, "'k'"),
+        ({"question": "ok", "k": "abc"}, "'k'"),
+        ({"question": "ok", "k": "1.5"}, "'k'"),
+        ({"question": "ok", "k": "21"}, "20"),
+        ({"question": "ok", "k": "9" * 5000}, "'k'"),
+        ({"question": "ok", "format": "xml"}, "format"),
+        ({"question": "ok", "format": "JSON"}, "format"),
+    ],
+    ids=lambda v: ascii(v)[:30] if isinstance(v, dict) else None,
+)
+async def test_stream_rejects_bad_input_with_a_json_error(client, params, hint, fake_llm):
+    response = await client.get("/rag/stream", params)
+    message = error_of(response, 400)
+    assert hint in message
+    assert fake_llm.records == []  # nothing reached the LLM
+    assert fake_llm.embedding_requests == []
+
+
+@pytest.mark.django_db
+async def test_stream_limits_come_from_settings(client, settings):
+    assert settings.RAG_MAX_QUESTION_CHARS == 2000 and settings.RAG_MAX_K == 20
+    settings.RAG_MAX_QUESTION_CHARS = 10
+    settings.RAG_MAX_K = 3
+    assert "10" in error_of(await client.get("/rag/stream", {"question": "x" * 11}), 400)
+    assert "3" in error_of(await client.get("/rag/stream", {"question": "x", "k": "4"}), 400)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("body", "hint"),
+    [
+        (b"{not json", "JSON"),
+        (b"", "JSON"),
+        (b'{"question": "x"', "JSON"),
+        (b"\xff\xfe{}", "JSON"),
+        (b'["question", "x"]', "object"),
+        (b'"just a string"', "object"),
+        (b"null", "object"),
+        (b"{}", "question"),
+        (b'{"question": null}', "question"),
+        (b'{"question": 42}', "question"),
+        (b'{"question": ["a"]}', "question"),
+        (b'{"question": "   "}', "question"),
+        (b'{"question": "ok", "k": 0}', "'k'"),
+        (b'{"question": "ok", "k": -1}', "'k'"),
+        (b'{"question": "ok", "k": 21}', "'k'"),
+        (b'{"question": "ok", "k": 1.5}', "'k'"),
+        (b'{"question": "ok", "k": 2.0}', "'k'"),
+        (b'{"question": "ok", "k": true}', "'k'"),
+        (b'{"question": "ok", "k": "abc"}', "'k'"),
+        (b'{"question": "ok", "k": [1]}', "'k'"),
+        (b'{"question": "ok", "k": {"n": 1}}', "'k'"),
+        (b'{"question": "ok", "k": NaN}', "'k'"),
+        (b'{"question": "ok", "k": Infinity}', "'k'"),
+        (b'{"question": "ok", "k": 1e400}', "'k'"),
+    ],
+    ids=lambda v: ascii(v)[:40] if isinstance(v, bytes) else None,
+)
+async def test_query_rejects_bad_json_with_a_json_error(client, body, hint, fake_llm):
+    # The test client leaves the content type out when the body is empty: give it explicitly then.
+    extra = {} if body else {"CONTENT_TYPE": "application/json"}
+    response = await client.post("/rag/query", body, content_type="application/json", **extra)
+    message = error_of(response, 400)
+    assert hint in message
+    assert fake_llm.records == []
+
+
+@pytest.mark.django_db
+async def test_query_rejects_deeply_nested_json_without_a_500(client, fake_llm):
+    body = b"[" * 100_000 + b"]" * 100_000  # 200 kB, well under DATA_UPLOAD_MAX_MEMORY_SIZE
+    response = await client.post("/rag/query", body, content_type="application/json")
+    assert "JSON" in error_of(response, 400)
+
+
+@pytest.mark.django_db
+async def test_query_rejects_a_question_that_is_not_valid_unicode_text(client, fake_llm):
+    """JSON can carry a lone surrogate ("\\ud800"), which is no character at all: it cannot be
+    stored or sent to the LLM as UTF-8, so it must be a 400, not a 500 from the database."""
+    response = await client.post("/rag/query", b'{"question": "what is \\ud800?"}', content_type="application/json")
+    assert response.status_code != 500
+    assert "question" in error_of(response, 400)
+
+
+@pytest.mark.django_db
+async def test_query_rejects_a_body_over_the_upload_limit_with_a_json_error(client, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    body = json.dumps({"question": "x" * 2000}).encode()
+    response = await client.post("/rag/query", body, content_type="application/json")
+    assert 400 <= response.status_code < 500
+    error_of(response, response.status_code)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+async def test_query_wants_json_content_type(client, content_type):
+    if content_type == "multipart/form-data":
+        response = await client.post("/rag/query", {"question": "hi"})
+    else:
+        response = await client.post("/rag/query", '{"question": "hi"}', content_type=content_type)
+    assert "application/json" in error_of(response, 415)
+
+
+@pytest.mark.django_db
+async def test_query_accepts_json_content_type_with_charset(client):
+    """The charset parameter does not make JSON "wrong": validation runs (and rejects the body)."""
+    response = await client.post("/rag/query", b"{}", content_type="application/json; charset=utf-8")
+    assert "question" in error_of(response, 400)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [
+        ("get", "/rag/query", "POST"),
+        ("put", "/rag/query", "POST"),
+        ("post", "/rag/stream", "GET"),
+        ("delete", "/rag/stream", "GET"),
+    ],
+)
+async def test_wrong_method_is_a_405_json_error(client, method, path, allowed):
+    response = await getattr(client, method)(path)
+    assert response.status_code == 405
+    assert allowed in response["Allow"]
+    assert allowed in error_of(response, 405)
+
+
+# --- upstream failures through HTTP --------------------------------------------------------------
+
+
+@live
+@pytest.mark.parametrize(
+    ("fault", "code"),
+    [
+        ("http500", "upstream_error"),
+        ("http429", "rate_limited"),
+        ("hang", "timeout"),
+        ("drop_after=2", "bad_stream"),
+        ("malformed_after=1", "bad_stream"),
+        ("embed500", "upstream_error"),
+    ],
+)
+@pytest.mark.parametrize("fmt", ["text", "json"])
+async def test_upstream_failure_is_an_error_event_then_the_end(live_server_url, http, fake_llm, fault, code, fmt):
+    await add_corpus()
+    started = time.monotonic()
+    result = await stream(http, live_server_url, {"question": f"What does pgvector add? fault={fault}", "format": fmt})
+    elapsed = time.monotonic() - started
+
+    assert result.status == 200
+    types = [e.type for e in result.events]
+    assert types[-2] == "error", types
+    if fmt == "json":
+        assert types[-1] == "done"
+    else:
+        assert types[-1] == "message" and result.events[-1].data == "[DONE]"
+    assert types.count("error") == 1 and "metrics" not in types
+    error = json.loads(result.events[-2].data)
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"].strip()
+    # It names the server that failed, so the operator knows where to look.
+    assert "server" in error["message"] and fake_llm.base_url in error["message"]
+    if fault in {"http500", "embed500"}:
+        assert "500" in error["message"]
+    if fault == "embed500":
+        assert "embedding server" in error["message"]
+        assert "sources" not in types and fake_llm.records == []
+    else:
+        assert types[0] == "sources"
+    if fault == "hang":
+        assert settings.RAG_LLM_TIMEOUT <= elapsed < settings.RAG_LLM_TIMEOUT + 3
+    else:
+        assert elapsed < 5
+    message = await Message.objects.aget(pk=error["message_id"])
+    assert message.status == Message.Status.ERROR
+    assert message.error == error["message"]
+    if fault == "drop_after=2":
+        assert message.text == "Hello world"  # the partial answer is kept
+
+
+@live
+async def test_upstream_fault_set_on_the_server_applies_too(live_server_url, http, fake_llm):
+    # No documents needed: with an empty knowledge base the question still reaches the LLM.
+    fake_llm.fault = "http500"
+    result = await stream(http, live_server_url, {"question": "anything"})
+    types = [e.type for e in result.events]
+    assert types[-2:] == ["error", "message"]
+    assert json.loads(result.events[-2].data)["code"] == "upstream_error"
+    assert fake_llm.records and fake_llm.records[-1].fault == "http500"
+
+
+# --- POST /rag/query -----------------------------------------------------------------------------
+
+
+async def post_query(http: aiohttp.ClientSession, base: str, body: object) -> tuple[int, dict]:
+    async with http.post(f"{base}/rag/query", json=body) as resp:
+        assert resp.headers["Content-Type"].startswith("application/json")
+        return resp.status, await resp.json()
+
+
+@live
+async def test_query_happy_path(live_server_url, http, fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["Bananas", " are", " yellow", " [1]", "\r\n", "[DONE]"]
+    status, payload = await post_query(http, live_server_url, {"question": "What colour are bananas?", "k": 3})
+    assert status == 200
+    assert payload["answer"] == "Bananas are yellow [1]\r\n[DONE]"
+    assert "error" not in payload
+    assert len(payload["sources"]) == 3
+    assert payload["sources"][0]["title"] == "Bananas"
+    assert {"id", "title", "snippet", "score"} <= set(payload["sources"][0])
+    metrics = payload["metrics"]
+    assert metrics["status"] == "complete" and metrics["tokens"] == 6 and metrics["finish_reason"] == "stop"
+    message = await Message.objects.aget(pk=metrics["message_id"])
+    assert message.text == payload["answer"] and message.status == Message.Status.COMPLETE
+
+
+@live
+async def test_query_accepts_a_question_at_the_length_limit(live_server_url, http, fake_llm):
+    question = ("word " * 400)[: settings.RAG_MAX_QUESTION_CHARS - 1] + "?"
+    assert len(question) == settings.RAG_MAX_QUESTION_CHARS
+    status, payload = await post_query(http, live_server_url, {"question": f"  {question}  "})
+    assert status == 200, payload
+    assert payload["answer"] == "Hello world!"
+
+
+@live
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        ("http500", 502, "upstream_error"),
+        ("http429", 502, "rate_limited"),
+        ("embed500", 502, "upstream_error"),
+        ("drop_after=2", 502, "bad_stream"),
+        ("hang", 504, "timeout"),
+    ],
+)
+async def test_query_upstream_failure_statuses(live_server_url, http, fake_llm, fault, status, code):
+    await add_corpus()
+    started = time.monotonic()
+    got, payload = await post_query(http, live_server_url, {"question": f"pgvector? fault={fault}"})
+    assert got == status, payload
+    assert "error" in payload
+    assert payload["error"]["code"] == code
+    assert "server" in payload["error"]["message"] and fake_llm.base_url in payload["error"]["message"]
+    assert time.monotonic() - started < settings.RAG_LLM_TIMEOUT + 3
+    if fault == "drop_after=2":
+        assert payload["answer"] == "Hello world"
+
+
+@live
+async def test_concurrent_streams_are_independent(live_server_url, http, fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f"w{i} " for i in range(8)]
+    fake_llm.inter_token_ms = 20
+    questions = [f"question number {i} about pgvector" for i in range(6)]
+    results = await asyncio.gather(*(stream(http, live_server_url, {"question": q}) for q in questions))
+    for result in results:
+        assert result.status == 200
+        assert [e.type for e in result.events][-2] == "metrics"
+        assert tokens_text(result.events) == [*fake_llm.tokens, "[DONE]"]
+    ids = {json.loads(r.events[-2].data)["message_id"] for r in results}
+    assert len(ids) == len(questions)
+    saved = [m async for m in Message.objects.filter(pk__in=ids)]
+    assert all(m.status == Message.Status.COMPLETE and m.text == "".join(fake_llm.tokens) for m in saved)
