@@ -13,6 +13,7 @@ class RagConfig(AppConfig):
         from django.conf import settings
 
         from rag.providers import ProviderError, chat_provider, embedding_provider
+        from ragsite import checks  # noqa: F401  (registers the middleware deploy checks)
 
         db = settings.DATABASES["default"]
         where = f"embedded Postgres in {settings.DATA_DIR / 'pgdata'}" if settings.EMBEDDED_DATABASE else db.get("HOST")
