@@ -1,32 +1,141 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
+from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import Group
 from django.db import models
+from django.db.models import Q
 from django.db.models.functions import Cast
 from pgvector.django import CosineDistance, VectorField
 
 
+class CollectionQuerySet(models.QuerySet):
+    def readable_by(self, user: Any) -> CollectionQuerySet:
+        """The collections ``user`` may search (anonymous users: the public ones).
+
+        Built from attributes already on the user object and a subquery on the
+        user's groups, so it costs no query of its own: used as a filter value it
+        becomes part of the search query (one trip to the database).
+        """
+        if user is not None and getattr(user, "is_superuser", False) and user.is_active:
+            return self.all()
+        readable = Q(visibility=Collection.Visibility.PUBLIC)
+        if user is not None and user.is_authenticated and user.is_active:
+            if user.is_staff:
+                readable |= Q(visibility=Collection.Visibility.STAFF)
+            # A subquery, not a join: a join on groups would repeat collections.
+            memberships = Collection.groups.through.objects.filter(group__user__id=user.pk)
+            readable |= Q(visibility=Collection.Visibility.GROUPS, pk__in=memberships.values("collection_id"))
+        return self.filter(readable)
+
+
+class Collection(models.Model):
+    """A knowledge base: the unit of access control and of deduplication."""
+
+    class Visibility(models.TextChoices):
+        PUBLIC = "public", "Public: everyone, signed in or not"
+        STAFF = "staff", "Staff only"
+        GROUPS = "groups", "Members of the chosen groups"
+
+    DEFAULT_NAME = "default"
+
+    name = models.CharField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    visibility = models.CharField(max_length=16, choices=Visibility.choices, default=Visibility.PUBLIC)
+    groups = models.ManyToManyField(
+        Group, blank=True, related_name="rag_collections", help_text="Who may read it when restricted to groups."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = CollectionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class Document(models.Model):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        PARSING = "parsing"
+        CHUNKING = "chunking"
+        EMBEDDING = "embedding"
+        READY = "ready"
+        FAILED = "failed"
+
+    #: Statuses after which nothing more happens until someone acts.
+    SETTLED = (Status.READY, Status.FAILED)
+
+    collection = models.ForeignKey(Collection, on_delete=models.PROTECT, related_name="documents")
     title = models.CharField(max_length=300)
-    source = models.CharField(max_length=1000, blank=True, help_text="Where it came from: a path, a URL.")
-    content = models.TextField(help_text="The extracted text; kept so chunks can be rebuilt or re-embedded.")
-    content_hash = models.CharField(max_length=64, unique=True, help_text="SHA-256 of the text.")
+    source = models.CharField(max_length=1000, blank=True, help_text="Where it came from: a path, a URL, a file name.")
+    content = models.TextField(
+        blank=True, help_text="The extracted text; kept so chunks can be rebuilt or re-embedded."
+    )
+    # Blank until the text is known (a queued upload); unique per collection otherwise.
+    content_hash = models.CharField(max_length=64, blank=True, db_index=True, help_text="SHA-256 of the text.")
     metadata = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.READY, db_index=True)
+    progress = models.FloatField(default=1.0, help_text="0 to 1, within the current run.")
+    error = models.TextField(blank=True, help_text="Why the last run failed, in words a person can act on.")
+    chunk_count = models.PositiveIntegerField(default=0)
+    embedding_model = models.CharField(max_length=200, blank=True)
+    timings = models.JSONField(default=dict, blank=True, help_text="Milliseconds per step of the last run.")
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["collection", "content_hash"],
+                condition=~Q(content_hash=""),
+                name="rag_document_unique_text_per_collection",
+            )
+        ]
 
     def __str__(self) -> str:
         return self.title
 
 
+class DocumentFile(models.Model):
+    """The uploaded bytes of a document, kept apart so listing documents never loads them.
+
+    Parsing happens in the worker, which may run on another machine than the
+    web server: the bytes travel through the database, like the task itself.
+    """
+
+    document = models.OneToOneField(Document, on_delete=models.CASCADE, primary_key=True, related_name="file")
+    name = models.CharField(max_length=300)
+    content_type = models.CharField(max_length=200, blank=True)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64, db_index=True)
+    data = models.BinaryField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.name
+
+
 class ChunkQuerySet(models.QuerySet):
     def for_model(self, embedding_model: str) -> ChunkQuerySet:
         return self.filter(embedding_model=embedding_model)
+
+    def in_collections(self, collections: Iterable[int] | models.QuerySet | None) -> ChunkQuerySet:
+        """Only chunks of these collections (ids or a Collection QuerySet, which stays
+        a subquery); None: every collection."""
+        if collections is None:
+            return self
+        if isinstance(collections, models.QuerySet):
+            collections = collections.values("pk")
+        return self.filter(collection_id__in=collections)
 
     def nearest(self, embedding: list[float], *, embedding_model: str, dimensions: int, k: int) -> ChunkQuerySet:
         """The k chunks closest (cosine) to ``embedding`` among one model's chunks.
@@ -44,6 +153,8 @@ class ChunkQuerySet(models.QuerySet):
 
 class Chunk(models.Model):
     document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="chunks")
+    # The document's collection, copied so a filtered search needs no join.
+    collection = models.ForeignKey(Collection, on_delete=models.CASCADE, related_name="+")
     position = models.PositiveIntegerField(help_text="Order of the chunk in its document, from 0.")
     text = models.TextField()
     heading = models.CharField(max_length=500, blank=True, help_text="Heading path, e.g. 'Setup > Database'.")

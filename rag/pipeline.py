@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 
+from rag.models import Collection
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError
 from rag.services import answering
 from rag.services.documents import AddResult, DocumentInput, aadd_documents
@@ -45,8 +46,11 @@ class RAG:
         self.chat = chat
         self.embedder = embedder
 
-    async def aadd(self, texts_or_documents: Iterable[str | DocumentInput]) -> list[AddResult]:
-        return await aadd_documents(documents=texts_or_documents, embedder=self.embedder)
+    async def aadd(
+        self, texts_or_documents: Iterable[str | DocumentInput], *, collection: Collection | None = None
+    ) -> list[AddResult]:
+        """Add to ``collection`` (default: the public "default" collection)."""
+        return await aadd_documents(documents=texts_or_documents, embedder=self.embedder, collection=collection)
 
     def aevents(self, question: str, *, k: int | None = None, **context) -> AsyncIterator[answering.AnswerEvent]:
         return answering.stream_answer(

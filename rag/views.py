@@ -7,12 +7,14 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import connection
+from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
 from rag import sse
 from rag.forms import BadQuestion, parse_question
+from rag.models import Collection
 from rag.pipeline import RAG
 
 FORMATS = ("text", "json")
@@ -39,6 +41,16 @@ def api_method(method: str):
     return decorator
 
 
+def readable_collections(user, *, name: str | None = None) -> QuerySet[Collection]:
+    """The collections this user may search, optionally narrowed to one by name.
+
+    Lazy: it runs as a subquery of the search, in the same trip to the database.
+    A collection the user may not read is simply empty for them.
+    """
+    scope = Collection.objects.readable_by(user)
+    return scope.filter(name=name) if name else scope
+
+
 @api_method("GET")
 async def stream(request: HttpRequest):
     """GET /rag/stream?question=…&k=…[&format=json] → text/event-stream."""
@@ -50,7 +62,12 @@ async def stream(request: HttpRequest):
     except BadQuestion as exc:
         return bad_request(str(exc))
     user = await request.auser()
-    events = RAG().aevents(q.question, k=q.k, user_id=user.pk if user.is_authenticated else None)
+    events = RAG().aevents(
+        q.question,
+        k=q.k,
+        user_id=user.pk if user.is_authenticated else None,
+        collections=readable_collections(user, name=request.GET.get("collection")),
+    )
     response = StreamingHttpResponse(
         sse.event_stream(events, fmt=fmt, heartbeat=settings.RAG_SSE_HEARTBEAT),
         content_type="text/event-stream; charset=utf-8",
@@ -81,8 +98,16 @@ async def query(request: HttpRequest):
         q = parse_question(question=body.get("question"), k=body.get("k"))
     except BadQuestion as exc:
         return bad_request(str(exc))
+    collection = body.get("collection")
+    if collection is not None and not isinstance(collection, str):
+        return bad_request("'collection' must be the name of a collection (a string).")
     user = await request.auser()
-    answer = await RAG().aask(q.question, k=q.k, user_id=user.pk if user.is_authenticated else None)
+    answer = await RAG().aask(
+        q.question,
+        k=q.k,
+        user_id=user.pk if user.is_authenticated else None,
+        collections=readable_collections(user, name=collection),
+    )
     payload = {
         "answer": answer.text,
         "sources": [s.public() for s in answer.sources],

@@ -36,6 +36,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "django_tasks",
+    "django_tasks_db",
     "rag",
 ]
 
@@ -92,6 +94,16 @@ DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
     "max_size": env_int("RAG_DB_POOL_MAX", 20, min_value=1),
     "timeout": env_float("RAG_DB_POOL_TIMEOUT", 10.0, min_value=0.1),
 }
+# A search filtered by collection must still find k chunks: without iterative
+# scans pgvector's HNSW scan stops after hnsw.ef_search candidates and the
+# filter then drops most of them. Set at connect time (a libpq startup option),
+# so the search itself costs no extra statement. See docs/benchmarks.md.
+_options = DATABASES["default"]["OPTIONS"]
+_options["options"] = " ".join(filter(None, [_options.get("options", ""), "-c hnsw.iterative_scan=relaxed_order"]))
+
+# Background work (ingestion, re-embedding) goes through a queue in the same
+# Postgres: `manage.py db_worker` runs it (`make run` starts one).
+TASKS = {"default": {"BACKEND": "django_tasks_db.backend.DatabaseBackend"}}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -160,6 +172,11 @@ RAG_CONTEXT_CHARS = env_int("RAG_CONTEXT_CHARS", 6000, min_value=200)  # sources
 RAG_CHUNK_TOKENS = env_int("RAG_CHUNK_TOKENS", 200, min_value=16)
 RAG_CHUNK_OVERLAP = env_int("RAG_CHUNK_OVERLAP", 30, min_value=0)
 RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 64, min_value=1)
+# Ingestion: the largest file accepted, and the most a DOCX (a zip) may expand to.
+RAG_MAX_UPLOAD_MB = env_float("RAG_MAX_UPLOAD_MB", 20.0, min_value=0.001)
+RAG_MAX_UNZIPPED_MB = env_float("RAG_MAX_UNZIPPED_MB", 200.0, min_value=0.001)
+# Chunks stored per INSERT when adding documents.
+RAG_INSERT_BATCH = env_int("RAG_INSERT_BATCH", 500, min_value=1)
 RAG_SSE_HEARTBEAT = env_float("RAG_SSE_HEARTBEAT", 10.0, min_value=0.05)
 
 if RAG_CHUNK_OVERLAP >= RAG_CHUNK_TOKENS:

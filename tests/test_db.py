@@ -12,6 +12,7 @@ from django.db import connection, transaction
 from rag.models import Chunk, Document
 from rag.providers import embedding_provider
 from rag.services import vector_index
+from rag.services.documents import default_collection
 from rag.services.vector_index import ensure_vector_index, index_name
 from tests.factories import add_corpus
 
@@ -45,9 +46,20 @@ def cosine_distance(a: list[float], b: list[float]) -> float:
 
 
 def store(vectors: list[list[float]], *, model: str, title: str = "bulk") -> list[Chunk]:
-    document = Document.objects.create(title=title, content=title, content_hash=f"{title}-{model}")
+    collection = default_collection()
+    document = Document.objects.create(
+        collection=collection, title=title, content=title, content_hash=f"{title}-{model}"
+    )
     return Chunk.objects.bulk_create(
-        Chunk(document=document, position=i, text=f"{model} #{i}", token_count=1, embedding=v, embedding_model=model)
+        Chunk(
+            document=document,
+            collection=collection,
+            position=i,
+            text=f"{model} #{i}",
+            token_count=1,
+            embedding=v,
+            embedding_model=model,
+        )
         for i, v in enumerate(vectors)
     )
 

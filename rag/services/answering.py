@@ -24,7 +24,7 @@ from django.db import connection, transaction
 from rag.models import Conversation, Message
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider, embedding_provider
 from rag.services.prompting import build_messages
-from rag.services.retrieval import Source, search
+from rag.services.retrieval import CollectionScope, Source, search
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ async def stream_answer(
     session_key: str = "",
     chat: ChatProvider | None = None,
     embedder: EmbeddingProvider | None = None,
+    collections: CollectionScope = None,
 ) -> AsyncIterator[AnswerEvent]:
+    """Answer ``question`` from the chunks of ``collections`` (None: every collection;
+    the web views pass the collections the asking user may read)."""
     started = time.perf_counter()
     chat = chat or chat_provider()
     embedder = embedder or embedding_provider()
@@ -95,6 +98,7 @@ async def stream_answer(
         vector=vector,
         k=k,
         embedding_model=embedder.model,
+        collections=collections,
         conversation=conversation,
         user_id=user_id,
         session_key=session_key,
@@ -168,6 +172,7 @@ def _begin(
     vector: list[float] | None,
     k: int,
     embedding_model: str,
+    collections: CollectionScope,
     conversation: Conversation | None,
     user_id: int | None,
     session_key: str,
@@ -191,7 +196,9 @@ def _begin(
                 ),
             ]
         )
-    sources = search(vector, embedding_model=embedding_model, k=k) if vector is not None else []
+    sources = (
+        search(vector, embedding_model=embedding_model, k=k, collections=collections) if vector is not None else []
+    )
     _release_connection_sync()
     return answer, sources
 

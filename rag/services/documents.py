@@ -1,22 +1,32 @@
-"""Adding documents to the knowledge base: chunk, embed in batches, store atomically."""
+"""Adding documents to the knowledge base: chunk, embed in batches, store atomically.
+
+A document's chunks are only ever swapped in one transaction, so search sees
+either the old chunks or the new ones, never a mix or none: a failed run
+(a bad file, an embedding server down) leaves the previous version answering.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import re
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
-from rag.models import Chunk, Document
+from rag.models import Chunk, Collection, Document
 from rag.providers import EmbeddingProvider, embedding_provider
 from rag.services.chunking import ChunkDraft, chunk_text
 from rag.services.vector_index import ensure_vector_index
+
+#: Called with the fraction of chunks embedded so far (0..1).
+ProgressCallback = Callable[[float], Awaitable[None]]
 
 
 @dataclass
@@ -31,12 +41,21 @@ class DocumentInput:
 class AddResult:
     document_id: int
     title: str
-    created: bool  # False: the same text was already in the knowledge base
+    created: bool  # False: the same text was already in the collection (or it replaced an older version)
     chunks: int
+    outcome: str = "added"  # added | unchanged | replaced
 
 
 class EmptyDocumentError(ValueError):
     pass
+
+
+class DuplicateDocumentError(ValueError):
+    """The same text is already in the collection as another document."""
+
+    def __init__(self, existing: Document) -> None:
+        super().__init__(f"The same text is already in this collection as “{existing.title}” (#{existing.pk}).")
+        self.existing = existing
 
 
 def content_hash(text: str) -> str:
@@ -50,58 +69,138 @@ def guess_title(text: str, source: str = "") -> str:
     return source.rsplit("/", 1)[-1][:200] or "Untitled"
 
 
+def default_collection() -> Collection:
+    collection, _ = Collection.objects.get_or_create(name=Collection.DEFAULT_NAME)
+    return collection
+
+
+async def adefault_collection() -> Collection:
+    return await sync_to_async(default_collection)()
+
+
 async def aadd_documents(
     *,
     documents: Iterable[DocumentInput | str],
     embedder: EmbeddingProvider | None = None,
     on_progress: Callable[[AddResult], None] | None = None,
+    collection: Collection | None = None,
 ) -> list[AddResult]:
-    """Add documents (or plain strings); a text already present is not added twice."""
+    """Add documents (or plain strings); a text already in the collection is not added twice."""
     embedder = embedder or embedding_provider()
+    collection = collection or await adefault_collection()
     results = []
     for item in documents:
         doc = DocumentInput(text=item) if isinstance(item, str) else item
-        result = await aadd_document(document=doc, embedder=embedder)
+        result = await aadd_document(document=doc, embedder=embedder, collection=collection)
         results.append(result)
         if on_progress:
             on_progress(result)
     return results
 
 
-async def aadd_document(*, document: DocumentInput, embedder: EmbeddingProvider) -> AddResult:
+async def aadd_document(
+    *, document: DocumentInput, embedder: EmbeddingProvider, collection: Collection | None = None
+) -> AddResult:
+    """Add one document in process (no queue): the Python API and ``manage.py ingest``.
+
+    Same text in the collection: unchanged. Same source with other text: the
+    stored document is replaced, atomically.
+    """
+    collection = collection or await adefault_collection()
     text = document.text.strip()
     if not text:
         raise EmptyDocumentError(f"{document.source or document.title or 'The document'} has no text to index.")
     digest = content_hash(text)
-    existing = await Document.objects.filter(content_hash=digest).afirst()
+    existing = await Document.objects.filter(collection=collection, content_hash=digest).afirst()
     if existing is not None:
         return await _reuse(existing, embedder)
 
-    drafts, vectors = await _chunk_and_embed(text, embedder)
+    previous = None
+    if document.source:
+        previous = await Document.objects.filter(collection=collection, source=document.source[:1000]).afirst()
+    if previous is not None:
+        chunks = await arebuild_document(document=previous, embedder=embedder, text=text, title=document.title)
+        return AddResult(previous.pk, previous.title, created=False, chunks=chunks, outcome="replaced")
+
+    drafts, vectors = await chunk_and_embed(text=text, embedder=embedder)
     title = document.title.strip() or guess_title(text, document.source)
     new = Document(
+        collection=collection,
         title=title[:300],
         source=document.source[:1000],
         content=text,
         content_hash=digest,
         metadata=document.metadata,
+        status=Document.Status.READY,
+        started_at=timezone.now(),
     )
     try:
-        await _store_chunks(new, drafts=drafts, vectors=vectors, embedding_model=embedder.model, create=True)
+        await _swap_chunks(new, drafts=drafts, vectors=vectors, embedding_model=embedder.model, create=True)
     except IntegrityError:
         # The same text was added concurrently; keep the first one.
-        return await _reuse(await Document.objects.aget(content_hash=digest), embedder)
+        return await _reuse(await Document.objects.aget(collection=collection, content_hash=digest), embedder)
     return AddResult(new.pk, new.title, created=True, chunks=len(drafts))
 
 
-async def aembed_document(*, document: Document, embedder: EmbeddingProvider) -> int:
-    """(Re)build a stored document's chunks for ``embedder``'s model.
+async def aembed_document(
+    *, document: Document, embedder: EmbeddingProvider, on_progress: ProgressCallback | None = None
+) -> int:
+    """(Re)build a stored document's chunks for ``embedder``'s model from its stored text.
 
-    The document's chunks of that model are replaced in one transaction, so
-    search sees either the old chunks or the new ones, never a mix or none.
+    The document's chunks of that model are replaced in one transaction; chunks
+    of other models are left alone, so search on them keeps working meanwhile.
     """
-    drafts, vectors = await _chunk_and_embed(document.content, embedder)
-    await _store_chunks(document, drafts=drafts, vectors=vectors, embedding_model=embedder.model, create=False)
+    drafts, vectors = await chunk_and_embed(text=document.content, embedder=embedder, on_progress=on_progress)
+    await _swap_chunks(document, drafts=drafts, vectors=vectors, embedding_model=embedder.model, create=False)
+    return len(drafts)
+
+
+async def arebuild_document(
+    *,
+    document: Document,
+    embedder: EmbeddingProvider,
+    text: str,
+    title: str = "",
+    on_progress: ProgressCallback | None = None,
+    timings: dict[str, float] | None = None,
+) -> int:
+    """Give a stored document new text: new chunks replace all its old ones atomically.
+
+    Raises DuplicateDocumentError if another document of the collection has that text.
+    """
+    text = text.strip()
+    if not text:
+        raise EmptyDocumentError(f"{document.source or document.title} has no text to index.")
+    digest = content_hash(text)
+    other = (
+        await Document.objects.filter(collection_id=document.collection_id, content_hash=digest)
+        .exclude(pk=document.pk)
+        .afirst()
+    )
+    if other is not None:
+        raise DuplicateDocumentError(other)
+    drafts, vectors = await chunk_and_embed(text=text, embedder=embedder, on_progress=on_progress, timings=timings)
+    document.content = text
+    document.content_hash = digest
+    if title.strip():
+        document.title = title.strip()[:300]
+    started = time.perf_counter()
+    try:
+        await _swap_chunks(
+            document, drafts=drafts, vectors=vectors, embedding_model=embedder.model, create=False, all_models=True
+        )
+    except IntegrityError:
+        # Another document took this text in the meantime.
+        other = (
+            await Document.objects.filter(collection_id=document.collection_id, content_hash=digest)
+            .exclude(pk=document.pk)
+            .afirst()
+        )
+        if other is None:
+            raise
+        raise DuplicateDocumentError(other) from None
+    if timings is not None:
+        timings["store_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return len(drafts)
 
 
@@ -111,10 +210,17 @@ async def _reuse(existing: Document, embedder: EmbeddingProvider) -> AddResult:
     chunks = await existing.chunks.filter(embedding_model=embedder.model).acount()
     if not chunks:
         chunks = await aembed_document(document=existing, embedder=embedder)
-    return AddResult(existing.pk, existing.title, created=False, chunks=chunks)
+    return AddResult(existing.pk, existing.title, created=False, chunks=chunks, outcome="unchanged")
 
 
-async def _chunk_and_embed(text: str, embedder: EmbeddingProvider) -> tuple[list[ChunkDraft], list[list[float]]]:
+async def chunk_and_embed(
+    *,
+    text: str,
+    embedder: EmbeddingProvider,
+    on_progress: ProgressCallback | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[list[ChunkDraft], list[list[float]]]:
+    started = time.perf_counter()
     # Chunking counts tokens with the model's tokenizer: CPU work, off the loop.
     drafts = await asyncio.to_thread(
         chunk_text,
@@ -123,39 +229,59 @@ async def _chunk_and_embed(text: str, embedder: EmbeddingProvider) -> tuple[list
         overlap=settings.RAG_CHUNK_OVERLAP,
         count_tokens=embedder.count_tokens,
     )
+    chunked = time.perf_counter()
     batch = settings.RAG_EMBED_BATCH
     vectors: list[list[float]] = []
     for start in range(0, len(drafts), batch):
         vectors += await embedder.embed([d.embedding_text for d in drafts[start : start + batch]])
+        if on_progress is not None:
+            await on_progress(len(vectors) / len(drafts))
+    if timings is not None:
+        timings["chunk_ms"] = round((chunked - started) * 1000, 1)
+        timings["embed_ms"] = round((time.perf_counter() - chunked) * 1000, 1)
     return drafts, vectors
 
 
 @sync_to_async
-def _store_chunks(
+def _swap_chunks(
     document: Document,
     *,
     drafts: list[ChunkDraft],
     vectors: list[list[float]],
     embedding_model: str,
     create: bool,
+    all_models: bool = False,
 ) -> None:
     if vectors:
         ensure_vector_index(embedding_model=embedding_model, dimensions=len(vectors[0]))
+    document.status = Document.Status.READY
+    document.progress = 1.0
+    document.error = ""
+    document.chunk_count = len(drafts)
+    document.embedding_model = embedding_model
+    document.finished_at = timezone.now()
     # All or nothing: a document is never visible with half its chunks.
     with transaction.atomic():
         if create:
             document.save()
         else:
-            document.chunks.filter(embedding_model=embedding_model).delete()
+            # New text makes the chunks of every model stale; a re-embedding only its own model's.
+            old = document.chunks.all() if all_models else document.chunks.filter(embedding_model=embedding_model)
+            old.delete()
+            document.save()
         Chunk.objects.bulk_create(
-            Chunk(
-                document=document,
-                position=draft.position,
-                text=draft.text,
-                heading=draft.heading[:500],
-                token_count=draft.token_count,
-                embedding=vector,
-                embedding_model=embedding_model,
-            )
-            for draft, vector in zip(drafts, vectors, strict=True)
+            (
+                Chunk(
+                    document=document,
+                    collection_id=document.collection_id,
+                    position=draft.position,
+                    text=draft.text,
+                    heading=draft.heading[:500],
+                    token_count=draft.token_count,
+                    embedding=vector,
+                    embedding_model=embedding_model,
+                )
+                for draft, vector in zip(drafts, vectors, strict=True)
+            ),
+            batch_size=settings.RAG_INSERT_BATCH,
         )

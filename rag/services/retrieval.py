@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from asgiref.sync import sync_to_async
+from django.db.models import QuerySet
 
 from rag.models import Chunk
 from rag.providers import EmbeddingProvider
@@ -49,13 +51,26 @@ class Retrieval:
     ms: float
 
 
-def search(vector: list[float], *, embedding_model: str, k: int) -> list[Source]:
-    """The k nearest chunks to a query vector (sync: call it from a thread)."""
+#: Which collections a search may read: ids, a Collection QuerySet (kept as a
+#: subquery, so it costs no extra trip to the database), or None for all.
+CollectionScope = Iterable[int] | QuerySet | None
+
+
+def search(vector: list[float], *, embedding_model: str, k: int, collections: CollectionScope = None) -> list[Source]:
+    """The k nearest chunks to a query vector (sync: call it from a thread).
+
+    One query whatever the scope: the collection filter and the readable-collections
+    subquery run inside it. With a selective filter, pgvector's iterative HNSW scan
+    (hnsw.iterative_scan, set per connection in settings) keeps looking until it has
+    k matches; relaxed order may return them slightly out of order, so they are sorted.
+    """
     chunks = (
-        Chunk.objects.nearest(vector, embedding_model=embedding_model, dimensions=len(vector), k=k)
+        Chunk.objects.in_collections(collections)
+        .nearest(vector, embedding_model=embedding_model, dimensions=len(vector), k=k)
         .select_related("document")
         .defer("embedding", "document__content", "document__metadata")
     )
+    chunks = sorted(chunks, key=lambda chunk: chunk.distance)
     return [
         Source(
             n=n,
@@ -71,8 +86,10 @@ def search(vector: list[float], *, embedding_model: str, k: int) -> list[Source]
     ]
 
 
-async def retrieve(*, question: str, k: int, embedder: EmbeddingProvider) -> Retrieval:
+async def retrieve(
+    *, question: str, k: int, embedder: EmbeddingProvider, collections: CollectionScope = None
+) -> Retrieval:
     started = time.perf_counter()
     [vector] = await embedder.embed([question])
-    sources = await sync_to_async(search)(vector, embedding_model=embedder.model, k=k)
+    sources = await sync_to_async(search)(vector, embedding_model=embedder.model, k=k, collections=collections)
     return Retrieval(sources=sources, ms=(time.perf_counter() - started) * 1000)
