@@ -1,0 +1,224 @@
+"""Background ingestion: submit files or text, then parse → chunk → embed → store in the worker.
+
+Submitting writes the document (status ``queued``), its bytes and the task in
+one transaction, so the worker never sees a task without its document or the
+reverse. The worker moves the document through parsing, chunking, embedding
+to ready (or failed, with a reason a person can act on), saving each step so
+the admin shows it live. Chunks are swapped in only at the end, atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import PurePath
+
+from asgiref.sync import sync_to_async
+from django.db import transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from rag.models import Collection, Document, DocumentFile
+from rag.providers import EmbeddingProvider, ProviderError, embedding_provider
+from rag.services import documents as docs
+from rag.services.parsing import ParseError, check_upload, decode_text, kind_of, parse_document
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Submission:
+    name: str
+    outcome: str  # queued | replacing | duplicate | failed
+    message: str
+    document_id: int | None = None
+
+
+def submit_file(*, collection: Collection, name: str, data: bytes, content_type: str = "") -> Submission:
+    """Queue one uploaded file. Bad files that can be told at once (type, empty, size) become
+    failed documents with the reason; a file already in the collection is refused."""
+    name = PurePath(name).name or "upload"
+    try:
+        check_upload(name=name, size=len(data))
+    except ParseError as exc:
+        document = _failed_document(collection=collection, name=name, error=exc.message)
+        return Submission(name, "failed", exc.message, document.pk)
+    digest = hashlib.sha256(data).hexdigest()
+    existing = _duplicate(collection=collection, name=name, data=data, digest=digest)
+    if existing is not None:
+        return Submission(
+            name, "duplicate", f"{name} already exists in “{collection}” as “{existing.title}”.", existing.pk
+        )
+    return _queue(collection=collection, name=name, data=data, digest=digest, content_type=content_type)
+
+
+def submit_text(*, collection: Collection, title: str, text: str) -> Submission:
+    """Queue pasted text: stored like a Markdown file named after its title."""
+    title = title.strip() or docs.guess_title(text)
+    data = text.strip().encode("utf-8")
+    return submit_file(collection=collection, name=f"{title}.md", data=data, content_type="text/markdown")
+
+
+def requeue(*, documents: QuerySet[Document], reembed: bool = False) -> int:
+    """Queue re-ingestion (parse again) or re-embedding (same text, current model) of documents.
+
+    Documents still being processed are skipped: their run will finish first.
+    """
+    from rag import tasks
+
+    task = tasks.reembed_document if reembed else tasks.ingest_document
+    count = 0
+    for document in documents.filter(status__in=Document.SETTLED).only("pk"):
+        with transaction.atomic():
+            Document.objects.filter(pk=document.pk).update(
+                status=Document.Status.QUEUED, progress=0.0, error="", updated_at=timezone.now()
+            )
+            task.enqueue(document_id=document.pk)
+        count += 1
+    return count
+
+
+def _duplicate(*, collection: Collection, name: str, data: bytes, digest: str) -> Document | None:
+    same_file = DocumentFile.objects.filter(document__collection=collection, sha256=digest).select_related("document")
+    if match := same_file.first():
+        return match.document
+    if kind_of(name) == "text":
+        # Plain text: the text hash is known without parsing, and catches the
+        # same text added from the command line or pasted.
+        try:
+            text = decode_text(name=name, data=data).strip()
+        except ParseError:
+            return None
+        return Document.objects.filter(collection=collection, content_hash=docs.content_hash(text)).first()
+    return None
+
+
+def _queue(*, collection: Collection, name: str, data: bytes, digest: str, content_type: str) -> Submission:
+    from rag import tasks
+
+    with transaction.atomic():
+        document = Document.objects.select_for_update().filter(collection=collection, source=name).first()
+        replacing = document is not None
+        if document is None:
+            document = Document.objects.create(
+                collection=collection,
+                title=PurePath(name).stem[:300] or name,
+                source=name,
+                status=Document.Status.QUEUED,
+                progress=0.0,
+            )
+        else:
+            # Same name, new content: the document keeps answering from its old
+            # chunks until the new version is ready.
+            document.status, document.progress, document.error = Document.Status.QUEUED, 0.0, ""
+            document.save(update_fields=["status", "progress", "error", "updated_at"])
+        DocumentFile.objects.update_or_create(
+            document=document,
+            defaults={
+                "name": name,
+                "content_type": content_type[:200],
+                "size": len(data),
+                "sha256": digest,
+                "data": data,
+            },
+        )
+        tasks.ingest_document.enqueue(document_id=document.pk)
+    if replacing:
+        return Submission(
+            name,
+            "replacing",
+            f"{name} replaces the document of that name in “{collection}”; "
+            "its old version answers until the new one is ready.",
+            document.pk,
+        )
+    return Submission(name, "queued", f"{name} is queued.", document.pk)
+
+
+def _failed_document(*, collection: Collection, name: str, error: str) -> Document:
+    return Document.objects.create(
+        collection=collection,
+        title=PurePath(name).stem[:300] or name,
+        source=name,
+        status=Document.Status.FAILED,
+        progress=0.0,
+        error=error,
+        finished_at=timezone.now(),
+    )
+
+
+# --- the worker's side -----------------------------------------------------------------
+
+
+async def aingest(*, document_id: int, embedder: EmbeddingProvider | None = None) -> str:
+    """Parse, chunk, embed and store one queued document; returns its final status."""
+    return await _run(document_id=document_id, embedder=embedder, reembed=False)
+
+
+async def areembed(*, document_id: int, embedder: EmbeddingProvider | None = None) -> str:
+    """Embed a document's stored text with the current model; its chunks of other
+    models keep answering meanwhile and stay until pruned."""
+    return await _run(document_id=document_id, embedder=embedder, reembed=True)
+
+
+async def _run(*, document_id: int, embedder: EmbeddingProvider | None, reembed: bool) -> str:
+    document = await Document.objects.filter(pk=document_id).afirst()
+    if document is None:
+        return "gone"  # deleted while queued: nothing to do
+    had_chunks = await document.chunks.aexists()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    await _mark(document, status=Document.Status.PARSING, progress=0.0, started_at=timezone.now(), error="")
+    try:
+        embedder = embedder or embedding_provider()
+
+        async def on_progress(fraction: float) -> None:
+            # Embedding is most of the work: it spans 10%..95% of the bar.
+            await _mark(document, status=Document.Status.EMBEDDING, progress=round(0.1 + 0.85 * fraction, 3))
+
+        if reembed:
+            await _mark(document, status=Document.Status.CHUNKING, progress=0.1)
+            await docs.aembed_document(document=document, embedder=embedder, on_progress=on_progress)
+        else:
+            text, title = await _parse(document, timings)
+            await _mark(document, status=Document.Status.CHUNKING, progress=0.1)
+            await docs.arebuild_document(
+                document=document, embedder=embedder, text=text, on_progress=on_progress, timings=timings
+            )
+            if title and not document.metadata.get("title"):
+                document.metadata["title"] = title
+    except (ParseError, ProviderError, docs.EmptyDocumentError, docs.DuplicateDocumentError) as exc:
+        return await _fail(document, message=getattr(exc, "message", str(exc)), had_chunks=had_chunks)
+    except Exception as exc:
+        logger.exception("Ingestion of document %s failed", document_id)
+        message = f"Ingestion failed unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); see the worker log."
+        return await _fail(document, message=message, had_chunks=had_chunks)
+    timings["total_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    await Document.objects.filter(pk=document.pk).aupdate(timings=timings, metadata=document.metadata)
+    return Document.Status.READY
+
+
+async def _parse(document: Document, timings: dict[str, float]) -> tuple[str, str]:
+    started = time.perf_counter()
+    upload = await DocumentFile.objects.filter(document=document).afirst()
+    if upload is None:
+        # Added from the command line or the API: the stored text is the source.
+        return document.content, ""
+    # Parsers are CPU-bound and synchronous: off the loop.
+    parsed = await sync_to_async(parse_document, thread_sensitive=False)(name=upload.name, data=bytes(upload.data))
+    timings["parse_ms"] = round((time.perf_counter() - started) * 1000, 1)
+    return parsed.text, parsed.title
+
+
+async def _mark(document: Document, **fields: object) -> None:
+    for name, value in fields.items():
+        setattr(document, name, value)
+    await Document.objects.filter(pk=document.pk).aupdate(**fields, updated_at=timezone.now())
+
+
+async def _fail(document: Document, *, message: str, had_chunks: bool) -> str:
+    if had_chunks:
+        message += " The previous version is still searchable."
+    await _mark(document, status=Document.Status.FAILED, error=message, finished_at=timezone.now())
+    return Document.Status.FAILED
