@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from django import forms
 from django.conf import settings
+from django.core.validators import MaxValueValidator
+
+from rag.models import Collection
+from rag.services.parsing import SUFFIXES
 
 
 class BadQuestion(ValueError):
@@ -48,3 +53,61 @@ def _parse_k(k: object) -> int:
     if not 1 <= value <= settings.RAG_MAX_K:
         raise problem
     return value
+
+
+# --- Admin forms ------------------------------------------------------------------------
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    """Several files in one field. Each file is judged later, on its own (an empty
+    or unsupported file becomes a failed document), so that one bad file never
+    turns the whole upload away."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("widget", MultipleFileInput(attrs={"accept": ",".join(sorted(SUFFIXES))}))
+        super().__init__(**kwargs)
+
+    def clean(self, data, initial=None) -> list:
+        if not data:
+            return []
+        return list(data) if isinstance(data, list | tuple) else [data]
+
+
+class UploadForm(forms.Form):
+    collection = forms.ModelChoiceField(queryset=Collection.objects.none(), empty_label=None)
+    files = MultipleFileField(
+        required=False, help_text=f"One or many: {', '.join(sorted(SUFFIXES))}. Each becomes a document."
+    )
+    title = forms.CharField(max_length=300, required=False, help_text="For pasted text (default: its first line).")
+    text = forms.CharField(widget=forms.Textarea(attrs={"rows": 8}), required=False, label="Or paste text")
+
+    def __init__(self, *args, collections, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["collection"].queryset = collections
+        default = collections.filter(name=Collection.DEFAULT_NAME).first()
+        if default is not None:
+            self.fields["collection"].initial = default.pk
+
+    def clean(self) -> dict:
+        data = super().clean()
+        if not data.get("files") and not (data.get("text") or "").strip():
+            raise forms.ValidationError("Choose one or more files, or paste some text.")
+        return data
+
+
+class TryQueryForm(forms.Form):
+    question = forms.CharField(max_length=2000, widget=forms.TextInput(attrs={"size": 80}))
+    collection = forms.ModelChoiceField(
+        queryset=Collection.objects.none(), required=False, empty_label="All collections I may read"
+    )
+    k = forms.IntegerField(min_value=1, initial=5)
+
+    def __init__(self, *args, collections, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["collection"].queryset = collections
+        self.fields["k"].max_value = settings.RAG_MAX_K
+        self.fields["k"].validators.append(MaxValueValidator(settings.RAG_MAX_K))

@@ -268,7 +268,9 @@ def _swap_chunks(
             # New text makes the chunks of every model stale; a re-embedding only its own model's.
             old = document.chunks.all() if all_models else document.chunks.filter(embedding_model=embedding_model)
             old.delete()
-            document.save()
+            # force_update: a document deleted while it was being processed must
+            # stay deleted, not come back from this save.
+            document.save(force_update=True)
         Chunk.objects.bulk_create(
             (
                 Chunk(

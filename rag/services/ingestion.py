@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import PurePath
 
 from asgiref.sync import sync_to_async
+from django.core.files import File
 from django.db import transaction
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -44,14 +45,28 @@ def submit_file(*, collection: Collection, name: str, data: bytes, content_type:
         check_upload(name=name, size=len(data))
     except ParseError as exc:
         document = _failed_document(collection=collection, name=name, error=exc.message)
-        return Submission(name, "failed", exc.message, document.pk)
+        return Submission(name, "failed", f"Failed: {exc.message}", document.pk)
     digest = hashlib.sha256(data).hexdigest()
     existing = _duplicate(collection=collection, name=name, data=data, digest=digest)
     if existing is not None:
         return Submission(
-            name, "duplicate", f"{name} already exists in “{collection}” as “{existing.title}”.", existing.pk
+            name, "duplicate", f"Not added: {name} already exists in “{collection}” as “{existing.title}”.", existing.pk
         )
     return _queue(collection=collection, name=name, data=data, digest=digest, content_type=content_type)
+
+
+def submit_upload(*, collection: Collection, upload: File) -> Submission:
+    """Queue an uploaded file (a Django File); one over the size limit is refused before it is read."""
+    name = PurePath(upload.name or "upload").name
+    try:
+        check_upload(name=name, size=upload.size or 0)
+    except ParseError as exc:
+        document = _failed_document(collection=collection, name=name, error=exc.message)
+        return Submission(name, "failed", f"Failed: {exc.message}", document.pk)
+    upload.seek(0)
+    return submit_file(
+        collection=collection, name=name, data=upload.read(), content_type=getattr(upload, "content_type", "") or ""
+    )
 
 
 def submit_text(*, collection: Collection, title: str, text: str) -> Submission:
@@ -70,12 +85,12 @@ def requeue(*, documents: QuerySet[Document], reembed: bool = False) -> int:
 
     task = tasks.reembed_document if reembed else tasks.ingest_document
     count = 0
-    for document in documents.filter(status__in=Document.SETTLED).only("pk"):
+    for pk in list(documents.filter(status__in=Document.SETTLED).values_list("pk", flat=True)):
         with transaction.atomic():
-            Document.objects.filter(pk=document.pk).update(
+            Document.objects.filter(pk=pk).update(
                 status=Document.Status.QUEUED, progress=0.0, error="", updated_at=timezone.now()
             )
-            task.enqueue(document_id=document.pk)
+            task.enqueue(document_id=pk)
         count += 1
     return count
 
@@ -129,11 +144,11 @@ def _queue(*, collection: Collection, name: str, data: bytes, digest: str, conte
         return Submission(
             name,
             "replacing",
-            f"{name} replaces the document of that name in “{collection}”; "
+            f"Queued: {name} replaces the document of that name in “{collection}”; "
             "its old version answers until the new one is ready.",
             document.pk,
         )
-    return Submission(name, "queued", f"{name} is queued.", document.pk)
+    return Submission(name, "queued", f"Queued: {name}.", document.pk)
 
 
 def _failed_document(*, collection: Collection, name: str, error: str) -> Document:
@@ -222,3 +237,21 @@ async def _fail(document: Document, *, message: str, had_chunks: bool) -> str:
         message += " The previous version is still searchable."
     await _mark(document, status=Document.Status.FAILED, error=message, finished_at=timezone.now())
     return Document.Status.FAILED
+
+
+# --- what the admin shows -------------------------------------------------------------------
+
+
+def status_of(*, documents: QuerySet[Document]) -> list[dict[str, object]]:
+    """The live fields of documents, for the change list's poller."""
+    fields = ("pk", "status", "progress", "error", "chunk_count", "embedding_model")
+    return [dict(zip(fields, row, strict=True)) for row in documents.values_list(*fields)]
+
+
+def embedding_coverage(*, documents: QuerySet[Document], embedding_model: str) -> tuple[int, int]:
+    """(documents with chunks of ``embedding_model``, documents with any chunks): how far a re-embedding is."""
+    from rag.models import Chunk
+
+    with_chunks = documents.filter(chunk_count__gt=0)
+    done = with_chunks.filter(pk__in=Chunk.objects.filter(embedding_model=embedding_model).values("document_id"))
+    return done.count(), with_chunks.count()

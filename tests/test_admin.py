@@ -1,0 +1,204 @@
+"""The knowledge base in the admin, as a staff user uses it: real forms, CSRF, the worker, permissions."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from django.contrib.auth.models import Group, User
+from django.core.files.uploadedfile import SimpleUploadedFile
+from django.test import Client
+from django.urls import reverse
+
+from rag.models import Chunk, Collection, Document
+from rag.services import ingestion
+from tests.files import encrypted_pdf_bytes, pdf_bytes
+from tests.worker import pending_tasks, run_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHANGELIST = reverse("admin:rag_document_changelist")
+ADD = reverse("admin:rag_document_add")
+STATUS = reverse("admin:rag_document_status")
+TRY = reverse("admin:rag_document_try_query")
+
+
+def staff_client(*, superuser: bool = True, groups: list[Group] = ()) -> Client:
+    user = User.objects.create_user(username=f"staff{User.objects.count()}", password="pw", is_staff=True)
+    user.is_superuser = superuser
+    user.save()
+    user.groups.set(groups)
+    if not superuser:
+        from django.contrib.auth.models import Permission
+
+        user.user_permissions.set(Permission.objects.filter(content_type__app_label="rag"))
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(user)
+    return client
+
+
+def csrf_token(client: Client, url: str) -> str:
+    response = client.get(url)
+    assert response.status_code == 200
+    return re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', response.content).group(1).decode()
+
+
+def upload(client: Client, *, collection: Collection, files=(), title="", text="") -> object:
+    token = csrf_token(client, ADD)
+    data = {"csrfmiddlewaretoken": token, "collection": collection.pk, "title": title, "text": text}
+    if files:
+        data["files"] = [SimpleUploadedFile(name, content) for name, content in files]
+    return client.post(ADD, data, follow=True)
+
+
+@pytest.fixture
+def kb() -> Collection:
+    return Collection.objects.create(name="kb")
+
+
+def test_upload_a_mix_watch_it_become_ready_and_see_why_bad_files_failed(kb):
+    client = staff_client()
+    response = upload(
+        client,
+        collection=kb,
+        files=[
+            ("notes.md", b"# Notes\n\nBananas are yellow."),
+            ("paper.pdf", pdf_bytes("Cherries are red.")),
+            ("locked.pdf", encrypted_pdf_bytes("secret")),
+            ("photo.png", b"\x89PNG"),
+        ],
+        title="Pasted",
+        text="Plums are purple.",
+    )
+    assert response.status_code == 200 and response.redirect_chain[-1][0] == CHANGELIST
+    page = response.content.decode()
+    assert "Queued: notes.md." in page and "Failed: photo.png: files of type .png are not supported" in page
+    assert pending_tasks() == 4  # the png failed at once, without a task
+    statuses = dict(Document.objects.values_list("source", "status"))
+    assert statuses == {
+        "notes.md": "queued",
+        "paper.pdf": "queued",
+        "locked.pdf": "queued",
+        "photo.png": "failed",
+        "Pasted.md": "queued",
+    }
+    assert not Chunk.objects.exists()  # nothing was ingested in the request
+
+    ids = ",".join(str(pk) for pk in Document.objects.values_list("pk", flat=True))
+    before = client.get(STATUS, {"ids": ids}).json()["documents"]
+    assert {row["status"] for row in before} == {"queued", "failed"}
+
+    run_worker()
+    after = {row["pk"]: row for row in client.get(STATUS, {"ids": ids}).json()["documents"]}
+    by_source = {d.source: after[d.pk] for d in Document.objects.all()}
+    assert {s: r["status"] for s, r in by_source.items()} == {
+        "notes.md": "ready",
+        "paper.pdf": "ready",
+        "locked.pdf": "failed",
+        "photo.png": "failed",
+        "Pasted.md": "ready",
+    }
+    assert "password" in by_source["locked.pdf"]["error"]
+    assert by_source["notes.md"]["chunk_count"] == 1 and by_source["notes.md"]["embedding_model"] == "fake-embed"
+
+    listing = client.get(CHANGELIST).content.decode()
+    assert "protected by a password" in listing
+    assert "document_status.js" in listing  # the poller that updates the list without a reload
+    assert 'data-field="status"' in listing
+
+
+def test_upload_without_csrf_token_is_refused(kb):
+    client = staff_client()
+    response = client.post(ADD, {"collection": kb.pk, "text": "Sneaky."})
+    assert response.status_code == 403
+    assert not Document.objects.exists()
+
+
+def test_non_staff_cannot_reach_the_admin_or_the_status_view(kb):
+    user = User.objects.create_user(username="visitor", password="pw")
+    client = Client()
+    client.force_login(user)
+    assert client.get(ADD).status_code == 302  # to the admin login
+    assert client.get(STATUS, {"ids": "1"}).status_code == 302
+
+
+def test_same_file_twice_says_it_already_exists(kb):
+    client = staff_client()
+    upload(client, collection=kb, files=[("a.md", b"Apples are crunchy.")])
+    response = upload(client, collection=kb, files=[("again.md", b"Apples are crunchy.")])
+    assert "already exists" in response.content.decode()
+    assert Document.objects.count() == 1 and pending_tasks() == 1
+
+
+def test_empty_form_says_what_to_do(kb):
+    response = upload(staff_client(), collection=kb)
+    assert "Choose one or more files, or paste some text." in response.content.decode()
+    assert not Document.objects.exists()
+
+
+def test_actions_reingest_reembed_and_delete(kb):
+    client = staff_client()
+    upload(client, collection=kb, files=[("a.md", b"Apples are crunchy.")])
+    run_worker()
+    doc = Document.objects.get()
+    for action in ("reingest", "reembed"):
+        token = csrf_token(client, CHANGELIST)
+        response = client.post(
+            CHANGELIST, {"csrfmiddlewaretoken": token, "action": action, "_selected_action": [doc.pk]}, follow=True
+        )
+        assert "queued" in response.content.decode()
+        assert Document.objects.get().status == "queued"
+        run_worker()
+        assert Document.objects.get().status == "ready"
+    token = csrf_token(client, CHANGELIST)
+    client.post(
+        CHANGELIST,
+        {"csrfmiddlewaretoken": token, "action": "delete_selected", "_selected_action": [doc.pk], "post": "yes"},
+    )
+    assert not Document.objects.exists()
+    assert not Chunk.objects.exists()
+
+
+def test_chunks_view_and_try_a_query(kb):
+    client = staff_client()
+    upload(client, collection=kb, text="# Fruit\n\nBananas are yellow.\n\n# Veg\n\nCarrots are orange.", title="Food")
+    run_worker()
+    doc = Document.objects.get()
+    page = client.get(reverse("admin:rag_document_chunks", args=[doc.pk])).content.decode()
+    assert "Bananas are yellow." in page and "Carrots are orange." in page
+
+    token = csrf_token(client, TRY)
+    response = client.post(
+        TRY, {"csrfmiddlewaretoken": token, "question": "yellow bananas", "collection": kb.pk, "k": 1}
+    )
+    page = response.content.decode()
+    assert "Bananas are yellow." in page and "Carrots" not in page
+    assert re.search(r"<td>0\.\d{4}</td>", page)  # the score
+
+
+def test_staff_outside_the_group_see_nothing_of_a_restricted_collection(kb):
+    members = Group.objects.create(name="members")
+    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
+    secret.groups.add(members)
+    ingestion.submit_text(collection=secret, title="Secret", text="The vault code is 1234.")
+    ingestion.submit_text(collection=kb, title="Public", text="The shop opens at nine.")
+    run_worker()
+    secret_doc = Document.objects.get(collection=secret)
+
+    outsider = staff_client(superuser=False)
+    assert "Secret" not in outsider.get(CHANGELIST).content.decode()
+    assert outsider.get(reverse("admin:rag_document_chunks", args=[secret_doc.pk])).status_code == 404
+    assert outsider.get(STATUS, {"ids": secret_doc.pk}).json() == {"documents": []}
+    token = csrf_token(outsider, TRY)
+    page = outsider.post(TRY, {"csrfmiddlewaretoken": token, "question": "vault code", "k": 5}).content.decode()
+    assert "1234" not in page and "shop opens" in page
+    # Choosing the collection by id is refused by the form, not answered.
+    page = outsider.post(
+        TRY, {"csrfmiddlewaretoken": token, "question": "vault code", "collection": secret.pk, "k": 5}
+    ).content.decode()
+    assert "1234" not in page and "Select a valid choice" in page
+
+    member = staff_client(superuser=False, groups=[members])
+    token = csrf_token(member, TRY)
+    page = member.post(TRY, {"csrfmiddlewaretoken": token, "question": "vault code", "k": 5}).content.decode()
+    assert "1234" in page
