@@ -640,3 +640,97 @@ async def test_concurrent_streams_are_independent(live_server_url, http, fake_ll
     assert len(ids) == len(questions)
     saved = [m async for m in Message.objects.filter(pk__in=ids)]
     assert all(m.status == Message.Status.COMPLETE and m.text == "".join(fake_llm.tokens) for m in saved)
+
+
+# --- collections: who may read what ----------------------------------------------------------------
+
+
+@sync_to_async
+def restricted_setup() -> dict[str, str]:
+    """A public and a group-only collection; session cookies for an outsider and a member."""
+    from django.contrib.auth.models import Group, User
+    from django.test import Client
+
+    from rag.models import Collection
+
+    members = Group.objects.create(name="members")
+    Collection.objects.create(name="public")
+    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
+    secret.groups.add(members)
+    Collection.objects.create(name="staffonly", visibility=Collection.Visibility.STAFF)
+    cookies = {}
+    for name, groups, staff in [("outsider", [], False), ("member", [members], False), ("staffer", [], True)]:
+        user = User.objects.create_user(username=name, password="pw", is_staff=staff)
+        user.groups.set(groups)
+        client = Client()
+        client.force_login(user)
+        cookies[name] = client.cookies[settings.SESSION_COOKIE_NAME].value
+    return cookies
+
+
+async def add_to(collection: str, text: str) -> None:
+    from rag.models import Collection
+    from rag.services.documents import DocumentInput, aadd_documents
+
+    await aadd_documents(
+        documents=[DocumentInput(text=text)], collection=await Collection.objects.aget(name=collection)
+    )
+
+
+def cookie(session: str | None) -> dict[str, str]:
+    return {"Cookie": f"{settings.SESSION_COOKIE_NAME}={session}"} if session else {}
+
+
+@live
+@pytest.mark.parametrize(
+    ("who", "sees"),
+    [
+        (None, {"public"}),
+        ("outsider", {"public"}),
+        ("member", {"public", "secret"}),
+        ("staffer", {"public", "staffonly"}),
+    ],
+)
+async def test_stream_and_query_only_search_collections_the_user_may_read(live_server_url, http, fake_llm, who, sees):
+    cookies = await restricted_setup()
+    await add_to("public", "The shop opens at nine in the morning.")
+    await add_to("secret", "The vault code is 4711 and opens the vault.")
+    await add_to("staffonly", "The staff room code is 0815 and opens the staff room.")
+    texts = {"public": "shop opens", "secret": "vault code", "staffonly": "staff room code"}
+    headers = cookie(cookies.get(who))
+
+    result = await stream(http, live_server_url, {"question": "what code opens it?", "k": "5"}, headers=headers)
+    [sources] = [json.loads(e.data) for e in result.events if e.type == "sources"]
+    snippets = " ".join(s["snippet"] for s in sources)
+    assert {name for name, text in texts.items() if text in snippets} == sees
+    # Nothing unreadable reached the model's prompt either.
+    prompt = json.dumps(fake_llm.records[-1].request["messages"])
+    for name, text in texts.items():
+        assert (text in prompt) == (name in sees)
+
+    async with http.post(
+        f"{live_server_url}/rag/query", json={"question": "what code opens it?", "k": 5}, headers=headers
+    ) as resp:
+        body = await resp.json()
+    assert resp.status == 200
+    snippets = " ".join(s["snippet"] for s in body["sources"])
+    assert {name for name, text in texts.items() if text in snippets} == sees
+
+
+@live
+async def test_naming_a_collection_narrows_the_search_but_never_widens_it(live_server_url, http, fake_llm):
+    cookies = await restricted_setup()
+    await add_to("public", "The shop opens at nine in the morning.")
+    await add_to("secret", "The vault code is 4711 and opens the vault.")
+    params = {"question": "what opens?", "k": "5", "collection": "secret"}
+    outsider = await stream(http, live_server_url, params, headers=cookie(cookies["outsider"]))
+    [sources] = [json.loads(e.data) for e in outsider.events if e.type == "sources"]
+    assert sources == []
+    member = await stream(http, live_server_url, params, headers=cookie(cookies["member"]))
+    [sources] = [json.loads(e.data) for e in member.events if e.type == "sources"]
+    assert [s["snippet"] for s in sources] == ["The vault code is 4711 and opens the vault."]
+
+
+async def test_query_collection_must_be_a_name(client):
+    response = await client.post("/rag/query", {"question": "q", "collection": 3}, content_type="application/json")
+    assert "'collection' must be the name" in error_of(response, 400)
