@@ -57,7 +57,7 @@ def folder(tmp_path: Path) -> Path:
 
 def test_ingest_folder_adds_text_files_recursively(folder):
     output = ingest(str(folder))
-    assert "Added 3, unchanged 0, failed 0." in output
+    assert "Added 3, unchanged 0, replaced 0, failed 0." in output
     sources = set(Document.objects.values_list("source", flat=True))
     assert sources == {
         str(folder / "django.md"),
@@ -71,15 +71,15 @@ def test_ingest_folder_adds_text_files_recursively(folder):
 def test_ingest_again_reports_unchanged(folder):
     ingest(str(folder))
     chunks = Chunk.objects.count()
-    assert "Added 0, unchanged 3, failed 0." in ingest(str(folder))
+    assert "Added 0, unchanged 3, replaced 0, failed 0." in ingest(str(folder))
     assert (Document.objects.count(), Chunk.objects.count()) == (3, chunks)
     # A new file next to the old ones is the only one added.
     (folder / "new.txt").write_text("Server-Sent Events stream text.", encoding="utf-8")
-    assert "Added 1, unchanged 3, failed 0." in ingest(str(folder))
+    assert "Added 1, unchanged 3, replaced 0, failed 0." in ingest(str(folder))
 
 
 def test_ingest_single_file(folder):
-    assert "Added 1, unchanged 0, failed 0." in ingest(str(folder / "notes.txt"))
+    assert "Added 1, unchanged 0, replaced 0, failed 0." in ingest(str(folder / "notes.txt"))
     assert list(Document.objects.values_list("source", flat=True)) == [str(folder / "notes.txt")]
 
 
@@ -95,7 +95,7 @@ def test_if_empty_skips_when_documents_exist(folder, fake_llm):
 
 def test_ingest_stdin(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("Text piped in on standard input.\n"))
-    assert "Added 1, unchanged 0, failed 0." in ingest("-", "--title", "Piped")
+    assert "Added 1, unchanged 0, replaced 0, failed 0." in ingest("-", "--title", "Piped")
     doc = Document.objects.get()
     assert (doc.title, doc.source, doc.content) == ("Piped", "stdin", "Text piped in on standard input.")
 
@@ -113,11 +113,66 @@ def test_folder_without_text_files_is_a_command_error(tmp_path):
         ingest(str(tmp_path))
 
 
-def test_non_utf8_file_is_a_command_error(tmp_path):
-    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
-    with pytest.raises(CommandError, match="not UTF-8"):
-        ingest(str(tmp_path))
-    assert Document.objects.count() == 0
+def test_non_utf8_text_is_decoded_and_binary_text_fails_with_a_reason(tmp_path):
+    # Was a CommandError for the whole run; files in other encodings are now detected.
+    text = "Le café crème et la crème brûlée sont délicieux, voilà ce que je pense à Noël."
+    (tmp_path / "latin1.txt").write_bytes(text.encode("cp1252"))
+    (tmp_path / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match="1 document"):
+        call_command("ingest", str(tmp_path), stdout=out, stderr=err)
+    assert "Added 1, unchanged 0, replaced 0, failed 1." in out.getvalue()
+    assert f"failed: {tmp_path / 'binary.txt'}: " in err.getvalue() and "not text" in err.getvalue()
+    assert Document.objects.get().content == text
+
+
+def test_every_format_globs_collection_and_dry_run(tmp_path):
+    from rag.models import Collection
+    from tests.files import HTML_PAGE, docx_bytes, pdf_bytes
+
+    (tmp_path / "a.pdf").write_bytes(pdf_bytes("Cherries are red."))
+    (tmp_path / "b.docx").write_bytes(docx_bytes([("h1", "Plums"), ("p", "Plums are purple.")]))
+    (tmp_path / "c.html").write_bytes(HTML_PAGE)
+    (tmp_path / "d.md").write_text("# Pears\n\nPears are sweet.", encoding="utf-8")
+    dry = ingest(str(tmp_path / "*.*"), "--collection", "fruit", "--dry-run")
+    assert "Dry run: Added 4, unchanged 0, replaced 0, failed 0." in dry
+    assert not Collection.objects.filter(name="fruit").exists() and not Document.objects.exists()
+
+    assert "Added 4, unchanged 0, replaced 0, failed 0." in ingest(str(tmp_path / "*.*"), "--collection", "fruit")
+    fruit = Collection.objects.get(name="fruit")
+    assert Document.objects.filter(collection=fruit).count() == 4
+    assert Chunk.objects.filter(document__source=str(tmp_path / "b.docx"), heading="Plums").exists()
+    assert Document.objects.get(source=str(tmp_path / "c.html")).title == "Gardening guide"
+
+    # Idempotent re-run; a changed file replaces its old version; another collection is separate.
+    (tmp_path / "d.md").write_text("# Pears\n\nPears are juicy.", encoding="utf-8")
+    assert "Dry run: Added 0, unchanged 3, replaced 1, failed 0." in ingest(
+        str(tmp_path), "--collection", "fruit", "--dry-run"
+    )
+    assert "Added 0, unchanged 3, replaced 1, failed 0." in ingest(str(tmp_path), "--collection", "fruit")
+    assert Chunk.objects.filter(document__source=str(tmp_path / "d.md")).get().text == "Pears are juicy."
+    assert Document.objects.filter(collection=fruit).count() == 4
+    assert "Added 4," in ingest(str(tmp_path), "--collection", "other")
+
+
+def test_glob_without_matches_is_a_command_error(tmp_path):
+    with pytest.raises(CommandError, match="matches no files"):
+        ingest(str(tmp_path / "*.pdf"))
+
+
+def test_explicit_unsupported_or_bad_files_fail_with_reasons_and_a_nonzero_exit(tmp_path):
+    from tests.files import encrypted_pdf_bytes, zip_bomb_docx_bytes
+
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    (tmp_path / "locked.pdf").write_bytes(encrypted_pdf_bytes("x"))
+    (tmp_path / "bomb.docx").write_bytes(zip_bomb_docx_bytes())
+    (tmp_path / "good.md").write_text("Good text.", encoding="utf-8")
+    err = io.StringIO()
+    names = ["image.png", "locked.pdf", "bomb.docx", "good.md"]
+    with pytest.raises(CommandError, match="3 document"):
+        call_command("ingest", *[str(tmp_path / n) for n in names], stdout=io.StringIO(), stderr=err)
+    assert "not supported" in err.getvalue() and "password" in err.getvalue() and "zip bomb" in err.getvalue()
+    assert list(Document.objects.values_list("content", flat=True)) == ["Good text."]
 
 
 def test_failed_documents_are_reported_and_the_rest_is_kept(folder, fake_llm):
@@ -126,7 +181,7 @@ def test_failed_documents_are_reported_and_the_rest_is_kept(folder, fake_llm):
     out, err = io.StringIO(), io.StringIO()
     with pytest.raises(CommandError, match="2 document"):
         call_command("ingest", str(folder), stdout=out, stderr=err)
-    assert "Added 3, unchanged 0, failed 2." in out.getvalue()
+    assert "Added 3, unchanged 0, replaced 0, failed 2." in out.getvalue()
     assert f"failed: {folder / 'empty.md'}" in err.getvalue()
     assert f"failed: {folder / 'poison.txt'}" in err.getvalue() and "embedding server" in err.getvalue()
     assert Document.objects.count() == 3
@@ -175,3 +230,39 @@ def test_ask_bad_input_is_a_command_error(args, fake_llm):
     with pytest.raises(CommandError):
         call_command("ask", *args, stdout=io.StringIO())
     assert fake_llm.records == []
+
+
+def reembed(*args: str) -> str:
+    out = io.StringIO()
+    call_command("reembed", *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+def test_reembed_in_the_background_keeps_old_chunks_until_pruned(settings):
+    from rag.services.ingestion import embedding_coverage
+    from tests.worker import run_worker
+
+    asyncio.run(add_corpus())
+    old = set(Chunk.objects.values_list("pk", flat=True))
+    settings.RAG_EMBEDDING_MODEL = "fake-embed-v2"
+    assert "Queued 4 document(s) for re-embedding with fake-embed-v2" in reembed()
+    assert set(Document.objects.values_list("status", flat=True)) == {"queued"}
+    with pytest.raises(CommandError, match="Only 0 of 4"):
+        reembed("--prune")
+    # Until the worker has run, the old chunks are all there is, and they still answer.
+    assert set(Chunk.objects.values_list("pk", flat=True)) == old
+    run_worker()
+    assert embedding_coverage(documents=Document.objects.all(), embedding_model="fake-embed-v2") == (4, 4)
+    assert set(Document.objects.values_list("status", "embedding_model")) == {("ready", "fake-embed-v2")}
+    assert Chunk.objects.filter(pk__in=old).count() == 4  # old model's chunks kept
+    assert "Deleted 4 chunks" in reembed("--prune")
+    assert set(Chunk.objects.values_list("embedding_model", flat=True)) == {"fake-embed-v2"}
+
+
+def test_reembed_now_in_process_for_one_collection(settings):
+    asyncio.run(add_corpus())
+    settings.RAG_EMBEDDING_MODEL = "fake-embed-v3"
+    reembed("--now", "--collection", "default")
+    assert Chunk.objects.filter(embedding_model="fake-embed-v3").count() == 4
+    with pytest.raises(CommandError, match="No collection named 'nope'"):
+        reembed("--collection", "nope")

@@ -142,6 +142,18 @@ async def aadd_document(
     return AddResult(new.pk, new.title, created=True, chunks=len(drafts))
 
 
+async def aplan_document(*, document: DocumentInput, collection: Collection) -> str:
+    """What aadd_document would do, without doing it: added, unchanged or replaced (for --dry-run)."""
+    text = document.text.strip()
+    if not text:
+        raise EmptyDocumentError(f"{document.source or document.title or 'The document'} has no text to index.")
+    if await Document.objects.filter(collection=collection, content_hash=content_hash(text)).aexists():
+        return "unchanged"
+    if document.source and await Document.objects.filter(collection=collection, source=document.source).aexists():
+        return "replaced"
+    return "added"
+
+
 async def aembed_document(
     *, document: Document, embedder: EmbeddingProvider, on_progress: ProgressCallback | None = None
 ) -> int:

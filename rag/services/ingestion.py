@@ -255,3 +255,11 @@ def embedding_coverage(*, documents: QuerySet[Document], embedding_model: str) -
     with_chunks = documents.filter(chunk_count__gt=0)
     done = with_chunks.filter(pk__in=Chunk.objects.filter(embedding_model=embedding_model).values("document_id"))
     return done.count(), with_chunks.count()
+
+
+def prune_other_models(*, documents: QuerySet[Document], embedding_model: str) -> int:
+    """Delete chunks of other embedding models, once ``embedding_model`` covers every document."""
+    from rag.models import Chunk
+
+    deleted, _ = Chunk.objects.filter(document__in=documents).exclude(embedding_model=embedding_model).delete()
+    return deleted

@@ -1,76 +1,123 @@
-"""python manage.py ingest PATH... — add files, folders or stdin to the knowledge base."""
+"""python manage.py ingest PATH... — add files, folders, globs or stdin to a collection."""
 
 from __future__ import annotations
 
 import asyncio
+import glob
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
-from rag.models import Document
+from rag.models import Collection, Document
 from rag.providers import ProviderError, embedding_provider
-from rag.services.documents import AddResult, DocumentInput, EmptyDocumentError, aadd_document
+from rag.services.documents import (
+    DocumentInput,
+    DuplicateDocumentError,
+    EmptyDocumentError,
+    aadd_document,
+    aplan_document,
+    default_collection,
+)
+from rag.services.parsing import SUFFIXES, ParseError, parse_document
 
-TEXT_SUFFIXES = {".md", ".markdown", ".txt", ".rst", ".text"}
+OUTCOMES = ("added", "unchanged", "replaced", "failed")
 
 
 class Command(BaseCommand):
-    help = "Add text and Markdown files (or folders of them, or '-' for stdin) to the knowledge base."
+    help = (
+        "Add files (txt, md, html, pdf, docx), folders of them, globs, or '-' for stdin to a collection. "
+        "Re-runs are idempotent: unchanged files are skipped, changed ones replace their old version."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("paths", nargs="+", help="Files, folders (searched recursively) or '-' for stdin.")
-        parser.add_argument("--title", default="", help="Title for text read from stdin.")
         parser.add_argument(
-            "--if-empty", action="store_true", help="Do nothing if the knowledge base already has documents."
+            "paths", nargs="+", help="Files, folders (searched recursively), globs ('docs/**/*.md') or '-' for stdin."
+        )
+        parser.add_argument("--collection", default=Collection.DEFAULT_NAME, help="Collection name (default: default).")
+        parser.add_argument("--title", default="", help="Title for text read from stdin.")
+        parser.add_argument("--dry-run", action="store_true", help="Parse and report what would change; store nothing.")
+        parser.add_argument(
+            "--if-empty", action="store_true", help="Do nothing if the collection already has documents."
         )
 
-    def handle(self, *args, paths: list[str], title: str, if_empty: bool, **options) -> None:
-        if if_empty and Document.objects.exists():
+    def handle(
+        self, *args, paths: list[str], collection: str, title: str, dry_run: bool, if_empty: bool, **options
+    ) -> None:
+        verbose = options.get("verbosity", 1) > 1
+        target = Collection.objects.filter(name=collection).first()
+        if target is None and collection == Collection.DEFAULT_NAME:
+            target = default_collection()
+        elif target is None and not dry_run:
+            target = Collection.objects.create(name=collection)
+            self.stdout.write(f"Created the collection “{collection}” (public; restrict it in the admin).")
+        if if_empty and target is not None and Document.objects.filter(collection=target).exists():
             self.stdout.write("The knowledge base has documents already; nothing to do.")
             return
-        inputs = list(self._collect(paths, title))
-        if not inputs:
-            raise CommandError(
-                f"No text files found in {', '.join(paths)} (looked for {', '.join(sorted(TEXT_SUFFIXES))})."
-            )
-        added, unchanged, failed = asyncio.run(self._ingest(inputs))
-        self.stdout.write(self.style.SUCCESS(f"Added {len(added)}, unchanged {len(unchanged)}, failed {len(failed)}."))
-        for source, reason in failed:
-            self.stderr.write(f"  failed: {source}: {reason}")
-        if failed:
-            raise CommandError(f"{len(failed)} document(s) failed.")
+        sources = list(self._collect(paths))
+        if not sources:
+            raise CommandError(f"No text files found in {', '.join(paths)} (looked for {', '.join(sorted(SUFFIXES))}).")
+        results = asyncio.run(self._ingest(sources, title=title, collection=target, dry_run=dry_run))
+        counts = {outcome: sum(1 for o, _, _ in results if o == outcome) for outcome in OUTCOMES}
+        summary = ", ".join(f"{outcome} {counts[outcome]}" for outcome in OUTCOMES).capitalize()
+        self.stdout.write(self.style.SUCCESS(("Dry run: " if dry_run else "") + summary + "."))
+        for outcome, source, reason in results:
+            if outcome == "failed":
+                self.stderr.write(f"  failed: {source}: {reason}")
+            elif dry_run or verbose:
+                self.stdout.write(f"  {outcome}: {source}")
+        if counts["failed"]:
+            raise CommandError(f"{counts['failed']} document(s) failed.")
 
-    def _collect(self, paths: list[str], title: str):
+    def _collect(self, paths: list[str]) -> Iterator[str]:
+        """Every file to read, in order, once; '-' for stdin."""
+        seen: set[str] = set()
         for raw in paths:
             if raw == "-":
-                yield DocumentInput(text=sys.stdin.read(), title=title, source="stdin")
-                continue
-            path = Path(raw)
-            if not path.exists():
+                found = ["-"]
+            elif Path(raw).is_dir():
+                found = sorted(str(p) for p in Path(raw).rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
+            elif Path(raw).exists():
+                found = [raw]  # named explicitly: an unsupported type is reported, not skipped
+            elif glob.has_magic(raw):
+                found = sorted(p for p in glob.glob(raw, recursive=True) if Path(p).is_file())
+                if not found:
+                    raise CommandError(f"{raw} matches no files.")
+            else:
                 raise CommandError(f"{raw} does not exist.")
-            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES) if path.is_dir() else [path]
-            for file in files:
-                try:
-                    text = file.read_text(encoding="utf-8")
-                except UnicodeDecodeError:
-                    raise CommandError(f"{file} is not UTF-8 text.") from None
-                yield DocumentInput(text=text, source=str(file))
+            for item in found:
+                if item not in seen:
+                    seen.add(item)
+                    yield item
 
-    async def _ingest(self, inputs: list[DocumentInput]):
-        embedder = embedding_provider()
-        added: list[AddResult] = []
-        unchanged: list[AddResult] = []
-        failed: list[tuple[str, str]] = []
-        with tqdm(total=len(inputs), unit="doc", file=sys.stderr, disable=None) as bar:
-            for doc in inputs:
-                bar.set_postfix_str(doc.source[-40:])
+    async def _ingest(
+        self, sources: list[str], *, title: str, collection: Collection | None, dry_run: bool
+    ) -> list[tuple[str, str, str]]:
+        embedder = None if dry_run else embedding_provider()
+        results: list[tuple[str, str, str]] = []
+        with tqdm(total=len(sources), unit="doc", file=sys.stderr, disable=None) as bar:
+            for source in sources:
+                bar.set_postfix_str(source[-40:])
                 try:
-                    result = await aadd_document(document=doc, embedder=embedder)
-                except (EmptyDocumentError, ProviderError) as exc:
-                    failed.append((doc.source, str(exc)))
+                    doc = await asyncio.to_thread(_read, source, title)
+                    if dry_run:
+                        outcome = await aplan_document(document=doc, collection=collection) if collection else "added"
+                    else:
+                        outcome = (await aadd_document(document=doc, embedder=embedder, collection=collection)).outcome
+                except (ParseError, ProviderError) as exc:
+                    results.append(("failed", source, exc.message))
+                except (EmptyDocumentError, DuplicateDocumentError) as exc:
+                    results.append(("failed", source, str(exc)))
                 else:
-                    (added if result.created else unchanged).append(result)
+                    results.append((outcome, "stdin" if source == "-" else source, ""))
                 bar.update()
-        return added, unchanged, failed
+        return results
+
+
+def _read(source: str, title: str) -> DocumentInput:
+    if source == "-":
+        return DocumentInput(text=sys.stdin.read(), title=title, source="stdin")
+    parsed = parse_document(name=source, data=Path(source).read_bytes())
+    return DocumentInput(text=parsed.text, title=parsed.title, source=source)
