@@ -10,7 +10,7 @@ PORT ?= 8000
 # left to sentence-transformers, pip would fetch a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run test setup setup-dev migrate sample lint format bench stop-db clean
+.PHONY: run worker test setup setup-dev migrate sample lint format bench bench-ingest stop-db clean
 
 $(VENV)/.stamp-runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,9 +33,16 @@ migrate: setup
 sample: migrate
 	$(PY) manage.py ingest --if-empty README.md docs/
 
+# The web server and, in the background, the task worker that ingests uploads;
+# stopping the server (Ctrl+C) stops the worker too.
 run: sample
-	@echo "Serving on http://$(HOST):$(PORT)/  (Ctrl+C to stop)"
+	@echo "Serving on http://$(HOST):$(PORT)/ with a background worker  (Ctrl+C to stop)"
+	$(PY) manage.py db_worker --no-reload --interval 0.5 --queue-name '*' & worker=$$!; \
+	trap 'kill $$worker 2>/dev/null; wait $$worker 2>/dev/null' EXIT INT TERM; \
 	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(PY) manage.py runserver --noreload $(HOST):$(PORT)
+
+worker: migrate
+	$(PY) manage.py db_worker --no-reload --interval 0.5 --queue-name '*'
 
 test: setup-dev
 	$(PY) -m pytest
@@ -50,6 +57,9 @@ format: setup-dev
 
 bench: setup-dev
 	$(PY) bench/stream_bench.py
+
+bench-ingest: setup-dev
+	$(PY) bench/ingest_bench.py
 
 stop-db:
 	$(PY) -c "import pathlib, pgserver; pgserver.pg_ctl(['-w', 'stop'], pgdata=pathlib.Path('var/pgdata').resolve(), user='pgserver')" || true
