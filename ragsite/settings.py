@@ -175,8 +175,6 @@ RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 64, min_value=1)
 # Ingestion: the largest file accepted, and the most a DOCX (a zip) may expand to.
 RAG_MAX_UPLOAD_MB = env_float("RAG_MAX_UPLOAD_MB", 20.0, min_value=0.001)
 RAG_MAX_UNZIPPED_MB = env_float("RAG_MAX_UNZIPPED_MB", 200.0, min_value=0.001)
-# Chunks stored per INSERT when adding documents.
-RAG_INSERT_BATCH = env_int("RAG_INSERT_BATCH", 500, min_value=1)
 RAG_SSE_HEARTBEAT = env_float("RAG_SSE_HEARTBEAT", 10.0, min_value=0.05)
 
 if RAG_CHUNK_OVERLAP >= RAG_CHUNK_TOKENS:

@@ -169,3 +169,29 @@ async def test_same_text_for_a_new_embedding_model_gets_chunks_of_that_model():
     assert await Document.objects.acount() == 1
     assert await Chunk.objects.filter(embedding_model=new.model).acount() == 1
     assert again.chunks == 1
+
+
+async def test_adding_several_documents_at_a_time_keeps_order_and_stores_each_whole(settings):
+    settings.RAG_CHUNK_TOKENS = 30
+    settings.RAG_CHUNK_OVERLAP = 0
+    texts = [sentences(f"d{i}", 6) for i in range(6)]
+    results = await aadd_documents(documents=texts, concurrency=3)
+    assert [r.created for r in results] == [True] * 6
+    for text, result in zip(texts, results, strict=True):
+        doc = await Document.objects.aget(pk=result.document_id)
+        assert doc.content == text
+        assert doc.chunk_count == result.chunks == await Chunk.objects.filter(document=doc).acount() > 1
+        positions = [c.position async for c in Chunk.objects.filter(document=doc).order_by("position")]
+        assert positions == list(range(result.chunks))
+
+
+async def test_a_failure_among_concurrent_documents_is_raised_and_stores_nothing_of_it(fake_llm):
+    with pytest.raises(ProviderError):
+        await aadd_documents(documents=["Good one.", "Bad: fault=embed500.", "Good two."], concurrency=2)
+    assert not await Document.objects.filter(content__contains="fault=").aexists()
+    assert await Chunk.objects.filter(text__contains="fault=").acount() == 0
+
+
+async def test_text_with_nul_characters_is_stored_without_them():
+    [result] = await aadd_documents(documents=["Nul\x00 inside."])
+    assert (await Document.objects.aget(pk=result.document_id)).content == "Nul inside."
