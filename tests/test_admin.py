@@ -202,3 +202,31 @@ def test_staff_outside_the_group_see_nothing_of_a_restricted_collection(kb):
     token = csrf_token(member, TRY)
     page = member.post(TRY, {"csrfmiddlewaretoken": token, "question": "vault code", "k": 5}).content.decode()
     assert "1234" in page
+
+
+def test_collection_admin_restricts_and_reembeds_a_whole_collection(kb):
+    client = staff_client()
+    members = Group.objects.create(name="members")
+    add = reverse("admin:rag_collection_add")
+    token = csrf_token(client, add)
+    response = client.post(
+        add,
+        {"csrfmiddlewaretoken": token, "name": "private", "visibility": "groups", "groups": [members.pk]},
+    )
+    assert response.status_code == 302
+    private = Collection.objects.get(name="private")
+    assert (private.visibility, list(private.groups.all())) == ("groups", [members])
+
+    ingestion.submit_text(collection=kb, title="One", text="First text.")
+    ingestion.submit_text(collection=kb, title="Two", text="Second text.")
+    run_worker()
+    changelist = reverse("admin:rag_collection_changelist")
+    token = csrf_token(client, changelist)
+    response = client.post(
+        changelist,
+        {"csrfmiddlewaretoken": token, "action": "reembed_all", "_selected_action": [kb.pk]},
+        follow=True,
+    )
+    assert "2 document(s) queued for re-embedding" in response.content.decode()
+    assert run_worker() == 2
+    assert set(Document.objects.values_list("status", flat=True)) == {"ready"}

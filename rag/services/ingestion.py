@@ -13,12 +13,13 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import PurePath
 
 from asgiref.sync import sync_to_async
 from django.core.files import File
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from rag.models import Collection, Document, DocumentFile
@@ -27,6 +28,9 @@ from rag.services import documents as docs
 from rag.services.parsing import ParseError, check_upload, decode_text, kind_of, parse_document
 
 logger = logging.getLogger(__name__)
+
+#: A run whose document has not been updated for this long is taken for dead.
+STALE_AFTER = timedelta(minutes=15)
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,17 @@ def submit_text(*, collection: Collection, title: str, text: str) -> Submission:
 def requeue(*, documents: QuerySet[Document], reembed: bool = False) -> int:
     """Queue re-ingestion (parse again) or re-embedding (same text, current model) of documents.
 
-    Documents still being processed are skipped: their run will finish first.
+    Documents still being processed are skipped: their run will finish first. A run
+    saves its progress at least once per embedding batch, so one that has not moved for
+    STALE_AFTER is taken for dead (a worker killed mid-run) and may be queued again.
     """
     from rag import tasks
 
     task = tasks.reembed_document if reembed else tasks.ingest_document
+    stale = timezone.now() - STALE_AFTER
+    eligible = documents.filter(Q(status__in=Document.SETTLED) | Q(updated_at__lt=stale))
     count = 0
-    for pk in list(documents.filter(status__in=Document.SETTLED).values_list("pk", flat=True)):
+    for pk in list(eligible.values_list("pk", flat=True)):
         with transaction.atomic():
             Document.objects.filter(pk=pk).update(
                 status=Document.Status.QUEUED, progress=0.0, error="", updated_at=timezone.now()

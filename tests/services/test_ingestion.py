@@ -207,3 +207,20 @@ def test_document_deleted_while_queued_is_skipped(kb):
     Document.objects.filter(pk=result.document_id).delete()
     assert run_worker() == 1
     assert not Chunk.objects.exists()
+
+
+def test_a_run_that_stopped_moving_can_be_queued_again(kb):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    result = ingestion.submit_file(collection=kb, name="a.md", data=b"Apples.")
+    run_worker()
+    # A worker killed mid-run leaves the document in a working status.
+    Document.objects.filter(pk=result.document_id).update(status="embedding")
+    assert ingestion.requeue(documents=Document.objects.all()) == 0  # might still be running
+    old = timezone.now() - ingestion.STALE_AFTER - timedelta(seconds=1)
+    Document.objects.filter(pk=result.document_id).update(updated_at=old)
+    assert ingestion.requeue(documents=Document.objects.all()) == 1
+    run_worker()
+    assert Document.objects.get(pk=result.document_id).status == "ready"
