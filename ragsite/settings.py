@@ -173,7 +173,11 @@ LOGGING = {
     "loggers": {
         "rag": {"handlers": ["console"], "level": env_str("RAG_LOG_LEVEL", "INFO").upper(), "propagate": False},
         "ragsite": {"handlers": ["console"], "level": "INFO", "propagate": False},
-        # pgserver narrates every attach at INFO.
+        # pgserver narrates every attach at INFO, and the HTTP clients every
+        # request (twice per answer): noise, and CPU on the hot path.
         "pgserver": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+        "openai": {"level": "WARNING"},
     },
 }
