@@ -4,6 +4,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.db.models import Value
 from django.db.models.functions import Cast
 from pgvector.django import CosineDistance, VectorField
 
@@ -28,18 +29,18 @@ class ChunkQuerySet(models.QuerySet):
     def for_model(self, embedding_model: str) -> ChunkQuerySet:
         return self.filter(embedding_model=embedding_model)
 
-    def nearest(self, embedding: list[float], *, embedding_model: str, dimensions: int, k: int) -> ChunkQuerySet:
+    def nearest(self, embedding: list[float] | str, *, embedding_model: str, dimensions: int, k: int) -> ChunkQuerySet:
         """The k chunks closest (cosine) to ``embedding`` among one model's chunks.
 
-        ``embedding`` is stored untyped so several models can coexist; the cast to
-        a fixed dimension and the filter on the model match the partial HNSW
-        expression index that rag.services.vector_index creates for that model,
-        which is what lets Postgres use the index.
+        ``embedding`` is a list of floats or pgvector's text literal. Vectors
+        are stored untyped so several models can coexist; the cast to a fixed
+        dimension and the filter on the model match the partial HNSW
+        expression index that rag.services.vector_index creates for that
+        model, which is what lets Postgres use the index.
         """
         typed = Cast("embedding", VectorField(dimensions=dimensions))
-        return (
-            self.for_model(embedding_model).annotate(distance=CosineDistance(typed, embedding)).order_by("distance")[:k]
-        )
+        query = Value(embedding) if isinstance(embedding, str) else embedding
+        return self.for_model(embedding_model).annotate(distance=CosineDistance(typed, query)).order_by("distance")[:k]
 
 
 class Chunk(models.Model):

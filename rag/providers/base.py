@@ -22,6 +22,23 @@ class ProviderError(Exception):
 
 
 @dataclass(frozen=True, slots=True)
+class QueryVector:
+    """A query embedding as pgvector's text literal (``[0.1,0.2,...]``).
+
+    Search only ever sends the query vector to Postgres as text, so a provider
+    that received it as text keeps it that way: formatting 1,536 floats back
+    into text cost more CPU than the rest of the search.
+    """
+
+    literal: str
+    dimensions: int
+
+    @classmethod
+    def from_floats(cls, vector: list[float]) -> QueryVector:
+        return cls(literal="[" + ",".join(map(str, vector)) + "]", dimensions=len(vector))
+
+
+@dataclass(frozen=True, slots=True)
 class ChatChunk:
     """One piece of a streamed reply: text, and on the last piece the finish reason."""
 
@@ -38,6 +55,11 @@ class EmbeddingProvider(ABC):
     @abstractmethod
     async def embed(self, texts: list[str]) -> list[list[float]]:
         """One vector per text, in order."""
+
+    async def embed_query(self, text: str) -> QueryVector:
+        """The vector of one search query."""
+        [vector] = await self.embed([text])
+        return QueryVector.from_floats(vector)
 
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` as this model counts them (an estimate by default)."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import openai
@@ -16,7 +17,7 @@ try:  # openai >= 3 moved to the httpx2 fork; older releases use httpx
 except ImportError:  # pragma: no cover
     import httpx
 
-from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError
+from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError, QueryVector
 
 # One AsyncOpenAI (and so one connection pool) per event loop: httpx connections
 # are bound to the loop that opened them, and manage.py commands and tests run
@@ -132,6 +133,14 @@ class OpenAIEmbeddings(EmbeddingProvider):
     async def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
+        return await self._embed(texts, parse_float=float)
+
+    async def embed_query(self, text: str) -> QueryVector:
+        # The numbers stay the strings the server sent; pgvector parses them.
+        [vector] = await self._embed([text], parse_float=str)
+        return QueryVector(literal="[" + ",".join(vector) + "]", dimensions=len(vector))
+
+    async def _embed(self, texts: list[str], *, parse_float: Callable[[str], object]) -> list[list[Any]]:
         extra = {"dimensions": self._dimensions} if self._dimensions else {}
         try:
             # The raw body, parsed by json: the SDK's typed parse builds a model
@@ -139,7 +148,7 @@ class OpenAIEmbeddings(EmbeddingProvider):
             raw = await self.config.client().embeddings.with_raw_response.create(
                 model=self._api_model, input=texts, encoding_format="float", **extra
             )
-            data = json.loads(raw.content)["data"]
+            data = json.loads(raw.content, parse_float=parse_float)["data"]
             vectors = [item["embedding"] for item in sorted(data, key=lambda item: item["index"])]
         except (openai.OpenAIError, httpx.HTTPError) as exc:
             raise self.config.explain(exc, "embedding") from exc

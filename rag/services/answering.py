@@ -27,7 +27,14 @@ from django.conf import settings
 from django.db import connection, transaction
 
 from rag.models import Conversation, Message
-from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider, embedding_provider
+from rag.providers import (
+    ChatProvider,
+    EmbeddingProvider,
+    ProviderError,
+    QueryVector,
+    chat_provider,
+    embedding_provider,
+)
 from rag.services.prompting import build_messages
 from rag.services.retrieval import Source, search
 
@@ -144,7 +151,7 @@ async def generate(
         return (time.perf_counter() - started) * 1000
 
     try:
-        [vector] = await embedder.embed([question])
+        vector = await embedder.embed_query(question)
         outcome.sources = await _search(vector, embedding_model=embedder.model, k=k)
         outcome.retrieval_ms = elapsed_ms()
         yield Sources(outcome.sources)
@@ -236,7 +243,7 @@ def _save_turn(
 
 
 @sync_to_async
-def _search(vector: list[float], *, embedding_model: str, k: int) -> list[Source]:
+def _search(vector: QueryVector, *, embedding_model: str, k: int) -> list[Source]:
     sources = search(vector, embedding_model=embedding_model, k=k)
     # The LLM may take a while; give the database connection back meanwhile
     # so that concurrent streams do not exhaust the pool.

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from asgiref.sync import sync_to_async
 
 from rag.models import Chunk
-from rag.providers import EmbeddingProvider
+from rag.providers import EmbeddingProvider, QueryVector
 
 SNIPPET_CHARS = 240
 
@@ -49,10 +49,10 @@ class Retrieval:
     ms: float
 
 
-def search(vector: list[float], *, embedding_model: str, k: int) -> list[Source]:
+def search(vector: QueryVector, *, embedding_model: str, k: int) -> list[Source]:
     """The k nearest chunks to a query vector (sync: call it from a thread)."""
     chunks = (
-        Chunk.objects.nearest(vector, embedding_model=embedding_model, dimensions=len(vector), k=k)
+        Chunk.objects.nearest(vector.literal, embedding_model=embedding_model, dimensions=vector.dimensions, k=k)
         .select_related("document")
         .defer("embedding", "document__content", "document__metadata")
     )
@@ -73,6 +73,6 @@ def search(vector: list[float], *, embedding_model: str, k: int) -> list[Source]
 
 async def retrieve(*, question: str, k: int, embedder: EmbeddingProvider) -> Retrieval:
     started = time.perf_counter()
-    [vector] = await embedder.embed([question])
+    vector = await embedder.embed_query(question)
     sources = await sync_to_async(search)(vector, embedding_model=embedder.model, k=k)
     return Retrieval(sources=sources, ms=(time.perf_counter() - started) * 1000)
