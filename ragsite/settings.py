@@ -88,7 +88,7 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
 # on the LLM and borrow one again to save the answer (see rag.services.db).
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-    "min_size": env_int("RAG_DB_POOL_MIN", 2, min_value=0),
+    "min_size": env_int("RAG_DB_POOL_MIN", 10, min_value=0),
     "max_size": env_int("RAG_DB_POOL_MAX", 20, min_value=1),
     "timeout": env_float("RAG_DB_POOL_TIMEOUT", 10.0, min_value=0.1),
 }
