@@ -52,7 +52,7 @@ bench: setup-dev
 	$(PY) bench/stream_bench.py
 
 stop-db:
-	$(PY) -c "import pathlib, pgserver; pgserver.pg_ctl(['-w', 'stop'], pgdata=pathlib.Path('var/pgdata').resolve(), user='pgserver')" || true
+	$(PY) -c "import os, pathlib; from ragsite.embedded_db import stop_embedded_server; stop_embedded_server(pathlib.Path(os.environ.get('RAG_DATA_DIR') or 'var'))"
 
 clean: stop-db
 	rm -rf $(VENV) var
