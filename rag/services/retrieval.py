@@ -51,23 +51,23 @@ class Retrieval:
 
 def search(vector: QueryVector, *, embedding_model: str, k: int) -> list[Source]:
     """The k nearest chunks to a query vector (sync: call it from a thread)."""
-    chunks = (
+    rows = (
         Chunk.objects.nearest(vector.literal, embedding_model=embedding_model, dimensions=vector.dimensions, k=k)
-        .select_related("document")
-        .defer("embedding", "document__content", "document__metadata")
+        # Plain tuples, not model instances: this runs before every first token.
+        .values_list("pk", "document_id", "document__title", "document__source", "heading", "text", "distance")
     )
     return [
         Source(
             n=n,
-            chunk_id=chunk.pk,
-            document_id=chunk.document_id,
-            title=chunk.document.title,
-            source=chunk.document.source,
-            heading=chunk.heading,
-            text=chunk.text,
-            score=1.0 - float(chunk.distance),
+            chunk_id=pk,
+            document_id=document_id,
+            title=title,
+            source=source,
+            heading=heading,
+            text=text,
+            score=1.0 - float(distance),
         )
-        for n, chunk in enumerate(chunks, start=1)
+        for n, (pk, document_id, title, source, heading, text, distance) in enumerate(rows, start=1)
     ]
 
 
