@@ -126,7 +126,7 @@ async def get_conversation(*, owner: Owner, conversation_id: uuid.UUID) -> Conve
 async def get_turns(*, owner: Owner, conversation_id: uuid.UUID) -> tuple[Conversation, list[Turn]]:
     conversation = await get_conversation(owner=owner, conversation_id=conversation_id)
     turns: list[Turn] = []
-    async for message in conversation.messages.order_by("id"):
+    async for message in conversation.messages.select_related("feedback").order_by("id"):
         if message.role == Message.Role.USER:
             turns.append(Turn(question=message, answer=None))
         elif turns and turns[-1].answer is None:
@@ -138,7 +138,7 @@ async def get_answer(*, owner: Owner, answer_id: int) -> Message:
     try:
         return await (
             Message.objects.filter(owner.messages(), role=Message.Role.ASSISTANT)
-            .select_related("conversation")
+            .select_related("conversation", "feedback")
             .aget(pk=answer_id)
         )
     except Message.DoesNotExist:
@@ -341,7 +341,7 @@ async def _generate(
         task.uncancel()
         if not saved:
             await save_once(_stopped_before_generation(answer, chat=chat, started=started))
-        yield _metrics_of(answer)
+        yield metrics_of(answer)
     finally:
         _running.pop(answer.pk, None)
         _stopping.discard(answer.pk)
@@ -387,11 +387,12 @@ async def _replay(answer_id: int) -> AsyncIterator[ChatEvent]:
     if answer.status == Message.Status.ERROR:
         yield answering.Error(message=answer.error, code="error", message_id=answer.pk)
     else:
-        yield _metrics_of(answer)
+        yield metrics_of(answer)
     yield Done(answer=answer)
 
 
-def _metrics_of(answer: Message) -> answering.Metrics:
+def metrics_of(answer: Message) -> answering.Metrics:
+    """The metrics event of a stored answer."""
     return answering.Metrics(
         message_id=answer.pk,
         conversation_id=str(answer.conversation_id),
