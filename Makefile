@@ -10,7 +10,7 @@ PORT ?= 8000
 # left to sentence-transformers, pip would fetch a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run test setup setup-dev migrate sample lint format bench stop-db clean
+.PHONY: run test setup setup-dev chromium migrate sample lint format bench stop-db clean
 
 $(VENV)/.stamp-runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,12 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# The browser tests drive Debian's chromium through Playwright (no browser download).
+chromium:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
 setup: $(VENV)/.stamp-runtime
-setup-dev: $(VENV)/.stamp-dev
+setup-dev: $(VENV)/.stamp-dev chromium
 
 migrate: setup
 	$(PY) manage.py migrate --noinput

@@ -107,6 +107,10 @@ class Message(models.Model):
     total_ms = models.FloatField(null=True, blank=True)
     tokens = models.PositiveIntegerField(null=True, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True)
+    k = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Chunks asked for (answers only).")
+    # Set by the one stream that generates this answer: a second stream for the
+    # same answer (a reconnect, another tab) finds it set and replays instead.
+    claimed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -115,3 +119,31 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.text[:60]}"
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Generation speed after the first token."""
+        if not self.tokens or self.tokens < 2 or self.ttft_ms is None or self.total_ms is None:
+            return None
+        seconds = (self.total_ms - self.ttft_ms) / 1000
+        return round((self.tokens - 1) / seconds, 1) if seconds > 0 else None
+
+
+class Feedback(models.Model):
+    class Value(models.TextChoices):
+        UP = "up"
+        DOWN = "down"
+
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="feedback")
+    value = models.CharField(max_length=8, choices=Value.choices)
+    # The chunks retrieved for the answer, kept with the verdict so that a bad
+    # answer can be traced to what retrieval fed the model.
+    chunk_ids = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return f"{self.value} on message {self.message_id}"

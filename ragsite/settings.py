@@ -161,6 +161,11 @@ RAG_CHUNK_TOKENS = env_int("RAG_CHUNK_TOKENS", 200, min_value=16)
 RAG_CHUNK_OVERLAP = env_int("RAG_CHUNK_OVERLAP", 30, min_value=0)
 RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 64, min_value=1)
 RAG_SSE_HEARTBEAT = env_float("RAG_SSE_HEARTBEAT", 10.0, min_value=0.05)
+# Earlier turns of a conversation put into the prompt, newest first, in estimated tokens.
+RAG_HISTORY_TOKENS = env_int("RAG_HISTORY_TOKENS", 1000, min_value=0)
+# Serve /static/ from the app itself (tests, a single small deployment); `runserver`
+# does so anyway when DEBUG is on. Otherwise collectstatic and let the proxy serve them.
+RAG_SERVE_STATIC = env_bool("RAG_SERVE_STATIC", False)
 
 if RAG_CHUNK_OVERLAP >= RAG_CHUNK_TOKENS:
     raise ImproperlyConfigured("RAG_CHUNK_OVERLAP must be smaller than RAG_CHUNK_TOKENS.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 
@@ -78,6 +79,13 @@ class ChatProvider(ABC):
     ) -> AsyncIterator[ChatChunk]:
         """Stream the reply. Closing the iterator (``aclose()``, cancellation)
         must stop generation upstream at once."""
+
+    async def complete(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> str:
+        """The whole reply as one string (for short internal calls such as condensing
+        a follow-up question). Collects ``stream`` so every provider gets it for free."""
+        stream = self.stream(messages, max_tokens=max_tokens, temperature=temperature)
+        async with aclosing(stream):
+            return "".join([chunk.text async for chunk in stream])
 
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, transaction
+from django.utils import timezone
 
 from rag.models import Conversation, Message
 from rag.providers import (
@@ -139,8 +140,15 @@ async def generate(
     save: SaveAnswer,
     chat: ChatProvider | None = None,
     embedder: EmbeddingProvider | None = None,
+    search_query: str | None = None,
+    history: list[dict[str, str]] | None = None,
 ) -> AsyncIterator[AnswerEvent]:
-    """Retrieve, stream the answer, and ``save`` the outcome however the stream ends."""
+    """Retrieve, stream the answer, and ``save`` the outcome however the stream ends.
+
+    ``search_query`` is what retrieval embeds when it differs from the question (a
+    follow-up condensed with its conversation); ``history`` is the earlier turns as
+    chat messages, put between the sources and the question.
+    """
     started = time.perf_counter()
     chat = chat or chat_provider()
     embedder = embedder or embedding_provider()
@@ -151,12 +159,14 @@ async def generate(
         return (time.perf_counter() - started) * 1000
 
     try:
-        vector = await embedder.embed_query(question)
+        vector = await embedder.embed_query(search_query or question)
         outcome.sources = await _search(vector, embedding_model=embedder.model, k=k)
         outcome.retrieval_ms = elapsed_ms()
         yield Sources(outcome.sources)
 
-        messages = build_messages(question=question, sources=outcome.sources, context_chars=settings.RAG_CONTEXT_CHARS)
+        messages = build_messages(
+            question=question, sources=outcome.sources, context_chars=settings.RAG_CONTEXT_CHARS, history=history
+        )
         stream = chat.stream(messages, max_tokens=settings.RAG_MAX_TOKENS, temperature=settings.RAG_TEMPERATURE)
         async with aclosing(stream):
             async for chunk in stream:
@@ -193,12 +203,22 @@ async def generate(
 
 @sync_to_async
 def open_turn(
-    *, question: str, conversation: Conversation | None, user_id: int | None, session_key: str, model: str
+    *,
+    question: str,
+    conversation: Conversation | None,
+    user_id: int | None,
+    session_key: str,
+    model: str,
+    k: int | None = None,
 ) -> Message:
     """Save a question and the placeholder of its answer (status ``streaming``),
     for transports that need the answer's id before it streams."""
     with transaction.atomic():
-        conversation = conversation or _new_conversation(question, user_id=user_id, session_key=session_key)
+        if conversation is None:
+            conversation = _new_conversation(question, user_id=user_id, session_key=session_key)
+        else:
+            # The sidebar lists conversations by their latest activity.
+            Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
         _question, answer = Message.objects.bulk_create(
             [
                 Message(conversation=conversation, role=Message.Role.USER, text=question),
@@ -207,6 +227,7 @@ def open_turn(
                     role=Message.Role.ASSISTANT,
                     status=Message.Status.STREAMING,
                     model=model,
+                    k=k,
                 ),
             ]
         )
