@@ -24,8 +24,9 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
 	touch $@
 
 # The browser tests drive Debian's chromium through Playwright (no browser download).
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 chromium:
-	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium)
 
 setup: $(VENV)/.stamp-runtime
 setup-dev: $(VENV)/.stamp-dev chromium
