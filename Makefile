@@ -10,7 +10,7 @@ PORT ?= 8000
 # left to sentence-transformers, pip would fetch a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run worker test setup setup-dev migrate sample lint format bench bench-ingest stop-db clean
+.PHONY: run worker test setup setup-dev chromium migrate sample lint format bench bench-ingest stop-db clean
 
 $(VENV)/.stamp-runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
+# The browser tests drive Debian's chromium through Playwright (no browser download).
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+chromium:
+	command -v chromium >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium)
+
 setup: $(VENV)/.stamp-runtime
-setup-dev: $(VENV)/.stamp-dev
+setup-dev: $(VENV)/.stamp-dev chromium
 
 migrate: setup
 	$(PY) manage.py migrate --noinput
@@ -62,7 +67,7 @@ bench-ingest: setup-dev
 	$(PY) bench/ingest_bench.py
 
 stop-db:
-	$(PY) -c "import pathlib, pgserver; pgserver.pg_ctl(['-w', 'stop'], pgdata=pathlib.Path('var/pgdata').resolve(), user='pgserver')" || true
+	$(PY) -c "import os, pathlib; from ragsite.embedded_db import stop_embedded_server; stop_embedded_server(pathlib.Path(os.environ.get('RAG_DATA_DIR') or 'var'))"
 
 clean: stop-db
 	rm -rf $(VENV) var

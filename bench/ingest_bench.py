@@ -45,7 +45,7 @@ from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 
 from rag.models import Chunk, Collection, Document  # noqa: E402
-from rag.providers.base import EmbeddingProvider, estimate_tokens  # noqa: E402
+from rag.providers.base import EmbeddingProvider, QueryVector, estimate_tokens  # noqa: E402
 from rag.services import documents as docs  # noqa: E402
 from rag.services import vector_index  # noqa: E402
 from rag.services.chunking import chunk_text  # noqa: E402
@@ -291,7 +291,7 @@ def bench_recall(rows: int, collections: int, queries: int, k: int = 10) -> dict
         for q, t in zip(qs, truth_ids if filtered else truth_all_ids, strict=True):
             started = time.perf_counter()
             scope = [target.pk] if filtered else None
-            sources = search(q.tolist(), embedding_model=model, k=k, collections=scope)
+            sources = search(QueryVector.from_floats(q.tolist()), embedding_model=model, k=k, collections=scope)
             times.append((time.perf_counter() - started) * 1000)
             found.append(len({s.chunk_id for s in sources} & t) / k)
         with connection.cursor() as cursor:
@@ -338,7 +338,7 @@ def bench_scope_latency(qs: np.ndarray, model: str, target: Collection) -> dict:
         for _ in range(2):
             for q in qs:
                 started = time.perf_counter()
-                search(q.tolist(), embedding_model=model, k=4, collections=scope)
+                search(QueryVector.from_floats(q.tolist()), embedding_model=model, k=4, collections=scope)
                 times.append((time.perf_counter() - started) * 1000)
         out[f"{name}_p50_ms"] = round(statistics.median(times), 2)
     user.delete()
@@ -372,7 +372,7 @@ def write_markdown(result: dict) -> None:
     baseline = c["baseline_one_insert_per_chunk_per_s"]
     lines = [
         START,
-        "## Ingestion",
+        "### Ingestion: throughput and filtered-search recall (`bench/ingest_bench.py`)",
         "",
         f"Measured {m['date']} on {m['nproc']} cores ({m['cpu']}), Python {m['python']}, embedded Postgres; "
         "`python bench/ingest_bench.py` (other work may have been running on the shared machine). "

@@ -7,7 +7,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import models
-from django.db.models import Q
+from django.db.models import Q, Value
 from django.db.models.functions import Cast
 from pgvector.django import CosineDistance, VectorField
 
@@ -137,18 +137,18 @@ class ChunkQuerySet(models.QuerySet):
             collections = collections.values("pk")
         return self.filter(collection_id__in=collections)
 
-    def nearest(self, embedding: list[float], *, embedding_model: str, dimensions: int, k: int) -> ChunkQuerySet:
+    def nearest(self, embedding: list[float] | str, *, embedding_model: str, dimensions: int, k: int) -> ChunkQuerySet:
         """The k chunks closest (cosine) to ``embedding`` among one model's chunks.
 
-        ``embedding`` is stored untyped so several models can coexist; the cast to
-        a fixed dimension and the filter on the model match the partial HNSW
-        expression index that rag.services.vector_index creates for that model,
-        which is what lets Postgres use the index.
+        ``embedding`` is a list of floats or pgvector's text literal. Vectors
+        are stored untyped so several models can coexist; the cast to a fixed
+        dimension and the filter on the model match the partial HNSW
+        expression index that rag.services.vector_index creates for that
+        model, which is what lets Postgres use the index.
         """
         typed = Cast("embedding", VectorField(dimensions=dimensions))
-        return (
-            self.for_model(embedding_model).annotate(distance=CosineDistance(typed, embedding)).order_by("distance")[:k]
-        )
+        query = Value(embedding) if isinstance(embedding, str) else embedding
+        return self.for_model(embedding_model).annotate(distance=CosineDistance(typed, query)).order_by("distance")[:k]
 
 
 class Chunk(models.Model):
@@ -217,6 +217,10 @@ class Message(models.Model):
     total_ms = models.FloatField(null=True, blank=True)
     tokens = models.PositiveIntegerField(null=True, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True)
+    k = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Chunks asked for (answers only).")
+    # Set by the one stream that generates this answer: a second stream for the
+    # same answer (a reconnect, another tab) finds it set and replays instead.
+    claimed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -225,3 +229,31 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.text[:60]}"
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Generation speed after the first token."""
+        if not self.tokens or self.tokens < 2 or self.ttft_ms is None or self.total_ms is None:
+            return None
+        seconds = (self.total_ms - self.ttft_ms) / 1000
+        return round((self.tokens - 1) / seconds, 1) if seconds > 0 else None
+
+
+class Feedback(models.Model):
+    class Value(models.TextChoices):
+        UP = "up"
+        DOWN = "down"
+
+    message = models.OneToOneField(Message, on_delete=models.CASCADE, related_name="feedback")
+    value = models.CharField(max_length=8, choices=Value.choices)
+    # The chunks retrieved for the answer, kept with the verdict so that a bad
+    # answer can be traced to what retrieval fed the model.
+    chunk_ids = models.JSONField(default=list, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return f"{self.value} on message {self.message_id}"

@@ -42,4 +42,30 @@ class ReuseRequestThreads:
                 executor.shutdown(wait=False)
 
 
-application = ReuseRequestThreads(get_asgi_application())
+def _http_app():
+    from django.conf import settings
+
+    app = get_asgi_application()  # sets Django up: imports of app code come after it
+    if settings.RAG_SERVE_STATIC:
+        from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler
+
+        # Tests and small deployments: /static/ straight from the app's static
+        # folders. runserver does the same by itself when DEBUG is on.
+        app = ASGIStaticFilesHandler(app)
+    return ReuseRequestThreads(app)
+
+
+http_application = _http_app()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up)
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from rag.routing import websocket_urlpatterns  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": http_application,
+        "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+    }
+)

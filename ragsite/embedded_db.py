@@ -47,3 +47,16 @@ def _write_settings(pgdata: Path) -> bool:
         for key, value in missing.items():
             fh.write(f"{key} = '{value}'\n")
     return bool(missing)
+
+
+def stop_embedded_server(data_dir: Path) -> None:
+    """Stop the embedded server (``make stop-db``); it otherwise outlives the app."""
+    import os
+
+    import pgserver
+
+    pgdata = (data_dir / "pgdata").resolve()
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    user = "pgserver" if os.geteuid() == 0 else None  # pgserver runs Postgres as this user under root
+    pgserver.pg_ctl(["-w", "stop"], pgdata=pgdata, user=user)

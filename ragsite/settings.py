@@ -90,7 +90,7 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
 # on the LLM and borrow one again to save the answer (see rag.services.db).
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
-    "min_size": env_int("RAG_DB_POOL_MIN", 2, min_value=0),
+    "min_size": env_int("RAG_DB_POOL_MIN", 10, min_value=0),
     "max_size": env_int("RAG_DB_POOL_MAX", 20, min_value=1),
     "timeout": env_float("RAG_DB_POOL_TIMEOUT", 10.0, min_value=0.1),
 }
@@ -176,6 +176,11 @@ RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 64, min_value=1)
 RAG_MAX_UPLOAD_MB = env_float("RAG_MAX_UPLOAD_MB", 20.0, min_value=0.001)
 RAG_MAX_UNZIPPED_MB = env_float("RAG_MAX_UNZIPPED_MB", 200.0, min_value=0.001)
 RAG_SSE_HEARTBEAT = env_float("RAG_SSE_HEARTBEAT", 10.0, min_value=0.05)
+# Earlier turns of a conversation put into the prompt, newest first, in estimated tokens.
+RAG_HISTORY_TOKENS = env_int("RAG_HISTORY_TOKENS", 1000, min_value=0)
+# Serve /static/ from the app itself (tests, a single small deployment); `runserver`
+# does so anyway when DEBUG is on. Otherwise collectstatic and let the proxy serve them.
+RAG_SERVE_STATIC = env_bool("RAG_SERVE_STATIC", False)
 
 if RAG_CHUNK_OVERLAP >= RAG_CHUNK_TOKENS:
     raise ImproperlyConfigured("RAG_CHUNK_OVERLAP must be smaller than RAG_CHUNK_TOKENS.")
@@ -188,7 +193,11 @@ LOGGING = {
     "loggers": {
         "rag": {"handlers": ["console"], "level": env_str("RAG_LOG_LEVEL", "INFO").upper(), "propagate": False},
         "ragsite": {"handlers": ["console"], "level": "INFO", "propagate": False},
-        # pgserver narrates every attach at INFO.
+        # pgserver narrates every attach at INFO, and the HTTP clients every
+        # request (twice per answer): noise, and CPU on the hot path.
         "pgserver": {"level": "WARNING"},
+        "httpx": {"level": "WARNING"},
+        "httpx2": {"level": "WARNING"},
+        "openai": {"level": "WARNING"},
     },
 }

@@ -7,4 +7,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("rag/", include("rag.urls")),
     path("healthz", healthz, name="healthz"),
+    path("", include("rag.urls_chat")),
 ]

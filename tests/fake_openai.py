@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m tests.fake_openai``: serve in the foreground until SIGTERM or SIGINT."""
     parser = argparse.ArgumentParser(prog="python -m tests.fake_openai", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8011, help="0 picks a free port (printed at startup)")
+    parser.add_argument("--port", type=int, default=0, help="default 0: any free port (printed at startup)")
     parser.add_argument("--first-token-ms", type=float, default=200.0, help="delay from request to first token")
     parser.add_argument("--inter-token-ms", type=float, default=20.0, help="delay between tokens")
     parser.add_argument("--tokens", type=int, default=50, help='tokens per answer: " tok0", " tok1", ...')

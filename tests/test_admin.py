@@ -10,7 +10,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 
-from rag.models import Chunk, Collection, Document
+from rag.models import Chunk, Collection, Conversation, Document, Feedback, Message
 from rag.services import ingestion
 from tests.files import encrypted_pdf_bytes, pdf_bytes
 from tests.worker import pending_tasks, run_worker
@@ -230,3 +230,36 @@ def test_collection_admin_restricts_and_reembeds_a_whole_collection(kb):
     assert "2 document(s) queued for re-embedding" in response.content.decode()
     assert run_worker() == 2
     assert set(Document.objects.values_list("status", flat=True)) == {"ready"}
+
+
+# --- answers, speed and feedback -------------------------------------------------------------------
+
+
+@pytest.fixture
+def answer() -> Message:
+    conversation = Conversation.objects.create(session_key="s", title="Bananas?")
+    Message.objects.create(conversation=conversation, role="user", text="Bananas?")
+    answer = Message.objects.create(
+        conversation=conversation, role="assistant", text="Yellow [1]", model="fake-chat",
+        ttft_ms=100.0, total_ms=1100.0, tokens=11, sources=[{"id": 5, "n": 1}],
+    )  # fmt: skip
+    Feedback.objects.create(message=answer, value="down", chunk_ids=[5])
+    return answer
+
+
+def test_staff_see_answers_with_metrics_and_feedback_filterable(client, answer):
+    client.force_login(User.objects.create_superuser("admin", "a@example.com", "pw"))
+    page = client.get("/admin/rag/message/", {"status__exact": "complete", "model": "fake-chat"})
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "Yellow [1]" in html and "10.0" in html and ">down<" in html  # tokens/s and feedback columns
+    feedback = client.get("/admin/rag/feedback/").content.decode()
+    assert "[5]" in feedback
+    assert client.get(f"/admin/rag/feedback/{answer.feedback.pk}/change/").status_code == 200
+    assert client.get(f"/admin/rag/conversation/{answer.conversation_id}/change/").status_code == 200
+
+
+def test_the_admin_is_staff_only(client, answer):
+    assert client.get("/admin/rag/message/").status_code == 302
+    client.force_login(User.objects.create_user("visitor"))
+    assert client.get("/admin/rag/feedback/").status_code == 302

@@ -11,13 +11,14 @@ from functools import cache
 
 from django.conf import settings
 
-from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError
+from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError, QueryVector
 
 __all__ = [
     "ChatChunk",
     "ChatProvider",
     "EmbeddingProvider",
     "ProviderError",
+    "QueryVector",
     "chat_provider",
     "embedding_provider",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 
@@ -19,6 +20,23 @@ class ProviderError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class QueryVector:
+    """A query embedding as pgvector's text literal (``[0.1,0.2,...]``).
+
+    Search only ever sends the query vector to Postgres as text, so a provider
+    that received it as text keeps it that way: formatting 1,536 floats back
+    into text cost more CPU than the rest of the search.
+    """
+
+    literal: str
+    dimensions: int
+
+    @classmethod
+    def from_floats(cls, vector: list[float]) -> QueryVector:
+        return cls(literal="[" + ",".join(map(str, vector)) + "]", dimensions=len(vector))
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +57,11 @@ class EmbeddingProvider(ABC):
     async def embed(self, texts: list[str]) -> list[list[float]]:
         """One vector per text, in order."""
 
+    async def embed_query(self, text: str) -> QueryVector:
+        """The vector of one search query."""
+        [vector] = await self.embed([text])
+        return QueryVector.from_floats(vector)
+
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` as this model counts them (an estimate by default)."""
         return estimate_tokens(text)
@@ -56,6 +79,13 @@ class ChatProvider(ABC):
     ) -> AsyncIterator[ChatChunk]:
         """Stream the reply. Closing the iterator (``aclose()``, cancellation)
         must stop generation upstream at once."""
+
+    async def complete(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> str:
+        """The whole reply as one string (for short internal calls such as condensing
+        a follow-up question). Collects ``stream`` so every provider gets it for free."""
+        stream = self.stream(messages, max_tokens=max_tokens, temperature=temperature)
+        async with aclosing(stream):
+            return "".join([chunk.text async for chunk in stream])
 
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)

@@ -7,6 +7,7 @@ threads too, so the event loop never waits on the CPU.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import os
 import threading
@@ -108,6 +109,9 @@ class LlamaCppChat(ChatProvider):
                 self._llama = Llama(
                     model_path=str(self.path), n_ctx=self._n_ctx, n_threads=self._n_threads, verbose=False
                 )
+                # Freed before interpreter shutdown: llama-cpp's own __del__ then
+                # runs too late and prints a TypeError on exit.
+                atexit.register(self._llama.close)
             return self._llama
 
     async def stream(
@@ -125,7 +129,12 @@ class LlamaCppChat(ChatProvider):
                 llama = self._load()
                 with self._generate_lock:
                     completion = llama.create_chat_completion(
-                        messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+                        messages=messages,
+                        max_tokens=max_tokens,
+                        temperature=temperature,
+                        # Small models loop without it.
+                        repeat_penalty=1.15,
+                        stream=True,
                     )
                     for part in completion:
                         if stop.is_set():

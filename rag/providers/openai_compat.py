@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import aiohttp
 import openai
 
 try:  # openai >= 3 moved to the httpx2 fork; older releases use httpx
@@ -15,7 +17,7 @@ try:  # openai >= 3 moved to the httpx2 fork; older releases use httpx
 except ImportError:  # pragma: no cover
     import httpx
 
-from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError
+from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError, QueryVector
 
 # One AsyncOpenAI (and so one connection pool) per event loop: httpx connections
 # are bound to the loop that opened them, and manage.py commands and tests run
@@ -47,13 +49,20 @@ class OpenAIConfig:
                 base_url=self.base_url,
                 timeout=self.timeout,
                 max_retries=self.max_retries,
+                # The SDK's aiohttp transport: its C HTTP parser costs a
+                # fraction of httpx's per streamed chunk.
+                http_client=openai.DefaultAioHttpClient(),
             )
         return per_loop[key]
 
     def explain(self, exc: BaseException, what: str, *, mid_stream: bool = False) -> ProviderError:
         """Turn a client exception into a message that says what to fix."""
         where = self.where
-        timed_out = isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException))
+        causes = _chain(exc)
+        # The SDK's aiohttp transport reports a refused connection as a
+        # ConnectTimeout; the aiohttp error underneath tells them apart.
+        refused = any(isinstance(e, aiohttp.ClientConnectorError) for e in causes)
+        timed_out = not refused and isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException))
         if mid_stream and not timed_out:
             # The server answered, then broke off or sent something unparsable.
             return ProviderError(
@@ -67,7 +76,7 @@ class OpenAIConfig:
                 "Check that it is running and not overloaded, or raise RAG_LLM_TIMEOUT.",
                 code="timeout",
             )
-        if isinstance(exc, openai.APIConnectionError):
+        if refused or isinstance(exc, openai.APIConnectionError):
             return ProviderError(
                 f"The {what} server is not reachable at {where}. Start it, or fix OPENAI_BASE_URL.",
                 code="unreachable",
@@ -95,6 +104,15 @@ class OpenAIConfig:
         return ProviderError(f"The {what} server at {where} failed: {exc}", code="upstream_error")
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def _api_message(exc: openai.APIStatusError) -> str:
     body = exc.body
     if isinstance(body, dict):
@@ -115,6 +133,14 @@ class OpenAIEmbeddings(EmbeddingProvider):
     async def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
+        return await self._embed(texts, parse_float=float)
+
+    async def embed_query(self, text: str) -> QueryVector:
+        # The numbers stay the strings the server sent; pgvector parses them.
+        [vector] = await self._embed([text], parse_float=str)
+        return QueryVector(literal="[" + ",".join(vector) + "]", dimensions=len(vector))
+
+    async def _embed(self, texts: list[str], *, parse_float: Callable[[str], object]) -> list[list[Any]]:
         extra = {"dimensions": self._dimensions} if self._dimensions else {}
         try:
             # The raw body, parsed by json: the SDK's typed parse builds a model
@@ -122,7 +148,7 @@ class OpenAIEmbeddings(EmbeddingProvider):
             raw = await self.config.client().embeddings.with_raw_response.create(
                 model=self._api_model, input=texts, encoding_format="float", **extra
             )
-            data = json.loads(raw.content)["data"]
+            data = json.loads(raw.content, parse_float=parse_float)["data"]
             vectors = [item["embedding"] for item in sorted(data, key=lambda item: item["index"])]
         except (openai.OpenAIError, httpx.HTTPError) as exc:
             raise self.config.explain(exc, "embedding") from exc

@@ -2,27 +2,40 @@
 
     sources → token … token → metrics          (or → error)
 
-Retrieval runs once, before generation. The question and the answer are
-saved as messages; the answer is saved with its final status whatever ends
-the stream: completion, an upstream failure, or the consumer going away
-(``aclose()``, a client disconnect, task cancellation), in which case the
-upstream LLM request is closed at once and the partial text kept as stopped.
+Retrieval runs once, before generation. However the stream ends (completion,
+an upstream failure, or the consumer going away: ``aclose()``, a client
+disconnect, task cancellation), the answer is saved with its final status,
+text, sources and metrics; on an early end the upstream LLM request is closed
+at once and the partial text kept as ``stopped``.
+
+Saving is one write at the end, off the path to the first token: for a
+one-shot question (``stream_answer``) the question and its answer are stored
+together; a transport that saved the question up front (``open_turn``, so that
+the answer has an id before it streams) passes ``answer=`` to ``generate``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection, transaction
+from django.utils import timezone
 
 from rag.models import Conversation, Message
-from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider, embedding_provider
+from rag.providers import (
+    ChatProvider,
+    EmbeddingProvider,
+    ProviderError,
+    QueryVector,
+    chat_provider,
+    embedding_provider,
+)
 from rag.services.prompting import build_messages
 from rag.services.retrieval import CollectionScope, Source, search
 
@@ -46,7 +59,7 @@ class Metrics:
     status: str
     model: str
     embedding_model: str
-    retrieval_ms: float
+    retrieval_ms: float | None
     ttft_ms: float | None
     total_ms: float
     tokens: int
@@ -66,7 +79,41 @@ class Error:
 AnswerEvent = Sources | Token | Metrics | Error
 
 
-async def stream_answer(
+@dataclass
+class Outcome:
+    """How an answer ended: what ``generate`` hands to the code that saves it."""
+
+    status: str = Message.Status.STOPPED
+    text: str = ""
+    error: ProviderError | None = None
+    sources: list[Source] = field(default_factory=list)
+    model: str = ""
+    embedding_model: str = ""
+    retrieval_ms: float | None = None
+    ttft_ms: float | None = None
+    total_ms: float = 0.0
+    tokens: int = 0
+    finish_reason: str = ""
+
+    def metrics(self, message: Message) -> Metrics:
+        return Metrics(
+            message_id=message.pk,
+            conversation_id=str(message.conversation_id),
+            status=self.status,
+            model=self.model,
+            embedding_model=self.embedding_model,
+            retrieval_ms=_round(self.retrieval_ms),
+            ttft_ms=_round(self.ttft_ms),
+            total_ms=round(self.total_ms, 2),
+            tokens=self.tokens,
+            finish_reason=self.finish_reason,
+        )
+
+
+SaveAnswer = Callable[[Outcome], Awaitable[Message]]
+
+
+def stream_answer(
     *,
     question: str,
     k: int,
@@ -77,158 +124,183 @@ async def stream_answer(
     embedder: EmbeddingProvider | None = None,
     collections: CollectionScope = None,
 ) -> AsyncIterator[AnswerEvent]:
-    """Answer ``question`` from the chunks of ``collections`` (None: every collection;
-    the web views pass the collections the asking user may read)."""
+    """Answer a one-shot question; it is saved with its answer when the answer ends.
+
+    Only chunks of ``collections`` are searched (None: every collection; the web
+    views pass the collections the asking user may read)."""
+
+    async def save(outcome: Outcome) -> Message:
+        return await _save_turn(
+            question=question, conversation=conversation, user_id=user_id, session_key=session_key, outcome=outcome
+        )
+
+    return generate(question=question, k=k, save=save, chat=chat, embedder=embedder, collections=collections)
+
+
+async def generate(
+    *,
+    question: str,
+    k: int,
+    save: SaveAnswer,
+    chat: ChatProvider | None = None,
+    embedder: EmbeddingProvider | None = None,
+    search_query: str | None = None,
+    history: list[dict[str, str]] | None = None,
+    collections: CollectionScope = None,
+) -> AsyncIterator[AnswerEvent]:
+    """Retrieve, stream the answer, and ``save`` the outcome however the stream ends.
+
+    ``search_query`` is what retrieval embeds when it differs from the question (a
+    follow-up condensed with its conversation); ``history`` is the earlier turns as
+    chat messages, put between the sources and the question.
+    """
     started = time.perf_counter()
     chat = chat or chat_provider()
     embedder = embedder or embedding_provider()
+    outcome = Outcome(model=chat.model, embedding_model=embedder.model)
+    parts: list[str] = []
 
     def elapsed_ms() -> float:
         return (time.perf_counter() - started) * 1000
 
     try:
-        [vector] = await embedder.embed([question])
-        embed_error = None
-    except ProviderError as exc:
-        vector, embed_error = None, exc
-    # One trip to the database before the first token: save the question,
-    # search, and hand the connection back to the pool for the (long) generation.
-    answer, sources = await _begin(
-        question=question,
-        vector=vector,
-        k=k,
-        embedding_model=embedder.model,
-        collections=collections,
-        conversation=conversation,
-        user_id=user_id,
-        session_key=session_key,
-        model=chat.model,
-        error=embed_error.message if embed_error else "",
-    )
-    retrieval_ms = elapsed_ms()
-    if embed_error is not None:
-        yield Error(message=embed_error.message, code=embed_error.code, message_id=answer.pk)
-        return
-    yield Sources(sources)
+        vector = await embedder.embed_query(search_query or question)
+        outcome.sources = await _search(vector, embedding_model=embedder.model, k=k, collections=collections)
+        outcome.retrieval_ms = elapsed_ms()
+        yield Sources(outcome.sources)
 
-    messages = build_messages(question=question, sources=sources, context_chars=settings.RAG_CONTEXT_CHARS)
-    parts: list[str] = []
-    ttft_ms: float | None = None
-    finish_reason = ""
-    status, error = Message.Status.STOPPED, None
-    try:
+        messages = build_messages(
+            question=question, sources=outcome.sources, context_chars=settings.RAG_CONTEXT_CHARS, history=history
+        )
         stream = chat.stream(messages, max_tokens=settings.RAG_MAX_TOKENS, temperature=settings.RAG_TEMPERATURE)
         async with aclosing(stream):
             async for chunk in stream:
                 if chunk.finish_reason:
-                    finish_reason = chunk.finish_reason
+                    outcome.finish_reason = chunk.finish_reason
                 if chunk.text:
-                    if ttft_ms is None:
-                        ttft_ms = elapsed_ms()
+                    if outcome.ttft_ms is None:
+                        outcome.ttft_ms = elapsed_ms()
                     parts.append(chunk.text)
                     yield Token(chunk.text)
-        status = Message.Status.COMPLETE
+        outcome.status = Message.Status.COMPLETE
     except ProviderError as exc:
-        status, error = Message.Status.ERROR, exc
+        outcome.status, outcome.error = Message.Status.ERROR, exc
     except Exception as exc:
-        logger.exception("Answer %s failed", answer.pk)
-        status = Message.Status.ERROR
-        error = ProviderError(
+        logger.exception("Answering %r failed", question[:80])
+        outcome.status = Message.Status.ERROR
+        outcome.error = ProviderError(
             f"The answer failed unexpectedly ({type(exc).__name__}); see the server log.", code="internal"
         )
     finally:
         # Reached on completion, on error, and when the consumer leaves
         # (GeneratorExit / CancelledError): the partial answer is never lost.
-        metrics = Metrics(
-            message_id=answer.pk,
-            conversation_id=str(answer.conversation_id),
-            status=status,
-            model=chat.model,
-            embedding_model=embedder.model,
-            retrieval_ms=round(retrieval_ms, 2),
-            ttft_ms=round(ttft_ms, 2) if ttft_ms is not None else None,
-            total_ms=round(elapsed_ms(), 2),
-            tokens=len(parts),
-            finish_reason=finish_reason or ("stopped" if status == Message.Status.STOPPED else ""),
-        )
-        await _finish_answer(
-            answer,
-            text="".join(parts),
-            status=status,
-            error=error.message if error else "",
-            sources=[s.public() for s in sources],
-            metrics=metrics,
-        )
-    if error is not None:
-        yield Error(message=error.message, code=error.code, message_id=answer.pk)
+        outcome.text = "".join(parts)
+        outcome.tokens = len(parts)
+        outcome.total_ms = elapsed_ms()
+        if outcome.status == Message.Status.STOPPED:
+            outcome.finish_reason = "stopped"
+        message = await save(outcome)
+    if outcome.error is not None:
+        yield Error(message=outcome.error.message, code=outcome.error.code, message_id=message.pk)
     else:
-        yield metrics
+        yield outcome.metrics(message)
 
 
 @sync_to_async
-def _begin(
+def open_turn(
     *,
     question: str,
-    vector: list[float] | None,
-    k: int,
-    embedding_model: str,
-    collections: CollectionScope,
     conversation: Conversation | None,
     user_id: int | None,
     session_key: str,
     model: str,
-    error: str,
-) -> tuple[Message, list[Source]]:
+    k: int | None = None,
+) -> Message:
+    """Save a question and the placeholder of its answer (status ``streaming``),
+    for transports that need the answer's id before it streams."""
     with transaction.atomic():
         if conversation is None:
-            conversation = Conversation.objects.create(
-                user_id=user_id, session_key=session_key, title=" ".join(question.split())[:200]
-            )
+            conversation = _new_conversation(question, user_id=user_id, session_key=session_key)
+        else:
+            # The sidebar lists conversations by their latest activity.
+            Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
         _question, answer = Message.objects.bulk_create(
             [
                 Message(conversation=conversation, role=Message.Role.USER, text=question),
                 Message(
                     conversation=conversation,
                     role=Message.Role.ASSISTANT,
-                    status=Message.Status.ERROR if error else Message.Status.STREAMING,
-                    error=error,
+                    status=Message.Status.STREAMING,
                     model=model,
+                    k=k,
                 ),
             ]
         )
-    sources = (
-        search(vector, embedding_model=embedding_model, k=k, collections=collections) if vector is not None else []
-    )
-    _release_connection_sync()
-    return answer, sources
+    _release_connection()
+    return answer
+
+
+def saver_for(answer: Message) -> SaveAnswer:
+    """``save`` for ``generate`` that fills in an answer made by ``open_turn``."""
+
+    @sync_to_async
+    def save(outcome: Outcome) -> Message:
+        _fill(answer, outcome)
+        answer.save()
+        _release_connection()
+        return answer
+
+    return save
 
 
 @sync_to_async
-def _finish_answer(
-    answer: Message,
-    *,
-    text: str,
-    status: str,
-    error: str = "",
-    sources: list[dict] | None = None,
-    metrics: Metrics | None = None,
-) -> None:
+def _save_turn(
+    *, question: str, conversation: Conversation | None, user_id: int | None, session_key: str, outcome: Outcome
+) -> Message:
+    with transaction.atomic():
+        conversation = conversation or _new_conversation(question, user_id=user_id, session_key=session_key)
+        answer = Message(conversation=conversation, role=Message.Role.ASSISTANT)
+        _fill(answer, outcome)
+        _question, answer = Message.objects.bulk_create(
+            [Message(conversation=conversation, role=Message.Role.USER, text=question), answer]
+        )
+    _release_connection()
+    return answer
+
+
+@sync_to_async
+def _search(vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope) -> list[Source]:
+    # The collection scope is a subquery of the search: still one trip to the database.
+    sources = search(vector, embedding_model=embedding_model, k=k, collections=collections)
+    # The LLM may take a while; give the database connection back meanwhile
+    # so that concurrent streams do not exhaust the pool.
+    _release_connection()
+    return sources
+
+
+def _new_conversation(question: str, *, user_id: int | None, session_key: str) -> Conversation:
+    return Conversation.objects.create(user_id=user_id, session_key=session_key, title=" ".join(question.split())[:200])
+
+
+def _fill(answer: Message, outcome: Outcome) -> None:
     # Postgres text cannot hold NUL; a model can still emit one.
-    answer.text = text.replace("\x00", "\ufffd")
-    answer.status = status
-    answer.error = error.replace("\x00", "\ufffd")
-    answer.sources = sources or []
-    if metrics is not None:
-        answer.retrieval_ms = metrics.retrieval_ms
-        answer.ttft_ms = metrics.ttft_ms
-        answer.total_ms = metrics.total_ms
-        answer.tokens = metrics.tokens
-        answer.finish_reason = metrics.finish_reason
-    answer.save()
-    _release_connection_sync()
+    answer.text = outcome.text.replace("\x00", "\ufffd")
+    answer.status = outcome.status
+    answer.error = outcome.error.message.replace("\x00", "\ufffd") if outcome.error else ""
+    answer.sources = [s.public() for s in outcome.sources]
+    answer.model = outcome.model
+    answer.retrieval_ms = _round(outcome.retrieval_ms)
+    answer.ttft_ms = _round(outcome.ttft_ms)
+    answer.total_ms = round(outcome.total_ms, 2)
+    answer.tokens = outcome.tokens
+    answer.finish_reason = outcome.finish_reason
 
 
-def _release_connection_sync() -> None:
+def _round(ms: float | None) -> float | None:
+    return round(ms, 2) if ms is not None else None
+
+
+def _release_connection() -> None:
     # Inside a transaction (tests, an outer atomic block) the connection must stay.
     if not connection.in_atomic_block:
         connection.close()

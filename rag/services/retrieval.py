@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 
 from rag.models import Chunk
-from rag.providers import EmbeddingProvider
+from rag.providers import EmbeddingProvider, QueryVector
 
 SNIPPET_CHARS = 240
 
@@ -56,7 +56,7 @@ class Retrieval:
 CollectionScope = Iterable[int] | QuerySet | None
 
 
-def search(vector: list[float], *, embedding_model: str, k: int, collections: CollectionScope = None) -> list[Source]:
+def search(vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope = None) -> list[Source]:
     """The k nearest chunks to a query vector (sync: call it from a thread).
 
     One query whatever the scope: the collection filter and the readable-collections
@@ -64,25 +64,25 @@ def search(vector: list[float], *, embedding_model: str, k: int, collections: Co
     (hnsw.iterative_scan, set per connection in settings) keeps looking until it has
     k matches; relaxed order may return them slightly out of order, so they are sorted.
     """
-    chunks = (
+    rows = (
         Chunk.objects.in_collections(collections)
-        .nearest(vector, embedding_model=embedding_model, dimensions=len(vector), k=k)
-        .select_related("document")
-        .defer("embedding", "document__content", "document__metadata")
+        .nearest(vector.literal, embedding_model=embedding_model, dimensions=vector.dimensions, k=k)
+        # Plain tuples, not model instances: this runs before every first token.
+        .values_list("pk", "document_id", "document__title", "document__source", "heading", "text", "distance")
     )
-    chunks = sorted(chunks, key=lambda chunk: chunk.distance)
+    rows = sorted(rows, key=lambda row: row[-1])
     return [
         Source(
             n=n,
-            chunk_id=chunk.pk,
-            document_id=chunk.document_id,
-            title=chunk.document.title,
-            source=chunk.document.source,
-            heading=chunk.heading,
-            text=chunk.text,
-            score=1.0 - float(chunk.distance),
+            chunk_id=pk,
+            document_id=document_id,
+            title=title,
+            source=source,
+            heading=heading,
+            text=text,
+            score=1.0 - float(distance),
         )
-        for n, chunk in enumerate(chunks, start=1)
+        for n, (pk, document_id, title, source, heading, text, distance) in enumerate(rows, start=1)
     ]
 
 
@@ -90,6 +90,6 @@ async def retrieve(
     *, question: str, k: int, embedder: EmbeddingProvider, collections: CollectionScope = None
 ) -> Retrieval:
     started = time.perf_counter()
-    [vector] = await embedder.embed([question])
+    vector = await embedder.embed_query(question)
     sources = await sync_to_async(search)(vector, embedding_model=embedder.model, k=k, collections=collections)
     return Retrieval(sources=sources, ms=(time.perf_counter() - started) * 1000)

@@ -98,3 +98,25 @@ async def test_embedding_failure_is_an_error_before_sources(fake_llm):
     events = [e async for e in RAG().aevents("pgvector?", k=1)]
     assert len(events) == 1 and isinstance(events[0], answering.Error)
     assert "embedding server" in events[0].message
+
+
+async def test_open_turn_then_generate_fills_the_placeholder(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["Bananas", " [1]"]
+    answer = await answering.open_turn(
+        question="Bananas?", conversation=None, user_id=None, session_key="s1", model="fake-chat"
+    )
+    assert (await Message.objects.aget(pk=answer.pk)).status == Message.Status.STREAMING
+    events = [e async for e in answering.generate(question="Bananas?", k=1, save=answering.saver_for(answer))]
+    assert events[-1].message_id == answer.pk
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert (saved.status, saved.text, saved.tokens) == (Message.Status.COMPLETE, "Bananas [1]", 2)
+    assert await Message.objects.filter(conversation_id=answer.conversation_id).acount() == 2
+
+
+async def test_one_shot_question_is_saved_with_its_answer(fake_llm):
+    await add_corpus()
+    events = [e async for e in RAG().aevents("Django?", k=1)]
+    metrics = events[-1]
+    turn = [m async for m in Message.objects.filter(conversation_id=metrics.conversation_id).order_by("id")]
+    assert [(m.role, m.text) for m in turn] == [("user", "Django?"), ("assistant", "Hello world!")]

@@ -23,7 +23,7 @@ def kb() -> Collection:
 
 def ask(question: str, collection: Collection, k: int = 3) -> list[str]:
     embedder = embedding_provider()
-    [vector] = async_to_sync(embedder.embed)([question])
+    vector = async_to_sync(embedder.embed_query)(question)
     return [s.text for s in search(vector, embedding_model=embedder.model, k=k, collections=[collection.pk])]
 
 

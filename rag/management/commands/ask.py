@@ -38,7 +38,8 @@ class Command(BaseCommand):
             match event:
                 case answering.Sources(sources=sources) if show_sources:
                     for s in sources:
-                        out.write(self.style.HTTP_INFO(f"[{s.n}] {s.title} ({s.score:.2f})"))
+                        where = f"{s.title} > {s.heading}" if s.heading and s.heading != s.title else s.title
+                        out.write(self.style.HTTP_INFO(f"[{s.n}] {where} ({s.score:.2f})"))
                     out.write("")
                 case answering.Token(text=text):
                     if first is None:

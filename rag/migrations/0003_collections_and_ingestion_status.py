@@ -29,7 +29,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ("auth", "0012_alter_user_first_name_max_length"),
-        ("rag", "0001_initial"),
+        ("rag", "0002_chat_claim_k_feedback"),
     ]
 
     operations = [

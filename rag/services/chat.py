@@ -1,0 +1,423 @@
+"""Conversations: asking, streaming one answer exactly once, stopping, feedback.
+
+The chat page (SSE) and the WebSocket consumer are thin transports over this
+module. A turn has two steps so that the answer has an id before it streams:
+
+1. ``ask`` saves the question and a placeholder answer (status ``streaming``).
+2. ``stream_turn`` generates that answer. The first caller claims it in the
+   database (one conditional UPDATE); any later caller for the same answer (an
+   EventSource reconnecting, a second tab) never generates: it waits for the
+   answer to leave ``streaming`` and replays what was stored.
+
+``stop`` cancels a generation running in *this* process: the registry of
+running answers is in memory. The documented deployment runs one server
+process per host behind a proxy with sticky routing, or a single process; a
+deployment that spreads one user's requests over several processes would need
+the stop request to travel (a database flag polled between tokens, or Postgres
+LISTEN/NOTIFY).
+
+Every lookup is filtered by the owner (the user, or the anonymous session), so a
+conversation or answer of someone else is indistinguishable from a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+
+from rag.models import Conversation, Feedback, Message
+from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
+from rag.providers.base import estimate_tokens
+from rag.services import answering
+from rag.services.retrieval import CollectionScope, Source
+
+logger = logging.getLogger(__name__)
+
+#: How long a second stream for an answer waits for the first one to finish.
+REPLAY_WAIT_S = 300.0
+REPLAY_POLL_S = 0.25
+
+CONDENSE_PROMPT = (
+    "Rewrite the user's last question as one standalone search query that can be understood "
+    "without the conversation. Reply with the query only, no explanation."
+)
+CONDENSE_MAX_TOKENS = 64
+
+
+class NotFound(LookupError):
+    """No such conversation or answer for this owner (it may belong to someone else)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """Who a conversation belongs to: a signed-in user, else an anonymous session."""
+
+    user_id: int | None
+    session_key: str = ""
+
+    def conversations(self) -> Q:
+        if self.user_id is not None:
+            return Q(user_id=self.user_id)
+        if not self.session_key:
+            return Q(pk__in=[])  # an anonymous visitor without a session owns nothing
+        return Q(user__isnull=True, session_key=self.session_key)
+
+    def messages(self) -> Q:
+        if self.user_id is not None:
+            return Q(conversation__user_id=self.user_id)
+        if not self.session_key:
+            return Q(pk__in=[])
+        return Q(conversation__user__isnull=True, conversation__session_key=self.session_key)
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The generation began: which answer, in which conversation."""
+
+    answer_id: int
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The answer as stored, once it has left ``streaming``: always the last event."""
+
+    answer: Message
+
+
+ChatEvent = Started | answering.AnswerEvent | Done
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    question: Message
+    answer: Message | None
+
+
+# answer id -> the task iterating its generation, in this process.
+_running: dict[int, asyncio.Task] = {}
+# answers whose generation was cancelled by ``stop`` (not by a departing client).
+_stopping: set[int] = set()
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+async def list_conversations(*, owner: Owner, limit: int = 50) -> list[Conversation]:
+    return [c async for c in Conversation.objects.filter(owner.conversations()).order_by("-updated_at")[:limit]]
+
+
+async def get_conversation(*, owner: Owner, conversation_id: uuid.UUID) -> Conversation:
+    try:
+        return await Conversation.objects.filter(owner.conversations()).aget(pk=conversation_id)
+    except Conversation.DoesNotExist:
+        raise NotFound(f"No conversation {conversation_id}.") from None
+
+
+async def get_turns(*, owner: Owner, conversation_id: uuid.UUID) -> tuple[Conversation, list[Turn]]:
+    conversation = await get_conversation(owner=owner, conversation_id=conversation_id)
+    turns: list[Turn] = []
+    async for message in conversation.messages.select_related("feedback").order_by("id"):
+        if message.role == Message.Role.USER:
+            turns.append(Turn(question=message, answer=None))
+        elif turns and turns[-1].answer is None:
+            turns[-1] = Turn(question=turns[-1].question, answer=message)
+    return conversation, turns
+
+
+async def get_answer(*, owner: Owner, answer_id: int) -> Message:
+    try:
+        return await (
+            Message.objects.filter(owner.messages(), role=Message.Role.ASSISTANT)
+            .select_related("conversation", "feedback")
+            .aget(pk=answer_id)
+        )
+    except Message.DoesNotExist:
+        raise NotFound(f"No answer {answer_id}.") from None
+
+
+async def get_turn(*, owner: Owner, answer_id: int) -> Turn:
+    answer = await get_answer(owner=owner, answer_id=answer_id)
+    return Turn(question=await _question_of(answer), answer=answer)
+
+
+# --- asking ---------------------------------------------------------------------------------------
+
+
+async def ask(*, owner: Owner, question: str, k: int, conversation_id: uuid.UUID | None = None) -> Message:
+    """Save ``question`` (in a new conversation unless one is given) and its placeholder answer."""
+    if owner.user_id is None and not owner.session_key:
+        raise ValueError("An anonymous owner needs a session key.")
+    conversation = None
+    if conversation_id is not None:
+        conversation = await get_conversation(owner=owner, conversation_id=conversation_id)
+    return await answering.open_turn(
+        question=question,
+        conversation=conversation,
+        user_id=owner.user_id,
+        session_key="" if owner.user_id is not None else owner.session_key,
+        model=chat_provider().model,
+        k=k,
+    )
+
+
+async def regenerate(*, owner: Owner, answer_id: int) -> Message:
+    """Ask the question of ``answer_id`` again, as a new turn of the same conversation."""
+    answer = await get_answer(owner=owner, answer_id=answer_id)
+    question = await _question_of(answer)
+    return await ask(
+        owner=owner,
+        question=question.text,
+        k=answer.k or settings.RAG_DEFAULT_K,
+        conversation_id=answer.conversation_id,
+    )
+
+
+async def stream_turn(
+    *,
+    owner: Owner,
+    answer_id: int,
+    chat: ChatProvider | None = None,
+    embedder: EmbeddingProvider | None = None,
+    collections: CollectionScope = None,
+) -> AsyncIterator[ChatEvent]:
+    """The events of one answer: generated by the first caller, replayed for any other.
+
+    Retrieval searches only ``collections`` (the transports pass what the asking user may
+    read). Raises ``NotFound`` (before the first event) for an answer the owner may not see.
+    """
+    answer = await get_answer(owner=owner, answer_id=answer_id)
+    now = timezone.now()
+    claimed = await Message.objects.filter(
+        pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True
+    ).aupdate(claimed_at=now)
+    if not claimed:
+        return _replay(answer.pk)
+    answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
+    return _generate(answer, chat=chat, embedder=embedder, collections=collections)
+
+
+async def stop(*, owner: Owner, answer_id: int) -> bool:
+    """Stop an answer: cancel its generation (closing the upstream LLM request) and keep
+    the partial text as ``stopped``. False when it had already ended, or is generating in
+    another process."""
+    answer = await get_answer(owner=owner, answer_id=answer_id)
+    task = _running.get(answer.pk)
+    if task is not None and not task.done():
+        if answer.pk not in _stopping:
+            _stopping.add(answer.pk)
+            task.cancel()
+        return True
+    # Stopped before any stream claimed it: it must never start.
+    unclaimed = await Message.objects.filter(
+        pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True
+    ).aupdate(status=Message.Status.STOPPED, finish_reason="stopped", claimed_at=timezone.now())
+    return bool(unclaimed)
+
+
+async def give_feedback(*, owner: Owner, answer_id: int, value: str) -> Feedback:
+    if value not in Feedback.Value.values:
+        raise ValueError(f"Feedback must be one of {', '.join(Feedback.Value.values)}, not {value!r}.")
+    answer = await get_answer(owner=owner, answer_id=answer_id)
+    chunk_ids = [s["id"] for s in answer.sources if isinstance(s, dict) and "id" in s]
+    feedback, _created = await Feedback.objects.aupdate_or_create(
+        message=answer, defaults={"value": value, "chunk_ids": chunk_ids}
+    )
+    return feedback
+
+
+# --- history --------------------------------------------------------------------------------------
+
+
+async def build_history(*, answer: Message, budget_tokens: int) -> list[dict[str, str]]:
+    """The complete turns before ``answer``, as chat messages, newest kept first within the
+    token budget, returned oldest first."""
+    question = await _question_of(answer)
+    earlier = [
+        m
+        async for m in Message.objects.filter(conversation_id=answer.conversation_id, pk__lt=question.pk).order_by(
+            "-id"
+        )
+    ]
+    history: list[dict[str, str]] = []
+    used = 0
+    pending_answer: Message | None = None
+    for message in earlier:  # newest first
+        if message.role == Message.Role.ASSISTANT:
+            pending_answer = message
+            continue
+        reply, pending_answer = pending_answer, None
+        if reply is None or reply.status != Message.Status.COMPLETE or not reply.text:
+            continue  # a question without a usable answer teaches the model nothing
+        cost = estimate_tokens(message.text) + estimate_tokens(reply.text)
+        if used + cost > budget_tokens:
+            break
+        used += cost
+        history[:0] = [{"role": "user", "content": message.text}, {"role": "assistant", "content": reply.text}]
+    return history
+
+
+async def condense(*, question: str, history: list[dict[str, str]], chat: ChatProvider) -> str:
+    """A standalone search query for a follow-up question; the question itself on failure."""
+    if not history:
+        return question
+    transcript = "\n".join(f"{m['role']}: {m['content']}" for m in history)
+    messages = [
+        {"role": "system", "content": CONDENSE_PROMPT},
+        {"role": "user", "content": f"Conversation:\n{transcript}\n\nLast question: {question}"},
+    ]
+    try:
+        query = await chat.complete(messages, max_tokens=CONDENSE_MAX_TOKENS, temperature=0.0)
+    except ProviderError as exc:
+        # Retrieval on the raw question is worse but still useful; the answer
+        # itself will report the provider failure if it persists.
+        logger.warning("Condensing a follow-up failed (%s); searching with the question as asked", exc.code)
+        return question
+    query = " ".join(query.split())
+    return query[: settings.RAG_MAX_QUESTION_CHARS] or question
+
+
+# --- internals ------------------------------------------------------------------------------------
+
+
+async def _question_of(answer: Message) -> Message:
+    question = (
+        await Message.objects.filter(conversation_id=answer.conversation_id, role=Message.Role.USER, pk__lt=answer.pk)
+        .order_by("-id")
+        .afirst()
+    )
+    if question is None:
+        raise NotFound(f"Answer {answer.pk} has no question.")
+    return question
+
+
+async def _generate(
+    answer: Message, *, chat: ChatProvider | None, embedder: EmbeddingProvider | None, collections: CollectionScope
+) -> AsyncIterator[ChatEvent]:
+    # The task that iterates this generator is the one ``stop`` cancels: the SSE
+    # pump or the WebSocket consumer's task, whichever transport runs it.
+    task = asyncio.current_task()
+    assert task is not None
+    _running[answer.pk] = task
+    save = answering.saver_for(answer)
+    saved = False
+
+    async def save_once(outcome: answering.Outcome) -> Message:
+        nonlocal saved
+        message = await save(outcome)
+        saved = True
+        return message
+
+    started = time.perf_counter()
+    chat = chat or chat_provider()
+    try:
+        yield Started(answer_id=answer.pk, conversation_id=str(answer.conversation_id))
+        question = await _question_of(answer)
+        history = await build_history(answer=answer, budget_tokens=settings.RAG_HISTORY_TOKENS)
+        search_query = await condense(question=question.text, history=history, chat=chat)
+        events = answering.generate(
+            question=question.text,
+            k=answer.k or settings.RAG_DEFAULT_K,
+            save=save_once,
+            chat=chat,
+            embedder=embedder,
+            search_query=search_query,
+            history=history,
+            collections=collections,
+        )
+        async with aclosing(events):
+            async for event in events:
+                yield event
+    except asyncio.CancelledError:
+        if answer.pk not in _stopping:
+            raise  # the client left: generate has saved the partial answer as stopped
+        # Stopped on request: the stream carries on to tell its client how it ended.
+        task.uncancel()
+        if not saved:
+            await save_once(_stopped_before_generation(answer, chat=chat, started=started))
+        yield metrics_of(answer)
+    finally:
+        _running.pop(answer.pk, None)
+        _stopping.discard(answer.pk)
+        if not saved:
+            # Cancelled or failed before generate took over: never leave the
+            # answer claimed but streaming forever.
+            await save_once(_stopped_before_generation(answer, chat=chat, started=started))
+    yield Done(answer=answer)
+
+
+def _stopped_before_generation(answer: Message, *, chat: ChatProvider, started: float) -> answering.Outcome:
+    return answering.Outcome(
+        status=Message.Status.STOPPED,
+        model=chat.model,
+        total_ms=(time.perf_counter() - started) * 1000,
+        finish_reason="stopped",
+        sources=[],
+    )
+
+
+async def _replay(answer_id: int) -> AsyncIterator[ChatEvent]:
+    """What a stream shows for an answer another stream generates or generated."""
+    deadline = time.monotonic() + REPLAY_WAIT_S
+    while True:
+        answer = await Message.objects.aget(pk=answer_id)
+        if answer.status != Message.Status.STREAMING:
+            break
+        if time.monotonic() > deadline:
+            yield answering.Error(
+                message="This answer is still being written in another window or tab. Reload the page later.",
+                code="busy",
+                message_id=answer_id,
+            )
+            yield Done(answer=answer)
+            return
+        # Polling with a deadline: the generating stream may live in another process.
+        await asyncio.sleep(REPLAY_POLL_S)
+    yield Started(answer_id=answer.pk, conversation_id=str(answer.conversation_id))
+    if answer.sources:
+        yield answering.Sources([_source_from_public(s, n) for n, s in enumerate(answer.sources, start=1)])
+    if answer.text:
+        yield answering.Token(answer.text)
+    if answer.status == Message.Status.ERROR:
+        yield answering.Error(message=answer.error, code="error", message_id=answer.pk)
+    else:
+        yield metrics_of(answer)
+    yield Done(answer=answer)
+
+
+def metrics_of(answer: Message) -> answering.Metrics:
+    """The metrics event of a stored answer."""
+    return answering.Metrics(
+        message_id=answer.pk,
+        conversation_id=str(answer.conversation_id),
+        status=answer.status,
+        model=answer.model,
+        embedding_model="",
+        retrieval_ms=answer.retrieval_ms,
+        ttft_ms=answer.ttft_ms,
+        total_ms=answer.total_ms or 0.0,
+        tokens=answer.tokens or 0,
+        finish_reason=answer.finish_reason,
+    )
+
+
+def _source_from_public(data: dict, n: int) -> Source:
+    return Source(
+        n=int(data.get("n", n)),
+        chunk_id=int(data.get("id", 0)),
+        document_id=int(data.get("document_id", 0)),
+        title=str(data.get("title", "")),
+        source=str(data.get("source", "")),
+        heading=str(data.get("heading", "")),
+        text=str(data.get("snippet", "")),
+        score=float(data.get("score", 0.0)),
+    )

@@ -1,0 +1,267 @@
+"""The chat page: server-rendered, driven by htmx and its SSE extension.
+
+A turn is a POST that saves the question and returns the fragment subscribing
+to the answer's stream; the stream is a GET on the answer's id whose events
+carry HTML fragments rendered (and so escaped) by Django templates. Every view
+resolves the owner (user, else anonymous session) and lets rag.services.chat
+filter by it: someone else's conversation or answer is a 404.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect, StreamingHttpResponse
+from django.template.loader import render_to_string
+from django.urls import reverse
+from django.utils.html import escape
+from django.views.decorators.http import require_GET, require_POST
+
+from rag import sse
+from rag.forms import BadQuestion, parse_question
+from rag.models import Collection, Document, Message
+from rag.providers import ProviderError, chat_provider
+from rag.services import answering, chat
+
+# Marks an anonymous session as owning conversations (a session must hold
+# something to be saved and to get a cookie).
+SESSION_FLAG = "rag_chat"
+K_CHOICES = (1, 2, 3, 4, 6, 8, 10)
+
+
+async def owner_of(request: HttpRequest, *, create: bool = False) -> chat.Owner:
+    """The owner of what this request may see; ``create`` starts an anonymous session."""
+    user = await request.auser()
+    if user.is_authenticated:
+        return chat.Owner(user_id=user.pk)
+    # Loading the session checks the cookie's key: an unknown or expired key
+    # reads as no session at all, so it cannot name someone else's conversations.
+    await request.session.aget(SESSION_FLAG)
+    if create and request.session.session_key is None:
+        await request.session.aset(SESSION_FLAG, True)
+        await request.session.asave()
+    return chat.Owner(user_id=None, session_key=request.session.session_key or "")
+
+
+# --- pages and fragments --------------------------------------------------------------------------
+
+
+@require_GET
+async def page(request: HttpRequest, conversation_id: uuid.UUID | None = None) -> HttpResponse:
+    """GET / (a new conversation) and GET /c/<id> (an existing one)."""
+    owner = await owner_of(request)
+    conversation, turns = None, []
+    if conversation_id is not None:
+        try:
+            conversation, turns = await chat.get_turns(owner=owner, conversation_id=conversation_id)
+        except chat.NotFound:
+            raise Http404("No such conversation.") from None
+    context = {
+        "conversation": conversation,
+        "turns": turns,
+        "conversations": await chat.list_conversations(owner=owner),
+        "k_choices": K_CHOICES,
+        "default_k": settings.RAG_DEFAULT_K,
+        "max_question_chars": settings.RAG_MAX_QUESTION_CHARS,
+        "model": _model_notice(),
+    }
+    return HttpResponse(render_to_string("rag/chat.html", context, request=request))
+
+
+@require_POST
+async def ask(request: HttpRequest) -> HttpResponse:
+    """POST /chat/ask (question, k, conversation?) → the new turn's fragment."""
+    try:
+        q = parse_question(question=request.POST.get("question"), k=request.POST.get("k"))
+    except BadQuestion as exc:
+        return _form_error(str(exc))
+    conversation_id = _uuid_or_404(request.POST.get("conversation", ""))
+    owner = await owner_of(request, create=True)
+    try:
+        answer = await chat.ask(owner=owner, question=q.question, k=q.k, conversation_id=conversation_id)
+    except chat.NotFound:
+        raise Http404("No such conversation.") from None
+    return await _new_turn(request, owner=owner, answer=answer, question=q.question, new=conversation_id is None)
+
+
+@require_POST
+async def regenerate(request: HttpRequest, answer_id: int) -> HttpResponse:
+    owner = await owner_of(request)
+    try:
+        answer = await chat.regenerate(owner=owner, answer_id=answer_id)
+        turn = await chat.get_turn(owner=owner, answer_id=answer.pk)
+    except chat.NotFound:
+        raise Http404("No such answer.") from None
+    return await _new_turn(request, owner=owner, answer=answer, question=turn.question.text, new=False)
+
+
+@require_GET
+async def answer_stream(request: HttpRequest, answer_id: int) -> StreamingHttpResponse:
+    """GET /chat/answers/<id>/stream → text/event-stream of HTML fragments.
+
+    Only the first stream of an answer generates it; a reconnect replays it.
+    """
+    owner = await owner_of(request)
+    # Lazy: a subquery of the search, no query of its own.
+    readable = Collection.objects.readable_by(await request.auser())
+    try:
+        events = await chat.stream_turn(owner=owner, answer_id=answer_id, collections=readable)
+    except chat.NotFound:
+        raise Http404("No such answer.") from None
+    response = StreamingHttpResponse(
+        html_event_stream(events, answer_id=answer_id, heartbeat=settings.RAG_SSE_HEARTBEAT),
+        content_type="text/event-stream; charset=utf-8",
+    )
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+@require_POST
+async def stop(request: HttpRequest, answer_id: int) -> HttpResponse:
+    """POST /chat/answers/<id>/stop: the stream itself then reports the stopped answer."""
+    try:
+        await chat.stop(owner=await owner_of(request), answer_id=answer_id)
+    except chat.NotFound:
+        raise Http404("No such answer.") from None
+    return HttpResponse(status=204)
+
+
+@require_POST
+async def feedback(request: HttpRequest, answer_id: int) -> HttpResponse:
+    owner = await owner_of(request)
+    value = request.POST.get("value", "")
+    try:
+        await chat.give_feedback(owner=owner, answer_id=answer_id, value=value)
+        answer = await chat.get_answer(owner=owner, answer_id=answer_id)
+    except chat.NotFound:
+        raise Http404("No such answer.") from None
+    except ValueError as exc:
+        return HttpResponse(escape(str(exc)), status=400, content_type="text/plain; charset=utf-8")
+    return HttpResponse(render_to_string("rag/_feedback.html", {"answer": answer, "feedback": value}))
+
+
+@require_GET
+async def answer_detail(request: HttpRequest, answer_id: int) -> HttpResponse:
+    """GET /chat/answers/<id>: the answer's fragment as it stands."""
+    try:
+        answer = await chat.get_answer(owner=await owner_of(request), answer_id=answer_id)
+    except chat.NotFound:
+        raise Http404("No such answer.") from None
+    return HttpResponse(await render_answer_fragment(answer))
+
+
+@require_GET
+async def document(request: HttpRequest, document_id: int) -> HttpResponse:
+    """GET /chat/documents/<id>: a source document, its chunks anchored for the source links."""
+    readable = Collection.objects.readable_by(await request.auser())
+    try:
+        doc = await Document.objects.filter(collection__in=readable.values("pk")).aget(pk=document_id)
+    except Document.DoesNotExist:
+        raise Http404("No such document.") from None
+    chunks = [c async for c in doc.chunks.order_by("embedding_model", "position").only("id", "heading", "text")]
+    return HttpResponse(render_to_string("rag/document.html", {"document": doc, "chunks": chunks}))
+
+
+# --- the stream -----------------------------------------------------------------------------------
+
+
+async def html_event_stream(
+    events: AsyncIterator[chat.ChatEvent], *, answer_id: int, heartbeat: float
+) -> AsyncIterator[bytes]:
+    """SSE whose data are HTML fragments for htmx: sources, token, metrics | error, done.
+
+    Tokens are escaped text, appended as they come; ``done`` carries the whole
+    answer rendered from what was saved (Markdown, citations, actions), which
+    replaces the streaming element and is also what a page reload shows.
+    """
+    yield sse.OPENING
+    done = False
+    async with aclosing(events), aclosing(sse.ready_batches(events, heartbeat=heartbeat)) as batches:
+        try:
+            async for batch in batches:
+                if not batch:
+                    yield sse.HEARTBEAT
+                    continue
+                frames = []
+                for event in batch:
+                    frames.append(await _frame(event, answer_id=answer_id))
+                    done = done or isinstance(event, chat.Done)
+                yield b"".join(frames)
+        except Exception as exc:  # expected failures arrive as events; this is a bug
+            message = f"The answer failed: {type(exc).__name__}. Reload the page to see what was saved."
+            yield sse.frame(render_to_string("rag/_error.html", {"message": message}), "error")
+    if not done:
+        answer = await Message.objects.select_related("conversation").aget(pk=answer_id)
+        yield sse.frame(await render_answer_fragment(answer), "done")
+
+
+async def _frame(event: chat.ChatEvent, *, answer_id: int) -> bytes:
+    match event:
+        case answering.Token(text=text):
+            return sse.frame(escape(text), "token")
+        case answering.Sources(sources=sources):
+            context = {"sources": [s.public() for s in sources], "answer_id": answer_id}
+            return sse.frame(render_to_string("rag/_sources.html", context), "sources")
+        case answering.Metrics():
+            return sse.frame(render_to_string("rag/_metrics.html", {"m": event}), "metrics")
+        case answering.Error(message=message):
+            return sse.frame(render_to_string("rag/_error.html", {"message": message}), "error")
+        case chat.Done(answer=answer):
+            return sse.frame(await render_answer_fragment(answer), "done")
+        case chat.Started():
+            return b""
+    raise TypeError(f"not a chat event: {event!r}")
+
+
+async def render_answer_fragment(answer: Message) -> str:
+    return render_to_string("rag/_answer.html", {"answer": answer})
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+async def _new_turn(
+    request: HttpRequest, *, owner: chat.Owner, answer: Message, question: str, new: bool
+) -> HttpResponse:
+    conversation_url = reverse("chat:conversation", args=[answer.conversation_id])
+    if not request.headers.get("HX-Request"):
+        return HttpResponseRedirect(conversation_url, status=303)  # a form posted without JavaScript
+    context = {
+        "question": question,
+        "answer": answer,
+        "conversation_id": answer.conversation_id,
+        "conversations": await chat.list_conversations(owner=owner),
+        "oob": True,
+    }
+    response = HttpResponse(render_to_string("rag/_new_turn.html", context, request=request))
+    if new:
+        response["HX-Push-Url"] = conversation_url
+    return response
+
+
+def _form_error(message: str) -> HttpResponse:
+    response = HttpResponse(render_to_string("rag/_form_error.html", {"message": message}), status=422)
+    response["HX-Retarget"] = "#form-error"
+    response["HX-Reswap"] = "innerHTML"
+    return response
+
+
+def _uuid_or_404(value: str) -> uuid.UUID | None:
+    if not value:
+        return None
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise Http404("No such conversation.") from None
+
+
+def _model_notice() -> dict:
+    try:
+        provider = chat_provider()
+    except ProviderError as exc:
+        return {"name": "", "bundled": False, "problem": exc.message}
+    return {"name": provider.model, "bundled": provider.is_bundled, "problem": ""}

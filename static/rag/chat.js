@@ -1,0 +1,46 @@
+// The chat page's few behaviours that htmx does not cover. No build step.
+(function () {
+  "use strict";
+
+  // Enter sends, Shift+Enter adds a line (and IME composition is left alone).
+  document.addEventListener("keydown", function (event) {
+    const box = event.target;
+    if (box.id !== "question" || event.key !== "Enter" || event.shiftKey || event.isComposing) return;
+    event.preventDefault();
+    if (box.value.trim()) box.form.requestSubmit();
+  });
+
+  // Clear the box once the question is accepted (not when it was refused).
+  document.addEventListener("htmx:afterRequest", function (event) {
+    const form = event.detail.elt;
+    if (form.id === "ask-form" && event.detail.successful) {
+      form.querySelector("#question").value = "";
+    }
+  });
+
+  // Copy the answer as text.
+  document.addEventListener("click", function (event) {
+    const button = event.target.closest("button[data-copy]");
+    if (!button) return;
+    const source = document.querySelector(button.dataset.copy);
+    if (!source || !navigator.clipboard) return;
+    navigator.clipboard.writeText(source.innerText).then(function () {
+      const label = button.textContent;
+      button.textContent = "Copied";
+      setTimeout(function () { button.textContent = label; }, 1500);
+    });
+  });
+
+  // Follow the growing answer, unless the reader scrolled up to read something else.
+  let following = true;
+  window.addEventListener("scroll", function () {
+    following = window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 80;
+  }, { passive: true });
+  function follow() {
+    if (following) window.scrollTo(0, document.documentElement.scrollHeight);
+  }
+  document.addEventListener("htmx:sseMessage", follow);
+  document.addEventListener("htmx:afterSwap", function (event) {
+    if (event.detail.target && event.detail.target.id === "thread") { following = true; follow(); }
+  });
+})();

@@ -1,0 +1,178 @@
+"""The chat page in real headless Chromium (Debian's ``chromium``) against the app under daphne.
+
+The app streams from the fake OpenAI server, whose pacing (first_token_ms, inter_token_ms) makes
+streaming observable. A MutationObserver installed before any page script records, in the page,
+the order in which sources and tokens appeared and every length the answer text had, so the
+assertions do not depend on when Python happens to look.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright
+
+from rag.models import Message
+from tests.factories import CORPUS, add_corpus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHROMIUM = os.environ.get("RAG_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+RESULTS = Path(__file__).resolve().parents[2] / "test-results"
+TIMEOUT_MS = 15_000
+
+OBSERVER = """
+window.__seen = {order: [], lengths: []};
+new MutationObserver(() => {
+  const seen = window.__seen;
+  const answer = document.querySelector('.answer');
+  if (!answer) return;
+  if (answer.querySelector('.sources li') && !seen.order.includes('sources')) seen.order.push('sources');
+  const text = answer.querySelector('.answer-text.streaming');
+  if (text && text.textContent.length) {
+    if (!seen.order.includes('token')) seen.order.push('token');
+    const n = text.textContent.length;
+    if (n !== seen.lengths[seen.lengths.length - 1]) seen.lengths.push(n);
+  }
+}).observe(document, {subtree: true, childList: true, characterData: true});
+"""
+
+
+@pytest.fixture(scope="session")
+async def browser() -> AsyncIterator[Browser]:
+    async with async_playwright() as playwright:
+        # launch() gives every run a new, empty, temporary profile.
+        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture
+async def page(browser: Browser, live_server_url: str) -> AsyncIterator[Page]:
+    context = await browser.new_context(base_url=live_server_url, viewport={"width": 1100, "height": 800})
+    page = await context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    await page.add_init_script(OBSERVER)
+    page.dialogs = []  # any alert() an injected script managed to run
+    page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), asyncio.ensure_future(dialog.dismiss())))
+    yield page
+    await context.close()
+
+
+async def ask(page: Page, question: str) -> None:
+    await page.goto("/")
+    await page.fill("#question", question)
+    await page.press("#question", "Enter")
+
+
+async def test_a_question_streams_progressively_with_sources_first_then_markdown(page, fake_llm):
+    await add_corpus()
+    fake_llm.first_token_ms = 300
+    fake_llm.inter_token_ms = 40
+    words = [" vector", " similarity", " search", " to", " Postgres", " with", " HNSW", " indexes", " [1]."]
+    fake_llm.tokens = ["**pgvector**", " adds", *words, "\n\n", "- exact search\n", "- `approximate` search"]
+
+    await ask(page, "What does pgvector add to Postgres?")
+
+    await page.wait_for_function("window.__seen.lengths.length >= 6")  # seen growing, still streaming
+    await page.wait_for_selector(".answer .markdown strong")  # done: rendered Markdown replaced the text
+    seen = await page.evaluate("window.__seen")
+    assert seen["order"] == ["sources", "token"]
+    assert seen["lengths"] == sorted(seen["lengths"]) and len(seen["lengths"]) >= 6
+    assert await page.locator(".answer-text.streaming").count() == 0
+    assert await page.text_content(".answer .markdown strong") == "pgvector"
+    assert await page.locator(".answer .markdown li").count() == 2
+    assert await page.locator(".answer .markdown code").text_content() == "approximate"
+    cite = page.locator(".answer .markdown a.cite")
+    assert await cite.text_content() == "[1]"
+    assert (await cite.get_attribute("href")).endswith("-1")
+    assert await page.locator(".sources-panel li").count() == 4
+    assert "first token" in await page.text_content(".answer .metrics")
+    assert "fake-chat" in await page.text_content(".answer .metrics")
+    # The new conversation is in the sidebar and in the address bar.
+    assert "/c/" in page.url
+    assert await page.locator("#conversations a[aria-current=page]").text_content() == (
+        "What does pgvector add to Postgres?"
+    )
+    RESULTS.mkdir(exist_ok=True)
+    await page.screenshot(path=RESULTS / "chat-page.png", full_page=True)
+    await page.set_viewport_size({"width": 390, "height": 844})
+    await page.screenshot(path=RESULTS / "chat-page-phone.png", full_page=True)
+
+    # A follow-up in the same conversation, and the back button returns to the start page.
+    fake_llm.first_token_ms = 0
+    fake_llm.inter_token_ms = 0
+    fake_llm.tokens = ["HNSW", " and", " IVFFlat", " [1]"]
+    await page.fill("#question", "Which indexes?")
+    await page.press("#question", "Enter")
+    await page.wait_for_function("document.querySelectorAll('.answer .markdown').length === 2")
+    assert await page.locator(".turn").count() == 2
+    conversation_url = page.url
+    await page.goto("/")
+    await page.go_back()
+    assert page.url == conversation_url
+    assert await page.locator(".turn").count() == 2
+
+
+async def test_stop_stops_the_model_and_keeps_the_partial_answer(page, fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f"word{i} " for i in range(300)]
+    fake_llm.inter_token_ms = 30
+
+    await ask(page, "Tell me everything about bananas")
+    await page.wait_for_function("window.__seen.lengths.length >= 3")
+    await page.click("button.stop")
+
+    record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=10)
+    assert record.closed_by_client and record.tokens_sent < 300
+    await page.wait_for_selector(".answer.answer-stopped")
+    assert "stopped" in await page.text_content(".answer .metrics")
+    answer = await Message.objects.filter(role="assistant").alatest("id")
+    assert answer.status == Message.Status.STOPPED and answer.text.startswith("word0 word1 word2")
+    assert (await page.text_content(".answer .markdown")).strip() == answer.text.strip()
+
+
+async def test_script_in_a_document_a_question_or_an_answer_never_runs(page, fake_llm):
+    payload = '<img src=x onerror="window.__xss=1;alert(1)"><script>window.__xss=2;alert(2)</script>'
+    await add_corpus({**CORPUS, f"Evil {payload}": f"Bananas and evil markup {payload} in a document."})
+    evil_token = '<img src=x onerror="window.__xss=3;alert(3)">'
+    fake_llm.tokens = ["Bananas ", evil_token, " and ", "<script>alert(4)</script>"]
+
+    await ask(page, f"Bananas? {payload}")
+    await page.wait_for_selector(".answer .markdown")
+
+    assert await page.evaluate("window.__xss") is None
+    assert page.dialogs == []
+    assert await page.locator(".thread img, .thread script").count() == 0
+    thread = await page.text_content("#thread")
+    assert payload in thread  # the question and the source title, as text
+    assert '<img src=x onerror="window.__xss=3;alert(3)">' in thread
+    assert "<script>alert(4)</script>" in thread
+    # Reloaded from the server, it is still text.
+    await page.reload()
+    await page.wait_for_selector(".answer .markdown")
+    assert await page.evaluate("window.__xss") is None and page.dialogs == []
+    assert await page.locator(".thread img, .thread script").count() == 0
+
+
+async def test_static_files_are_served_and_the_page_is_labelled(page, live_server_url):
+    await page.goto("/")
+    assert await page.evaluate("typeof htmx") == "object"
+    assert await page.evaluate("htmx.version") == "2.0.11"
+    assert await page.get_attribute("#question", "id") == "question"
+    assert await page.locator("label[for=question]").count() == 1
+    assert await page.locator("nav[aria-label=Conversations]").count() == 1

@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from django.contrib.auth.models import User
+
+from rag.models import Feedback, Message
+from rag.services import answering, chat
+from tests.factories import add_corpus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ALICE_SESSION = chat.Owner(user_id=None, session_key="alice-session")
+BOB_SESSION = chat.Owner(user_id=None, session_key="bob-session")
+
+
+async def collect(owner: chat.Owner, answer_id: int) -> list:
+    events = await chat.stream_turn(owner=owner, answer_id=answer_id)
+    return [e async for e in events]
+
+
+def kinds(events: list) -> list[str]:
+    return [type(e).__name__ for e in events]
+
+
+async def test_ask_then_stream_generates_and_saves_the_answer(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["Bananas", " are", " yellow", " [1]"]
+    answer = await chat.ask(owner=ALICE_SESSION, question="What colour are bananas?", k=2)
+    assert answer.status == Message.Status.STREAMING and answer.k == 2
+
+    events = await collect(ALICE_SESSION, answer.pk)
+
+    assert kinds(events) == ["Started", "Sources"] + ["Token"] * 4 + ["Metrics", "Done"]
+    assert events[1].sources[0].title == "Bananas"
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert (saved.status, saved.text) == (Message.Status.COMPLETE, "Bananas are yellow [1]")
+    assert saved.claimed_at is not None
+    assert events[-1].answer.text == saved.text
+
+
+async def test_a_second_stream_replays_and_never_generates_again(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    first = await collect(ALICE_SESSION, answer.pk)
+    requests = len(fake_llm.records)
+
+    again = await collect(ALICE_SESSION, answer.pk)
+
+    assert len(fake_llm.records) == requests
+    assert kinds(again) == ["Started", "Sources", "Token", "Metrics", "Done"]
+    assert again[2].text == "".join(e.text for e in first if isinstance(e, answering.Token))
+    assert again[1].sources[0].chunk_id == first[1].sources[0].chunk_id
+
+
+async def test_two_streams_at_once_make_one_llm_request(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f"w{i} " for i in range(10)]
+    fake_llm.inter_token_ms = 20
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+
+    one, two = await asyncio.gather(collect(ALICE_SESSION, answer.pk), collect(ALICE_SESSION, answer.pk))
+
+    assert len([r for r in fake_llm.records if r.stream]) == 1
+    texts = {"".join(e.text for e in events if isinstance(e, answering.Token)) for events in (one, two)}
+    assert texts == {"".join(fake_llm.tokens)}
+    assert isinstance(one[-1], chat.Done) and isinstance(two[-1], chat.Done)
+
+
+async def test_anonymous_sessions_never_see_each_others_conversations(fake_llm):
+    answer = await chat.ask(owner=ALICE_SESSION, question="Alice's secret question", k=1)
+    conversation_id = answer.conversation_id
+
+    assert [c.pk for c in await chat.list_conversations(owner=ALICE_SESSION)] == [conversation_id]
+    assert await chat.list_conversations(owner=BOB_SESSION) == []
+    with pytest.raises(chat.NotFound):
+        await chat.get_turns(owner=BOB_SESSION, conversation_id=conversation_id)
+    with pytest.raises(chat.NotFound):
+        await chat.stream_turn(owner=BOB_SESSION, answer_id=answer.pk)
+    with pytest.raises(chat.NotFound):
+        await chat.stop(owner=BOB_SESSION, answer_id=answer.pk)
+    with pytest.raises(chat.NotFound):
+        await chat.ask(owner=BOB_SESSION, question="continue it", k=1, conversation_id=conversation_id)
+    with pytest.raises(chat.NotFound):
+        await chat.give_feedback(owner=BOB_SESSION, answer_id=answer.pk, value="down")
+    # An owner with no session owns nothing, not "every conversation without a session".
+    assert await chat.list_conversations(owner=chat.Owner(user_id=None, session_key="")) == []
+    # Bob's failed attempts changed nothing.
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2
+    assert (await Message.objects.aget(pk=answer.pk)).status == Message.Status.STREAMING
+
+
+async def test_users_never_see_each_others_conversations_nor_anonymous_ones(fake_llm):
+    alice = await User.objects.acreate(username="alice")
+    bob = await User.objects.acreate(username="bob")
+    alice_owner, bob_owner = chat.Owner(user_id=alice.pk), chat.Owner(user_id=bob.pk)
+    answer = await chat.ask(owner=alice_owner, question="mine", k=1)
+    anonymous = await chat.ask(owner=ALICE_SESSION, question="anonymous", k=1)
+
+    assert [c.pk for c in await chat.list_conversations(owner=alice_owner)] == [answer.conversation_id]
+    assert await chat.list_conversations(owner=bob_owner) == []
+    with pytest.raises(chat.NotFound):
+        await chat.get_answer(owner=bob_owner, answer_id=answer.pk)
+    with pytest.raises(chat.NotFound):
+        await chat.get_answer(owner=alice_owner, answer_id=anonymous.pk)
+    with pytest.raises(chat.NotFound):
+        await chat.get_turns(owner=ALICE_SESSION, conversation_id=answer.conversation_id)
+    with pytest.raises(chat.NotFound):
+        await chat.get_conversation(owner=alice_owner, conversation_id=uuid.uuid4())
+
+
+async def test_a_follow_up_is_condensed_for_retrieval_and_sees_the_history(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["pgvector", " adds", " vector", " search", " [1]"]
+    first = await chat.ask(owner=ALICE_SESSION, question="What does pgvector add?", k=1)
+    await collect(ALICE_SESSION, first.pk)
+    fake_llm.clear_records()
+
+    fake_llm.tokens = ["pgvector", " HNSW", " indexes"]
+    follow_up = await chat.ask(
+        owner=ALICE_SESSION, question="Which indexes does it have?", k=1, conversation_id=first.conversation_id
+    )
+    await collect(ALICE_SESSION, follow_up.pk)
+
+    condense_request, answer_request = (r.request for r in fake_llm.records)
+    assert "standalone" in condense_request["messages"][0]["content"]
+    assert "What does pgvector add?" in condense_request["messages"][-1]["content"]
+    assert "Which indexes does it have?" in condense_request["messages"][-1]["content"]
+    # Retrieval embeds the condensed query (the fake's reply), not the bare follow-up.
+    assert fake_llm.embedding_requests[-1] == ["pgvector HNSW indexes"]
+    assert answer_request["messages"][1:] == [
+        {"role": "user", "content": "What does pgvector add?"},
+        {"role": "assistant", "content": "pgvector adds vector search [1]"},
+        {"role": "user", "content": "Which indexes does it have?"},
+    ]
+
+
+async def test_history_keeps_the_newest_turns_within_the_token_budget(fake_llm, settings):
+    await add_corpus()
+    conversation_id = None
+    for i in range(3):
+        fake_llm.tokens = [f"answer {i}"]
+        answer = await chat.ask(owner=ALICE_SESSION, question=f"question {i}", k=1, conversation_id=conversation_id)
+        conversation_id = answer.conversation_id
+        await collect(ALICE_SESSION, answer.pk)
+    last = await chat.ask(owner=ALICE_SESSION, question="question 3", k=1, conversation_id=conversation_id)
+
+    roomy = await chat.build_history(answer=last, budget_tokens=1000)
+    tight = await chat.build_history(answer=last, budget_tokens=6)
+
+    assert [m["content"] for m in roomy] == [
+        "question 0",
+        "answer 0",
+        "question 1",
+        "answer 1",
+        "question 2",
+        "answer 2",
+    ]
+    assert [m["content"] for m in tight] == ["question 2", "answer 2"]
+    assert await chat.build_history(answer=last, budget_tokens=0) == []
+
+
+async def test_the_first_question_is_not_condensed(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="Tell me about bananas", k=1)
+    await collect(ALICE_SESSION, answer.pk)
+    assert len(fake_llm.records) == 1
+    assert fake_llm.embedding_requests[-1] == ["Tell me about bananas"]
+
+
+async def test_stop_cancels_the_generation_closes_upstream_and_keeps_the_partial_answer(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f"t{i} " for i in range(100)]
+    fake_llm.inter_token_ms = 20
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    events = await chat.stream_turn(owner=ALICE_SESSION, answer_id=answer.pk)
+    seen = []
+    async with asyncio.timeout(10):
+        async for event in events:
+            seen.append(event)
+            if len([e for e in seen if isinstance(e, answering.Token)]) == 3:
+                # The consumer keeps reading: stop must end the stream, not the reader.
+                asyncio.get_running_loop().call_soon(
+                    asyncio.ensure_future, chat.stop(owner=ALICE_SESSION, answer_id=answer.pk)
+                )
+
+    record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=5)
+    assert record.closed_by_client and record.tokens_sent < 100
+    assert kinds(seen)[-2:] == ["Metrics", "Done"]
+    assert seen[-2].status == Message.Status.STOPPED
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert saved.status == Message.Status.STOPPED and saved.finish_reason == "stopped"
+    assert saved.text == "".join(e.text for e in seen if isinstance(e, answering.Token))
+    assert chat._running == {} and chat._stopping == set()
+
+
+async def test_stop_before_the_stream_starts_means_it_never_generates(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    assert await chat.stop(owner=ALICE_SESSION, answer_id=answer.pk) is True
+
+    events = await collect(ALICE_SESSION, answer.pk)
+
+    assert fake_llm.records == []
+    assert kinds(events) == ["Started", "Metrics", "Done"]
+    assert events[-1].answer.status == Message.Status.STOPPED
+    assert await chat.stop(owner=ALICE_SESSION, answer_id=answer.pk) is False
+
+
+async def test_an_upstream_error_is_stored_and_replayed(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector? fault=http500", k=1)
+    events = await collect(ALICE_SESSION, answer.pk)
+    assert kinds(events)[-2:] == ["Error", "Done"]
+    replayed = await collect(ALICE_SESSION, answer.pk)
+    assert kinds(replayed)[-2:] == ["Error", "Done"]
+    assert replayed[-2].message == events[-2].message
+    assert "HTTP 500" in events[-2].message
+
+
+async def test_regenerate_asks_the_same_question_again_in_the_conversation(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="Bananas?", k=3)
+    await collect(ALICE_SESSION, answer.pk)
+    again = await chat.regenerate(owner=ALICE_SESSION, answer_id=answer.pk)
+    assert again.pk != answer.pk and again.conversation_id == answer.conversation_id and again.k == 3
+    turn = await chat.get_turn(owner=ALICE_SESSION, answer_id=again.pk)
+    assert turn.question.text == "Bananas?"
+    with pytest.raises(chat.NotFound):
+        await chat.regenerate(owner=BOB_SESSION, answer_id=answer.pk)
+
+
+async def test_feedback_is_stored_with_the_retrieved_chunk_ids(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="Bananas?", k=2)
+    events = await collect(ALICE_SESSION, answer.pk)
+    chunk_ids = [s.chunk_id for s in events[1].sources]
+
+    await chat.give_feedback(owner=ALICE_SESSION, answer_id=answer.pk, value="up")
+    feedback = await chat.give_feedback(owner=ALICE_SESSION, answer_id=answer.pk, value="down")
+
+    stored = await Feedback.objects.aget(message_id=answer.pk)
+    assert (stored.pk, stored.value, stored.chunk_ids) == (feedback.pk, "down", chunk_ids)
+    assert len(chunk_ids) == 2
+    with pytest.raises(ValueError, match="up, down"):
+        await chat.give_feedback(owner=ALICE_SESSION, answer_id=answer.pk, value="meh")
+
+
+async def test_a_conversation_lists_its_turns_in_order(fake_llm):
+    await add_corpus()
+    first = await chat.ask(owner=ALICE_SESSION, question="one", k=1)
+    second = await chat.ask(owner=ALICE_SESSION, question="two", k=1, conversation_id=first.conversation_id)
+    conversation, turns = await chat.get_turns(owner=ALICE_SESSION, conversation_id=first.conversation_id)
+    assert conversation.title == "one"
+    assert [(t.question.text, t.answer.pk) for t in turns] == [("one", first.pk), ("two", second.pk)]

@@ -1,0 +1,169 @@
+"""The WebSocket consumer, through the real ASGI application (origin check, auth, routing)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from channels.testing import WebsocketCommunicator
+
+from rag.models import Message
+from ragsite.asgi import application
+from tests.factories import add_corpus
+
+pytestmark = pytest.mark.django_db(transaction=True)
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
+
+
+async def connect() -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(application, "/ws/rag/", headers=ORIGIN)
+    connected, _ = await communicator.connect()
+    assert connected
+    return communicator
+
+
+async def receive_until_done(communicator: WebsocketCommunicator) -> list[dict]:
+    messages = []
+    while True:
+        message = await communicator.receive_json_from(timeout=10)
+        messages.append(message)
+        if message["type"] == "done":
+            return messages
+
+
+async def test_a_full_answer(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["Bananas", " are", " yellow", " [1]"]
+    communicator = await connect()
+    await communicator.send_json_to({"type": "ask", "question": "What colour are bananas?", "k": 2})
+    messages = await receive_until_done(communicator)
+
+    assert [m["type"] for m in messages] == ["started", "sources"] + ["token"] * 4 + ["metrics", "done"]
+    assert messages[1]["sources"][0]["title"] == "Bananas" and len(messages[1]["sources"]) == 2
+    assert "".join(m["text"] for m in messages if m["type"] == "token") == "Bananas are yellow [1]"
+    assert messages[-2]["status"] == "complete" and messages[-1]["status"] == "complete"
+    answer = await Message.objects.aget(pk=messages[0]["answer_id"])
+    assert answer.text == "Bananas are yellow [1]"
+
+    # A follow-up on the same socket continues the conversation.
+    conversation_id = messages[0]["conversation_id"]
+    await communicator.send_json_to({"type": "ask", "question": "And why?", "conversation_id": conversation_id})
+    follow_up = await receive_until_done(communicator)
+    assert follow_up[0]["conversation_id"] == conversation_id
+    await communicator.disconnect()
+
+
+async def test_stop_closes_the_upstream_request_and_keeps_the_partial_answer(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f"t{i} " for i in range(100)]
+    fake_llm.inter_token_ms = 20
+    communicator = await connect()
+    await communicator.send_json_to({"type": "ask", "question": "pgvector?", "k": 1})
+    messages = []
+    while len([m for m in messages if m["type"] == "token"]) < 3:
+        messages.append(await communicator.receive_json_from(timeout=10))
+    await communicator.send_json_to({"type": "stop"})
+    messages += await receive_until_done(communicator)
+
+    record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=5)
+    assert record.closed_by_client and record.tokens_sent < 100
+    assert messages[-1] == {"type": "done", "answer_id": messages[0]["answer_id"], "status": "stopped"}
+    answer = await Message.objects.aget(pk=messages[0]["answer_id"])
+    assert answer.status == Message.Status.STOPPED
+    assert answer.text == "".join(m["text"] for m in messages if m["type"] == "token")
+    await communicator.disconnect()
+
+
+async def test_an_upstream_error_is_an_error_message_then_done(fake_llm):
+    await add_corpus()
+    communicator = await connect()
+    await communicator.send_json_to({"type": "ask", "question": "pgvector? fault=http500"})
+    messages = await receive_until_done(communicator)
+    error = next(m for m in messages if m["type"] == "error")
+    assert error["code"] == "upstream_error" and "HTTP 500" in error["message"]
+    assert messages[-1]["status"] == "error"
+    await communicator.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("payload", "hint"),
+    [
+        ("not json", "Send JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"type": "dance"}', "use 'ask' or 'stop'"),
+        ('{"type": "ask", "question": ""}', "non-empty"),
+        ('{"type": "ask", "question": "q", "k": 0}', "'k' must be"),
+        ('{"type": "ask", "question": "q", "conversation_id": "nope"}', "UUID"),
+        ('{"type": "stop"}', "Nothing to stop"),
+    ],
+)
+async def test_bad_input_gets_an_error_that_says_what_to_fix(fake_llm, payload, hint):
+    communicator = await connect()
+    await communicator.send_to(text_data=payload)
+    message = await communicator.receive_json_from(timeout=5)
+    assert message["type"] == "error" and message["code"] == "bad_request"
+    assert hint in message["message"]
+    assert await Message.objects.acount() == 0
+    await communicator.disconnect()
+
+
+async def test_one_question_at_a_time_and_no_foreign_conversations(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f"t{i} " for i in range(30)]
+    fake_llm.inter_token_ms = 20
+    other = await connect()
+    await other.send_json_to({"type": "ask", "question": "someone else's"})
+    foreign = (await receive_until_done(other))[0]["conversation_id"]
+    await other.disconnect()
+
+    communicator = await connect()
+    await communicator.send_json_to({"type": "ask", "question": "continue", "conversation_id": foreign})
+    refused = await communicator.receive_json_from(timeout=5)
+    assert refused["type"] == "error" and "No such conversation" in refused["message"]
+
+    await communicator.send_json_to({"type": "ask", "question": "first"})
+    assert (await communicator.receive_json_from(timeout=5))["type"] == "started"
+    await communicator.send_json_to({"type": "ask", "question": "second"})
+    messages = []
+    while not any(m["type"] == "error" for m in messages):
+        messages.append(await communicator.receive_json_from(timeout=5))
+    assert "One question at a time" in messages[-1]["message"]
+    await communicator.disconnect()
+
+
+async def test_closing_the_socket_stops_the_answer(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f"t{i} " for i in range(100)]
+    fake_llm.inter_token_ms = 20
+    communicator = await connect()
+    await communicator.send_json_to({"type": "ask", "question": "pgvector?"})
+    started = await communicator.receive_json_from(timeout=5)
+    while (await communicator.receive_json_from(timeout=5))["type"] != "token":
+        pass
+    await communicator.disconnect()
+    record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=5)
+    assert record.closed_by_client
+    answer = await Message.objects.aget(pk=started["answer_id"])
+    assert answer.status == Message.Status.STOPPED
+
+
+async def test_a_foreign_origin_is_refused(fake_llm):
+    communicator = WebsocketCommunicator(application, "/ws/rag/", headers=[(b"origin", b"https://evil.example")])
+    connected, _ = await communicator.connect()
+    assert not connected
+
+
+async def test_an_anonymous_socket_gets_no_chunk_of_a_restricted_collection(fake_llm):
+    from rag.models import Collection
+    from rag.services.documents import aadd_documents
+
+    await add_corpus()
+    secret = await Collection.objects.acreate(name="secret", visibility=Collection.Visibility.STAFF)
+    await aadd_documents(documents=["The vault code is 4711."], collection=secret)
+    communicator = await connect()
+    await communicator.send_json_to({"type": "ask", "question": "What is the vault code?", "k": 5})
+    messages = await receive_until_done(communicator)
+    [sources] = [m["sources"] for m in messages if m["type"] == "sources"]
+    assert sources and all("4711" not in s["snippet"] for s in sources)
+    assert "4711" not in str(fake_llm.records[-1].request["messages"])
+    await communicator.disconnect()

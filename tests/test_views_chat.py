@@ -1,0 +1,257 @@
+"""The chat page's views, in process: the POST/GET flow, isolation between owners, CSRF, stop, feedback."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.contrib.auth.models import User
+from django.test import AsyncClient
+
+from rag.models import Feedback, Message
+from tests.factories import add_corpus
+from tests.sse import parse_sse
+
+pytestmark = pytest.mark.django_db(transaction=True)
+HTMX = {"HX-Request": "true"}
+
+
+async def post_question(client: AsyncClient, question: str, **fields: str):
+    return await client.post("/chat/ask", {"question": question, **fields}, headers=HTMX)
+
+
+def answer_id_in(html: str) -> int:
+    return int(re.search(r'sse-connect="/chat/answers/(\d+)/stream"', html).group(1))
+
+
+async def read_stream(client: AsyncClient, answer_id: int):
+    response = await client.get(f"/chat/answers/{answer_id}/stream")
+    assert response.status_code == 200
+    body = b"".join([chunk async for chunk in response.streaming_content])
+    return response, parse_sse(body.decode())
+
+
+async def test_the_page_renders_with_the_form_and_vendored_scripts(fake_llm):
+    response = await AsyncClient().get("/")
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert 'hx-post="/chat/ask"' in html and 'name="csrfmiddlewaretoken"' in html
+    assert "/static/vendor/htmx.min.js" in html and "/static/vendor/htmx-ext-sse.js" in html
+    assert "cdn" not in html.lower() and "unpkg" not in html.lower()
+    assert '<label for="question"' in html
+
+
+async def test_ask_returns_the_turn_fragment_and_the_stream_delivers_html_events(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["<b>Bananas</b>", " are", " yellow", " [1]"]
+    client = AsyncClient()
+    response = await post_question(client, "What colour are bananas?", k="2")
+    html = response.content.decode()
+    assert response.status_code == 200
+    assert "What colour are bananas?" in html and 'sse-close="done"' in html
+    answer_id = answer_id_in(html)
+    assert response["HX-Push-Url"].startswith("/c/")
+
+    stream_response, events = await read_stream(client, answer_id)
+
+    assert stream_response["Content-Type"].startswith("text/event-stream")
+    assert stream_response["Cache-Control"] == "no-cache"
+    names = [e.type for e in events]
+    assert names == ["sources"] + ["token"] * 4 + ["metrics", "done"]
+    assert "Bananas" in events[0].data and f'id="src-{answer_id}-1"' in events[0].data
+    assert events[1].data == "&lt;b&gt;Bananas&lt;/b&gt;"  # escaped, never markup
+    done = events[-1].data
+    assert f'id="answer-{answer_id}"' in done and "sse-connect" not in done
+    assert f'<a class="cite" href="#src-{answer_id}-1"' in done
+    assert "&lt;b&gt;Bananas&lt;/b&gt;" in done and "<b>Bananas</b>" not in done
+    assert (await Message.objects.aget(pk=answer_id)).status == Message.Status.COMPLETE
+
+
+async def test_reconnecting_to_the_stream_replays_instead_of_generating_again(fake_llm):
+    await add_corpus()
+    client = AsyncClient()
+    answer_id = answer_id_in((await post_question(client, "pgvector?")).content.decode())
+    _, first = await read_stream(client, answer_id)
+    requests = len(fake_llm.records)
+
+    _, again = await read_stream(client, answer_id)
+
+    assert len(fake_llm.records) == requests
+    assert [e.type for e in again] == ["sources", "token", "metrics", "done"]
+    assert again[1].data == "".join(e.data for e in first if e.type == "token")
+
+
+async def test_a_follow_up_continues_the_conversation(fake_llm):
+    await add_corpus()
+    client = AsyncClient()
+    first = await post_question(client, "What does pgvector add?")
+    answer_id = answer_id_in(first.content.decode())
+    await read_stream(client, answer_id)
+    answer = await Message.objects.aget(pk=answer_id)
+
+    second = await post_question(client, "And indexes?", conversation=str(answer.conversation_id))
+    assert "HX-Push-Url" not in second
+    second_id = answer_id_in(second.content.decode())
+    assert (await Message.objects.aget(pk=second_id)).conversation_id == answer.conversation_id
+
+    page = (await client.get(f"/c/{answer.conversation_id}")).content.decode()
+    assert "What does pgvector add?" in page and "And indexes?" in page
+
+
+async def test_another_session_gets_404_for_everything_of_a_conversation(fake_llm):
+    await add_corpus()
+    alice, bob = AsyncClient(), AsyncClient()
+    answer_id = answer_id_in((await post_question(alice, "Alice's private question")).content.decode())
+    conversation_id = (await Message.objects.aget(pk=answer_id)).conversation_id
+
+    assert "Alice&#x27;s private question" not in (await bob.get("/")).content.decode()
+    assert (await bob.get(f"/c/{conversation_id}")).status_code == 404
+    assert (await bob.get(f"/chat/answers/{answer_id}/stream")).status_code == 404
+    assert (await bob.get(f"/chat/answers/{answer_id}")).status_code == 404
+    assert (await bob.post(f"/chat/answers/{answer_id}/stop")).status_code == 404
+    assert (await bob.post(f"/chat/answers/{answer_id}/regenerate", headers=HTMX)).status_code == 404
+    assert (await bob.post(f"/chat/answers/{answer_id}/feedback", {"value": "down"})).status_code == 404
+    response = await post_question(bob, "continue it", conversation=str(conversation_id))
+    assert response.status_code == 404
+    # Bob's stream request did not start Alice's answer either.
+    assert (await Message.objects.aget(pk=answer_id)).claimed_at is None
+    assert fake_llm.records == []
+    assert "Alice&#x27;s private question" in (await alice.get("/")).content.decode()
+
+
+async def test_signed_in_users_do_not_see_each_others_conversations(fake_llm):
+    await add_corpus()
+    alice = await User.objects.acreate(username="alice")
+    bob = await User.objects.acreate(username="bob")
+    alice_client, bob_client = AsyncClient(), AsyncClient()
+    await sync_to_async(alice_client.force_login)(alice)
+    await sync_to_async(bob_client.force_login)(bob)
+    answer_id = answer_id_in((await post_question(alice_client, "Alice asks")).content.decode())
+    answer = await Message.objects.select_related("conversation").aget(pk=answer_id)
+    assert answer.conversation.user_id == alice.pk
+
+    assert (await bob_client.get(f"/c/{answer.conversation_id}")).status_code == 404
+    assert (await bob_client.get(f"/chat/answers/{answer_id}/stream")).status_code == 404
+    assert "Alice asks" not in (await bob_client.get("/")).content.decode()
+    assert "Alice asks" in (await alice_client.get("/")).content.decode()
+
+
+async def test_posts_need_a_csrf_token(fake_llm):
+    client = AsyncClient(enforce_csrf_checks=True)
+    page = await client.get("/")
+    assert (await post_question(client, "no token")).status_code == 403
+    token = page.cookies["csrftoken"].value
+    response = await client.post("/chat/ask", {"question": "with a token"}, headers={**HTMX, "X-CSRFToken": token})
+    assert response.status_code == 200
+    assert await Message.objects.filter(text="with a token").aexists()
+
+
+async def test_a_bad_question_is_a_422_fragment_for_the_form(fake_llm):
+    response = await post_question(AsyncClient(), "   ")
+    assert response.status_code == 422
+    assert response["HX-Retarget"] == "#form-error"
+    assert "non-empty" in response.content.decode()
+    assert await Message.objects.acount() == 0
+
+
+async def test_stop_before_the_stream_connects_means_it_never_generates(fake_llm):
+    await add_corpus()
+    client = AsyncClient()
+    answer_id = answer_id_in((await post_question(client, "pgvector?")).content.decode())
+    assert (await client.post(f"/chat/answers/{answer_id}/stop")).status_code == 204
+    _, events = await read_stream(client, answer_id)
+    assert [e.type for e in events] == ["metrics", "done"]
+    assert "stopped" in events[-1].data
+    assert fake_llm.records == []
+
+
+async def test_feedback_is_stored_with_chunk_ids_and_shown_pressed(fake_llm):
+    await add_corpus()
+    client = AsyncClient()
+    answer_id = answer_id_in((await post_question(client, "Bananas?", k="2")).content.decode())
+    await read_stream(client, answer_id)
+    response = await client.post(f"/chat/answers/{answer_id}/feedback", {"value": "up"}, headers=HTMX)
+    assert response.status_code == 200
+    assert re.search(r'aria-label="Good answer" aria-pressed="true"', response.content.decode())
+    feedback = await Feedback.objects.aget(message_id=answer_id)
+    answer = await Message.objects.aget(pk=answer_id)
+    assert feedback.value == "up" and feedback.chunk_ids == [s["id"] for s in answer.sources]
+    assert (await client.post(f"/chat/answers/{answer_id}/feedback", {"value": "maybe"})).status_code == 400
+    detail = (await client.get(f"/chat/answers/{answer_id}")).content.decode()
+    assert 'aria-label="Good answer" aria-pressed="true"' in detail
+
+
+async def test_regenerate_appends_a_new_turn_with_the_same_question(fake_llm):
+    await add_corpus()
+    client = AsyncClient()
+    answer_id = answer_id_in((await post_question(client, "Bananas?")).content.decode())
+    await read_stream(client, answer_id)
+    response = await client.post(f"/chat/answers/{answer_id}/regenerate", headers=HTMX)
+    new_id = answer_id_in(response.content.decode())
+    assert new_id != answer_id and "Bananas?" in response.content.decode()
+
+
+async def test_the_bundled_model_notice_says_how_to_switch(fake_llm, settings, monkeypatch):
+    from rag.providers.fake import FakeChat
+
+    bundled = FakeChat(model="SmolLM2-135M-Instruct.Q4_1")
+    bundled.is_bundled = True
+    monkeypatch.setattr("rag.views_chat.chat_provider", lambda: bundled)
+    html = (await AsyncClient().get("/")).content.decode()
+    assert "small bundled model" in html and "OPENAI_API_KEY" in html and "RAG_LLM_GGUF" in html
+    monkeypatch.setattr("rag.views_chat.chat_provider", lambda: FakeChat())
+    assert "small bundled model" not in (await AsyncClient().get("/")).content.decode()
+
+
+async def test_methods_are_enforced(fake_llm):
+    client = AsyncClient()
+    assert (await client.get("/chat/ask")).status_code == 405
+    assert (await client.post("/chat/answers/1/stream")).status_code == 405
+
+
+# --- collections: the chat page searches only what the user may read ------------------------------
+
+
+@sync_to_async
+def secret_collection_and_member() -> User:
+    from django.contrib.auth.models import Group
+
+    from rag.models import Collection
+
+    members = Group.objects.create(name="members")
+    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
+    secret.groups.add(members)
+    member = User.objects.create_user("member")
+    member.groups.add(members)
+    return member
+
+
+async def add_secret() -> int:
+    from rag.models import Collection
+    from rag.services.documents import aadd_documents
+
+    [result] = await aadd_documents(
+        documents=["The vault code is 4711."], collection=await Collection.objects.aget(name="secret")
+    )
+    return result.document_id
+
+
+async def test_chat_answers_and_document_pages_only_use_readable_collections(fake_llm):
+    member = await secret_collection_and_member()
+    await add_corpus()
+    secret_id = await add_secret()
+
+    outsider = AsyncClient()
+    answer_id = answer_id_in((await post_question(outsider, "What is the vault code?", k="5")).content.decode())
+    _, events = await read_stream(outsider, answer_id)
+    assert "4711" not in events[0].data and "Bananas" in events[0].data
+    assert "4711" not in str(fake_llm.records[-1].request["messages"])
+    assert (await outsider.get(f"/chat/documents/{secret_id}")).status_code == 404
+
+    insider = AsyncClient()
+    await insider.aforce_login(member)
+    answer_id = answer_id_in((await post_question(insider, "What is the vault code?", k="5")).content.decode())
+    _, events = await read_stream(insider, answer_id)
+    assert "4711" in events[0].data
+    assert (await insider.get(f"/chat/documents/{secret_id}")).status_code == 200
