@@ -218,6 +218,14 @@ class Message(models.Model):
     tokens = models.PositiveIntegerField(null=True, blank=True)
     finish_reason = models.CharField(max_length=32, blank=True)
     k = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Chunks asked for (answers only).")
+    collection = models.ForeignKey(
+        "Collection",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The collection the question was asked of (answers only); empty: every readable one.",
+    )
     # Set by the one stream that generates this answer: a second stream for the
     # same answer (a reconnect, another tab) finds it set and replays instead.
     claimed_at = models.DateTimeField(null=True, blank=True)

@@ -63,6 +63,7 @@ async def page(request: HttpRequest, conversation_id: uuid.UUID | None = None) -
         "conversation": conversation,
         "turns": turns,
         "conversations": await chat.list_conversations(owner=owner),
+        "collections": [c async for c in Collection.objects.readable_by(await request.auser()).only("pk", "name")],
         "k_choices": K_CHOICES,
         "default_k": settings.RAG_DEFAULT_K,
         "max_question_chars": settings.RAG_MAX_QUESTION_CHARS,
@@ -79,12 +80,27 @@ async def ask(request: HttpRequest) -> HttpResponse:
     except BadQuestion as exc:
         return _form_error(str(exc))
     conversation_id = _uuid_or_404(request.POST.get("conversation", ""))
+    collection_id = await _readable_collection_id(request, request.POST.get("collection", ""))
     owner = await owner_of(request, create=True)
     try:
-        answer = await chat.ask(owner=owner, question=q.question, k=q.k, conversation_id=conversation_id)
+        answer = await chat.ask(
+            owner=owner, question=q.question, k=q.k, conversation_id=conversation_id, collection_id=collection_id
+        )
     except chat.NotFound:
         raise Http404("No such conversation.") from None
     return await _new_turn(request, owner=owner, answer=answer, question=q.question, new=conversation_id is None)
+
+
+async def _readable_collection_id(request: HttpRequest, raw: str) -> int | None:
+    """The chosen collection's id ("" = all readable ones); one the user may not read is a 404."""
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise Http404("No such collection.")
+    readable = Collection.objects.readable_by(await request.auser())
+    if not await readable.filter(pk=int(raw)).aexists():
+        raise Http404("No such collection.")
+    return int(raw)
 
 
 @require_POST

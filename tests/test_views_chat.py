@@ -255,3 +255,28 @@ async def test_chat_answers_and_document_pages_only_use_readable_collections(fak
     _, events = await read_stream(insider, answer_id)
     assert "4711" in events[0].data
     assert (await insider.get(f"/chat/documents/{secret_id}")).status_code == 200
+
+
+async def test_the_collection_picker_lists_readable_collections_and_narrows_the_search(fake_llm):
+    from rag.models import Collection
+
+    member = await secret_collection_and_member()
+    await add_corpus()
+    await add_secret()
+    secret = await Collection.objects.aget(name="secret")
+
+    outsider = AsyncClient()
+    page = (await outsider.get("/")).content.decode()
+    assert 'name="collection"' not in page  # one readable collection: nothing to pick
+    assert (await post_question(outsider, "vault?", collection=str(secret.pk))).status_code == 404
+
+    insider = AsyncClient()
+    await insider.aforce_login(member)
+    page = (await insider.get("/")).content.decode()
+    assert f'<option value="{secret.pk}">secret</option>' in page
+    answer_id = answer_id_in(
+        (await post_question(insider, "What is the vault code?", k="5", collection=str(secret.pk))).content.decode()
+    )
+    _, events = await read_stream(insider, answer_id)
+    assert "4711" in events[0].data and "Bananas" not in events[0].data  # only the chosen collection
+    assert (await Message.objects.aget(pk=answer_id)).collection_id == secret.pk

@@ -215,6 +215,7 @@ def open_turn(
     session_key: str,
     model: str,
     k: int | None = None,
+    collection_id: int | None = None,
 ) -> Message:
     """Save a question and the placeholder of its answer (status ``streaming``),
     for transports that need the answer's id before it streams."""
@@ -233,6 +234,7 @@ def open_turn(
                     status=Message.Status.STREAMING,
                     model=model,
                     k=k,
+                    collection_id=collection_id,
                 ),
             ]
         )

@@ -31,7 +31,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from rag.models import Conversation, Feedback, Message
@@ -153,8 +153,19 @@ async def get_turn(*, owner: Owner, answer_id: int) -> Turn:
 # --- asking ---------------------------------------------------------------------------------------
 
 
-async def ask(*, owner: Owner, question: str, k: int, conversation_id: uuid.UUID | None = None) -> Message:
-    """Save ``question`` (in a new conversation unless one is given) and its placeholder answer."""
+async def ask(
+    *,
+    owner: Owner,
+    question: str,
+    k: int,
+    conversation_id: uuid.UUID | None = None,
+    collection_id: int | None = None,
+) -> Message:
+    """Save ``question`` (in a new conversation unless one is given) and its placeholder answer.
+
+    ``collection_id`` narrows the search to one collection; the stream still
+    searches only what the asking user may read, so naming another one finds nothing.
+    """
     if owner.user_id is None and not owner.session_key:
         raise ValueError("An anonymous owner needs a session key.")
     conversation = None
@@ -167,6 +178,7 @@ async def ask(*, owner: Owner, question: str, k: int, conversation_id: uuid.UUID
         session_key="" if owner.user_id is not None else owner.session_key,
         model=chat_provider().model,
         k=k,
+        collection_id=collection_id,
     )
 
 
@@ -179,6 +191,7 @@ async def regenerate(*, owner: Owner, answer_id: int) -> Message:
         question=question.text,
         k=answer.k or settings.RAG_DEFAULT_K,
         conversation_id=answer.conversation_id,
+        collection_id=answer.collection_id,
     )
 
 
@@ -203,7 +216,18 @@ async def stream_turn(
     if not claimed:
         return _replay(answer.pk)
     answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
+    if answer.collection_id is not None:
+        collections = _narrow(collections, answer.collection_id)
     return _generate(answer, chat=chat, embedder=embedder, collections=collections)
+
+
+def _narrow(collections: CollectionScope, collection_id: int) -> CollectionScope:
+    """The chosen collection, within what the caller may read."""
+    if collections is None:
+        return [collection_id]
+    if isinstance(collections, QuerySet):
+        return collections.filter(pk=collection_id)
+    return [pk for pk in collections if pk == collection_id]
 
 
 async def stop(*, owner: Owner, answer_id: int) -> bool:
