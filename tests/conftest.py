@@ -113,4 +113,4 @@ def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, what: s
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(0.01)  # the poll interval of a condition wait, not a race-hiding delay

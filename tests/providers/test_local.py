@@ -9,7 +9,6 @@ import asyncio
 import math
 import os
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +18,7 @@ from rag.models import Chunk
 from rag.pipeline import RAG
 from rag.providers.base import ChatChunk
 from rag.providers.local import LlamaCppChat, LocalEmbeddings
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,15 +44,6 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 def generate_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "llama-generate" and t.is_alive()]
-
-
-def wait_until(predicate, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)  # polling a condition, not timing a race
-    return result
 
 
 async def test_embeddings_are_384_d_unit_vectors_that_capture_meaning(embeddings):
