@@ -48,6 +48,16 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 QUESTION_TAIL = 80  # characters of the last user message kept in /_records, enough for a "rid=" marker
 
 
+#: Chat faults of this fake and the error code the app reports for each.
+CHAT_FAULT_CODES = [
+    ("http500", "upstream_error"),
+    ("http429", "rate_limited"),
+    ("hang", "timeout"),
+    ("drop_after=2", "bad_stream"),
+    ("malformed_after=1", "bad_stream"),
+]
+
+
 @dataclass
 class StreamRecord:
     request: dict[str, Any]

@@ -23,6 +23,7 @@ from multidict import CIMultiDictProxy
 from rag.models import Message
 from tests.conftest import wait_until
 from tests.factories import add_corpus
+from tests.fake_openai import CHAT_FAULT_CODES
 from tests.sse import Event, SSEParser
 from tests.test_sse import TRICKY_TOKENS, as_sse_sees_it
 
@@ -508,14 +509,7 @@ async def test_wrong_method_is_a_405_json_error(client, method, path, allowed):
 @live
 @pytest.mark.parametrize(
     ("fault", "code"),
-    [
-        ("http500", "upstream_error"),
-        ("http429", "rate_limited"),
-        ("hang", "timeout"),
-        ("drop_after=2", "bad_stream"),
-        ("malformed_after=1", "bad_stream"),
-        ("embed500", "upstream_error"),
-    ],
+    [*CHAT_FAULT_CODES, ("embed500", "upstream_error")],
 )
 @pytest.mark.parametrize("fmt", ["text", "json"])
 async def test_upstream_failure_is_an_error_event_then_the_end(live_server_url, http, fake_llm, fault, code, fmt):

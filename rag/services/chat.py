@@ -408,7 +408,7 @@ async def _replay(answer_id: int) -> AsyncIterator[ChatEvent]:
         await asyncio.sleep(REPLAY_POLL_S)
     yield Started(answer_id=answer.pk, conversation_id=str(answer.conversation_id))
     if answer.sources:
-        yield answering.Sources([_source_from_public(s, n) for n, s in enumerate(answer.sources, start=1)])
+        yield answering.Sources([Source.from_public(s, n) for n, s in enumerate(answer.sources, start=1)])
     if answer.text:
         yield answering.Token(answer.text)
     if answer.status == Message.Status.ERROR:
@@ -431,17 +431,4 @@ def metrics_of(answer: Message) -> answering.Metrics:
         total_ms=answer.total_ms or 0.0,
         tokens=answer.tokens or 0,
         finish_reason=answer.finish_reason,
-    )
-
-
-def _source_from_public(data: dict, n: int) -> Source:
-    return Source(
-        n=int(data.get("n", n)),
-        chunk_id=int(data.get("id", 0)),
-        document_id=int(data.get("document_id", 0)),
-        title=str(data.get("title", "")),
-        source=str(data.get("source", "")),
-        heading=str(data.get("heading", "")),
-        text=str(data.get("snippet", "")),
-        score=float(data.get("score", 0.0)),
     )

@@ -44,6 +44,20 @@ class Source:
             "score": round(self.score, 4),
         }
 
+    @classmethod
+    def from_public(cls, data: dict, n: int) -> Source:
+        """A source as stored on a message by ``public()`` (the snippet stands in for the text)."""
+        return cls(
+            n=int(data.get("n", n)),
+            chunk_id=int(data.get("id", 0)),
+            document_id=int(data.get("document_id", 0)),
+            title=str(data.get("title", "")),
+            source=str(data.get("source", "")),
+            heading=str(data.get("heading", "")),
+            text=str(data.get("snippet", "")),
+            score=float(data.get("score", 0.0)),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Retrieval:
