@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from typing import TypeVar
 
@@ -67,21 +67,43 @@ def end(fmt: str) -> bytes:
 async def event_stream(
     events: AsyncIterator[answering.AnswerEvent], *, fmt: str, heartbeat: float
 ) -> AsyncIterator[bytes]:
-    """Encode events as SSE bytes, with heartbeat comments while the source is quiet.
+    """The answer API's event stream: ``frames`` in the text or JSON format, then the end marker.
 
     However the source ends (normally, by an exception), the client gets an
     end marker, never a silently truncated stream.
     """
+
+    async def encode_event(event: answering.AnswerEvent) -> bytes:
+        return encode(event, fmt=fmt)
+
+    def failure(exc: Exception) -> bytes:
+        return encode(answering.Error(message=f"The answer failed: {type(exc).__name__}.", code="internal"), fmt=fmt)
+
+    async with aclosing(frames(events, encode=encode_event, failure=failure, heartbeat=heartbeat)) as chunks:
+        async for chunk in chunks:
+            yield chunk
+    yield end(fmt)
+
+
+async def frames(
+    events: AsyncIterator[T],
+    *,
+    encode: Callable[[T], Awaitable[bytes]],
+    failure: Callable[[Exception], bytes],
+    heartbeat: float,
+) -> AsyncIterator[bytes]:
+    """SSE bytes for ``events``: an opening comment, the events encoded in
+    batches of whatever is ready, heartbeat comments while the source is quiet,
+    and ``failure(exc)`` if the source raises. Shared by every SSE transport."""
     yield OPENING
     # Closing order matters: the batches (and the task feeding them) stop
     # first, then the source, which is then no longer running.
     async with aclosing(events), aclosing(ready_batches(events, heartbeat=heartbeat)) as batches:
         try:
             async for batch in batches:
-                yield b"".join(encode(event, fmt=fmt) for event in batch) if batch else HEARTBEAT
-        except Exception as exc:  # the service reports expected failures as events
-            yield encode(answering.Error(message=f"The answer failed: {type(exc).__name__}.", code="internal"), fmt=fmt)
-    yield end(fmt)
+                yield b"".join([await encode(event) for event in batch]) if batch else HEARTBEAT
+        except Exception as exc:  # the services report expected failures as events; this is a bug
+            yield failure(exc)
 
 
 async def ready_batches(source: AsyncIterator[T], *, heartbeat: float) -> AsyncIterator[list[T]]:

@@ -194,22 +194,20 @@ async def html_event_stream(
     answer rendered from what was saved (Markdown, citations, actions), which
     replaces the streaming element and is also what a page reload shows.
     """
-    yield sse.OPENING
     done = False
-    async with aclosing(events), aclosing(sse.ready_batches(events, heartbeat=heartbeat)) as batches:
-        try:
-            async for batch in batches:
-                if not batch:
-                    yield sse.HEARTBEAT
-                    continue
-                frames = []
-                for event in batch:
-                    frames.append(await _frame(event, answer_id=answer_id))
-                    done = done or isinstance(event, chat.Done)
-                yield b"".join(frames)
-        except Exception as exc:  # expected failures arrive as events; this is a bug
-            message = f"The answer failed: {type(exc).__name__}. Reload the page to see what was saved."
-            yield sse.frame(render_to_string("rag/_error.html", {"message": message}), "error")
+
+    async def encode(event: chat.ChatEvent) -> bytes:
+        nonlocal done
+        done = done or isinstance(event, chat.Done)
+        return await _frame(event, answer_id=answer_id)
+
+    def failure(exc: Exception) -> bytes:
+        message = f"The answer failed: {type(exc).__name__}. Reload the page to see what was saved."
+        return sse.frame(render_to_string("rag/_error.html", {"message": message}), "error")
+
+    async with aclosing(sse.frames(events, encode=encode, failure=failure, heartbeat=heartbeat)) as chunks:
+        async for chunk in chunks:
+            yield chunk
     if not done:
         answer = await Message.objects.select_related("conversation").aget(pk=answer_id)
         yield sse.frame(await render_answer_fragment(answer), "done")
