@@ -22,6 +22,9 @@ from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, Provi
 # One AsyncOpenAI (and so one connection pool) per event loop: httpx connections
 # are bound to the loop that opened them, and manage.py commands and tests run
 # several loops in one process.
+# Tells the client to return the response before reading its body.
+_RAW_RESPONSE_HEADER = "X-Stainless-Raw-Response"
+
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, openai.AsyncOpenAI]] = (
     weakref.WeakKeyDictionary()
 )
@@ -54,6 +57,25 @@ class OpenAIConfig:
                 http_client=openai.DefaultAioHttpClient(),
             )
         return per_loop[key]
+
+    async def post(self, path: str, body: dict[str, Any], *, stream: bool = False) -> httpx.Response:
+        """POST a JSON body through the client; the response is raw (unread when ``stream``).
+
+        The client still does what it is for: base URL, auth, retries before the
+        first byte, and status errors as ``openai.APIStatusError``. What it skips is
+        the typed path of ``client.chat.completions.create``: walking the messages
+        against their TypedDicts and building a model object per chunk or float
+        costs more CPU than everything else this app does per request.
+        """
+        headers = {"Content-Type": "application/json"}
+        if stream:
+            headers[_RAW_RESPONSE_HEADER] = "stream"  # what ``with_streaming_response`` sets
+        return await self.client().post(
+            path,
+            content=json.dumps(body, ensure_ascii=False).encode(),
+            cast_to=httpx.Response,
+            options={"headers": headers},
+        )
 
     def explain(self, exc: BaseException, what: str, *, mid_stream: bool = False) -> ProviderError:
         """Turn a client exception into a message that says what to fix."""
@@ -141,14 +163,12 @@ class OpenAIEmbeddings(EmbeddingProvider):
         return QueryVector(literal="[" + ",".join(vector) + "]", dimensions=len(vector))
 
     async def _embed(self, texts: list[str], *, parse_float: Callable[[str], object]) -> list[list[Any]]:
-        extra = {"dimensions": self._dimensions} if self._dimensions else {}
+        body: dict[str, Any] = {"model": self._api_model, "input": texts, "encoding_format": "float"}
+        if self._dimensions:
+            body["dimensions"] = self._dimensions
         try:
-            # The raw body, parsed by json: the SDK's typed parse builds a model
-            # object per float, milliseconds per query vector on this hot path.
-            raw = await self.config.client().embeddings.with_raw_response.create(
-                model=self._api_model, input=texts, encoding_format="float", **extra
-            )
-            data = json.loads(raw.content, parse_float=parse_float)["data"]
+            response = await self.config.post("/embeddings", body)
+            data = json.loads(response.content, parse_float=parse_float)["data"]
             vectors = [item["embedding"] for item in sorted(data, key=lambda item: item["index"])]
         except (openai.OpenAIError, httpx.HTTPError) as exc:
             raise self.config.explain(exc, "embedding") from exc
@@ -174,23 +194,20 @@ class OpenAIChat(ChatProvider):
     async def stream(
         self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float
     ) -> AsyncIterator[ChatChunk]:
-        # The client does the request (auth, base URL, retries before the first
-        # byte, status errors); the event stream is read raw, because the SDK's
-        # per-chunk model objects cost more CPU than everything else per token.
-        request = self.config.client().chat.completions.with_streaming_response.create(
-            model=self.model,
-            messages=messages,  # type: ignore[arg-type]
-            max_tokens=max_tokens,
-            temperature=temperature,
-            stream=True,
-        )
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream": True,
+        }
         try:
-            response = await request.__aenter__()
+            response = await self.config.post("/chat/completions", body, stream=True)
         except (openai.OpenAIError, httpx.HTTPError) as exc:
             raise self.config.explain(exc, "LLM") from exc
         finished = False
         try:
-            async for line in response.iter_lines():
+            async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue  # blank separators, comments, "event:" lines
                 data = line[5:].strip()
@@ -214,7 +231,7 @@ class OpenAIChat(ChatProvider):
             raise self.config.explain(exc, "LLM", mid_stream=True) from exc
         finally:
             # Closing the response closes the connection: the server stops generating.
-            await request.__aexit__(None, None, None)
+            await response.aclose()
         if not finished:
             raise ProviderError(
                 f"The LLM server at {self.config.where} ended the stream without finishing the answer. "
