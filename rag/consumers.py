@@ -30,7 +30,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from rag.forms import BadQuestion, parse_question
-from rag.models import Collection, Message
+from rag.models import Message, Reader
 from rag.services import answering, chat
 
 
@@ -82,8 +82,8 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
         owner = await self.get_owner()
         try:
             answer = await chat.ask(owner=owner, question=q.question, k=q.k, conversation_id=conversation_id)
-            readable = Collection.objects.readable_by(self.scope.get("user"))
-            events = await chat.stream_turn(owner=owner, answer_id=answer.pk, collections=readable)
+            reader = Reader.of(self.scope.get("user"))
+            events = await chat.stream_turn(owner=owner, answer_id=answer.pk, collections=reader)
         except chat.NotFound:
             await self.bad_request("No such conversation: leave out conversation_id to start a new one.")
             return

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
@@ -12,24 +13,61 @@ from django.db.models.functions import Cast
 from pgvector.django import CosineDistance, VectorField
 
 
-class CollectionQuerySet(models.QuerySet):
-    def readable_by(self, user: Any) -> CollectionQuerySet:
-        """The collections ``user`` may search (anonymous users: the public ones).
+@dataclass(frozen=True, slots=True)
+class Reader:
+    """Someone searching, reduced to what decides which collections they may read.
 
-        Built from attributes already on the user object and a subquery on the
-        user's groups, so it costs no query of its own: used as a filter value it
+    A value (hashable), unlike a user or a QuerySet: the search compiles its SQL
+    once per kind of reader and reuses it (rag.services.retrieval).
+    """
+
+    user_id: int | None = None  # None: anonymous (or an inactive account)
+    staff: bool = False
+    superuser: bool = False
+    # Narrowed to one collection (by id or by name) within what they may read.
+    collection_id: int | None = None
+    collection_name: str | None = None
+
+    @classmethod
+    def of(cls, user: Any) -> Reader:
+        if user is None or not user.is_authenticated or not user.is_active:
+            return cls()
+        return cls(user_id=user.pk, staff=bool(user.is_staff), superuser=bool(user.is_superuser))
+
+    def only(self, *, collection_id: int | None = None, name: str | None = None) -> Reader:
+        return replace(self, collection_id=collection_id, collection_name=name or None)
+
+    def collections(self) -> CollectionQuerySet:
+        """The collections this reader may search (lazy: a subquery where it is used)."""
+        return Collection.objects.readable_by(self)
+
+
+class CollectionQuerySet(models.QuerySet):
+    def readable_by(self, who: Any) -> CollectionQuerySet:
+        """The collections ``who`` (a user or a Reader) may search (anonymous: the public ones).
+
+        Built from attributes already on the user and a subquery on their
+        groups, so it costs no query of its own: used as a filter value it
         becomes part of the search query (one trip to the database).
         """
-        if user is not None and getattr(user, "is_superuser", False) and user.is_active:
-            return self.all()
+        reader = who if isinstance(who, Reader) else Reader.of(who)
+        scope = self if reader.superuser else self.filter(self._readable(reader))
+        if reader.collection_id is not None:
+            scope = scope.filter(pk=reader.collection_id)
+        if reader.collection_name is not None:
+            scope = scope.filter(name=reader.collection_name)
+        return scope
+
+    @staticmethod
+    def _readable(reader: Reader) -> Q:
         readable = Q(visibility=Collection.Visibility.PUBLIC)
-        if user is not None and user.is_authenticated and user.is_active:
-            if user.is_staff:
+        if reader.user_id is not None:
+            if reader.staff:
                 readable |= Q(visibility=Collection.Visibility.STAFF)
             # A subquery, not a join: a join on groups would repeat collections.
-            memberships = Collection.groups.through.objects.filter(group__user__id=user.pk)
+            memberships = Collection.groups.through.objects.filter(group__user__id=reader.user_id)
             readable |= Q(visibility=Collection.Visibility.GROUPS, pk__in=memberships.values("collection_id"))
-        return self.filter(readable)
+        return readable
 
 
 class Collection(models.Model):
@@ -128,11 +166,13 @@ class ChunkQuerySet(models.QuerySet):
     def for_model(self, embedding_model: str) -> ChunkQuerySet:
         return self.filter(embedding_model=embedding_model)
 
-    def in_collections(self, collections: Iterable[int] | models.QuerySet | None) -> ChunkQuerySet:
-        """Only chunks of these collections (ids or a Collection QuerySet, which stays
-        a subquery); None: every collection."""
+    def in_collections(self, collections: Reader | Iterable[int] | models.QuerySet | None) -> ChunkQuerySet:
+        """Only chunks of these collections (what a Reader may read, ids, or a
+        Collection QuerySet; the last two stay a subquery); None: every collection."""
         if collections is None:
             return self
+        if isinstance(collections, Reader):
+            collections = collections.collections()
         if isinstance(collections, models.QuerySet):
             collections = collections.values("pk")
         return self.filter(collection_id__in=collections)

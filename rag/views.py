@@ -7,14 +7,13 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import connection
-from django.db.models import QuerySet
 from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
 from rag import sse
 from rag.forms import BadQuestion, parse_question
-from rag.models import Collection
+from rag.models import Reader
 from rag.pipeline import RAG
 
 FORMATS = ("text", "json")
@@ -41,14 +40,10 @@ def api_method(method: str):
     return decorator
 
 
-def readable_collections(user, *, name: str | None = None) -> QuerySet[Collection]:
-    """The collections this user may search, optionally narrowed to one by name.
-
-    Lazy: it runs as a subquery of the search, in the same trip to the database.
-    A collection the user may not read is simply empty for them.
-    """
-    scope = Collection.objects.readable_by(user)
-    return scope.filter(name=name) if name else scope
+def reader(user, *, collection: str | None = None) -> Reader:
+    """Who is asking, for the search: what they may read, optionally narrowed to one
+    collection by name (one they may not read is simply empty for them)."""
+    return Reader.of(user).only(name=collection)
 
 
 @api_method("GET")
@@ -66,7 +61,7 @@ async def stream(request: HttpRequest):
         q.question,
         k=q.k,
         user_id=user.pk if user.is_authenticated else None,
-        collections=readable_collections(user, name=request.GET.get("collection")),
+        collections=reader(user, collection=request.GET.get("collection")),
     )
     response = StreamingHttpResponse(
         sse.event_stream(events, fmt=fmt, heartbeat=settings.RAG_SSE_HEARTBEAT),
@@ -106,7 +101,7 @@ async def query(request: HttpRequest):
         q.question,
         k=q.k,
         user_id=user.pk if user.is_authenticated else None,
-        collections=readable_collections(user, name=collection),
+        collections=reader(user, collection=collection),
     )
     payload = {
         "answer": answer.text,

@@ -22,7 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from rag import sse
 from rag.forms import BadQuestion, parse_question
-from rag.models import Collection, Document, Message
+from rag.models import Collection, Document, Message, Reader
 from rag.providers import ProviderError, chat_provider
 from rag.services import answering, chat
 
@@ -121,10 +121,9 @@ async def answer_stream(request: HttpRequest, answer_id: int) -> StreamingHttpRe
     Only the first stream of an answer generates it; a reconnect replays it.
     """
     owner = await owner_of(request)
-    # Lazy: a subquery of the search, no query of its own.
-    readable = Collection.objects.readable_by(await request.auser())
+    reader = Reader.of(await request.auser())
     try:
-        events = await chat.stream_turn(owner=owner, answer_id=answer_id, collections=readable)
+        events = await chat.stream_turn(owner=owner, answer_id=answer_id, collections=reader)
     except chat.NotFound:
         raise Http404("No such answer.") from None
     response = StreamingHttpResponse(

@@ -34,7 +34,7 @@ from django.conf import settings
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from rag.models import Conversation, Feedback, Message
+from rag.models import Conversation, Feedback, Message, Reader
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.providers.base import estimate_tokens
 from rag.services import answering
@@ -225,6 +225,8 @@ def _narrow(collections: CollectionScope, collection_id: int) -> CollectionScope
     """The chosen collection, within what the caller may read."""
     if collections is None:
         return [collection_id]
+    if isinstance(collections, Reader):
+        return collections.only(collection_id=collection_id)
     if isinstance(collections, QuerySet):
         return collections.filter(pk=collection_id)
     return [pk for pk in collections if pk == collection_id]

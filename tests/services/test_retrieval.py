@@ -1,0 +1,129 @@
+"""rag.services.retrieval.search: the SQL compiled once per shape, permissions applied at run time."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from django.contrib.auth.models import AnonymousUser, Group, User
+
+from rag.models import Chunk, Collection, Document, Reader
+from rag.providers import QueryVector
+from rag.services import retrieval
+
+pytestmark = pytest.mark.django_db
+
+MODEL = "retrieval-test-8"
+DIMENSIONS = 8
+
+
+def vector(seed: int) -> list[float]:
+    rng = random.Random(seed)
+    return [rng.uniform(-1, 1) for _ in range(DIMENSIONS)]
+
+
+def query(seed: int) -> QueryVector:
+    return QueryVector.from_floats(vector(seed))
+
+
+@pytest.fixture
+def library() -> dict[str, Collection]:
+    """Four collections of five chunks each: public, staff, a group's, and nobody's."""
+    made = {
+        "public": Collection.objects.create(name="public"),
+        "staff": Collection.objects.create(name="staff", visibility=Collection.Visibility.STAFF),
+        "group": Collection.objects.create(name="group", visibility=Collection.Visibility.GROUPS),
+        "nobody": Collection.objects.create(name="nobody", visibility=Collection.Visibility.GROUPS),
+    }
+    made["group"].groups.add(Group.objects.create(name="readers"))
+    for i, (name, collection) in enumerate(made.items()):
+        document = Document.objects.create(collection=collection, title=name, content=name, content_hash=name)
+        Chunk.objects.bulk_create(
+            Chunk(
+                document=document,
+                collection=collection,
+                position=p,
+                text=f"{name} {p}",
+                token_count=2,
+                embedding=vector(100 * i + p),
+                embedding_model=MODEL,
+            )
+            for p in range(5)
+        )
+    return made
+
+
+def found(scope, *, k: int = 20, seed: int = 1) -> set[str]:
+    """The collections of the chunks a search returns."""
+    sources = retrieval.search(query(seed), embedding_model=MODEL, k=k, collections=scope)
+    return {s.title for s in sources}
+
+
+def test_a_reader_finds_what_the_orm_query_finds(library):
+    member = User.objects.create_user("member")
+    member.groups.add(Group.objects.get(name="readers"))
+    for who in (AnonymousUser(), member, User.objects.create_user("staff", is_staff=True)):
+        reader = Reader.of(who)
+        for seed in (1, 2, 3):
+            sources = retrieval.search(query(seed), embedding_model=MODEL, k=6, collections=reader)
+            expected = (
+                Chunk.objects.in_collections(Collection.objects.readable_by(who))
+                .nearest(query(seed).literal, embedding_model=MODEL, dimensions=DIMENSIONS, k=6)
+                .values_list("pk", flat=True)
+            )
+            assert [s.chunk_id for s in sources] == list(expected)
+            assert len(sources) == min(6, 5 * len(found(reader)))  # five chunks per collection
+            assert [s.n for s in sources] == list(range(1, len(sources) + 1))
+            assert all(-1 <= s.score <= 1 for s in sources)
+
+
+def test_the_sql_is_compiled_once_per_shape(library, monkeypatch):
+    retrieval._compiled.cache_clear()
+    compiled = []
+    compile_ = retrieval._compile
+    monkeypatch.setattr(retrieval, "_compile", lambda *args: compiled.append(args[:3]) or compile_(*args))
+    anonymous = Reader.of(AnonymousUser())
+    for seed in range(5):
+        assert found(anonymous, seed=seed) == {"public"}
+    assert len(compiled) == 1
+    found(anonymous, k=3)
+    found(anonymous.only(name="public"))
+    found(None)
+    assert len(compiled) == 4  # another k, another scope, no scope: each compiled once
+
+
+def test_group_membership_and_visibility_are_read_at_search_time_not_compile_time(library):
+    member = User.objects.create_user("member")
+    reader = Reader.of(member)
+    assert found(reader) == {"public"}
+    member.groups.add(Group.objects.get(name="readers"))
+    assert found(reader) == {"public", "group"}  # same compiled SQL, new membership
+    member.groups.clear()
+    assert found(reader) == {"public"}
+    Collection.objects.filter(name="public").update(visibility=Collection.Visibility.STAFF)
+    assert found(reader) == set()
+
+
+def test_narrowing_to_a_collection_never_widens_the_scope(library):
+    anonymous = Reader.of(AnonymousUser())
+    assert found(anonymous.only(name="public")) == {"public"}
+    assert found(anonymous.only(name="staff")) == set()
+    assert found(anonymous.only(collection_id=library["nobody"].pk)) == set()
+    staff = Reader.of(User.objects.create_user("staff", is_staff=True))
+    assert found(staff.only(collection_id=library["staff"].pk)) == {"staff"}
+    assert found(None) == {"public", "staff", "group", "nobody"}
+
+
+def test_ids_and_querysets_are_scopes_too(library):
+    assert found([library["staff"].pk, library["nobody"].pk]) == {"staff", "nobody"}
+    assert found(Collection.objects.filter(name="group")) == {"group"}
+
+
+def test_reader_of_keeps_only_what_decides_access():
+    assert Reader.of(None) == Reader.of(AnonymousUser()) == Reader()
+    inactive = User(pk=7, is_staff=True, is_superuser=True, is_active=False)
+    assert Reader.of(inactive) == Reader()
+    root = User(pk=8, is_staff=True, is_superuser=True)
+    assert Reader.of(root) == Reader(user_id=8, staff=True, superuser=True)
+    assert hash(Reader.of(root)) == hash(Reader(user_id=8, staff=True, superuser=True))
+    assert Reader.of(root).only(name="") == Reader.of(root)  # "" means no narrowing
