@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
+
+from rag.batching import Batcher
+
+#: The most search queries embedded in one request.
+QUERY_BATCH = 32
 
 
 class ProviderError(Exception):
@@ -58,9 +64,27 @@ class EmbeddingProvider(ABC):
         """One vector per text, in order."""
 
     async def embed_query(self, text: str) -> QueryVector:
-        """The vector of one search query."""
-        [vector] = await self.embed([text])
-        return QueryVector.from_floats(vector)
+        """The vector of one search query.
+
+        Queries asked at the same time are embedded together: one request (or
+        one forward pass) for all that arrived while earlier ones were in flight,
+        instead of one each. A lone query is sent at once.
+        """
+        return await self._queries.submit(text)
+
+    async def embed_queries(self, texts: list[str]) -> list[QueryVector]:
+        """The vectors of several search queries, in order."""
+        return [QueryVector.from_floats(vector) for vector in await self.embed(texts)]
+
+    @functools.cached_property
+    def _queries(self) -> Batcher[str, QueryVector]:
+        return Batcher(
+            self.embed_queries,
+            max_size=QUERY_BATCH,
+            # A server error may be about one query of the batch: the others are
+            # retried alone. Unreachable, timed out or rate limited: all fail.
+            split=lambda exc: isinstance(exc, ProviderError) and exc.code in ("upstream_error", "bad_stream"),
+        )
 
     def count_tokens(self, text: str) -> int:
         """Tokens in ``text`` as this model counts them (an estimate by default)."""

@@ -157,10 +157,10 @@ class OpenAIEmbeddings(EmbeddingProvider):
             return []
         return await self._embed(texts, parse_float=float)
 
-    async def embed_query(self, text: str) -> QueryVector:
+    async def embed_queries(self, texts: list[str]) -> list[QueryVector]:
         # The numbers stay the strings the server sent; pgvector parses them.
-        [vector] = await self._embed([text], parse_float=str)
-        return QueryVector(literal="[" + ",".join(vector) + "]", dimensions=len(vector))
+        vectors = await self._embed(texts, parse_float=str)
+        return [QueryVector(literal="[" + ",".join(vector) + "]", dimensions=len(vector)) for vector in vectors]
 
     async def _embed(self, texts: list[str], *, parse_float: Callable[[str], object]) -> list[list[Any]]:
         body: dict[str, Any] = {"model": self._api_model, "input": texts, "encoding_format": "float"}

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-from rag.providers import QueryVector, embedding_provider
+from rag.providers import ProviderError, QueryVector, embedding_provider
 
 
 async def test_query_vector_keeps_the_servers_numbers_as_text(fake_llm):
@@ -19,3 +20,25 @@ async def test_query_vector_keeps_the_servers_numbers_as_text(fake_llm):
 def test_query_vector_from_floats_is_a_pgvector_literal():
     query = QueryVector.from_floats([0.5, -1.0, 1e-05])
     assert query == QueryVector(literal="[0.5,-1.0,1e-05]", dimensions=3)
+
+
+async def test_concurrent_queries_share_embedding_requests_and_get_their_own_vectors(fake_llm):
+    embedder = embedding_provider()
+    questions = [f"question number {i} about topic {i * 7}" for i in range(20)]
+    alone = [await embedder.embed_query(q) for q in questions[:3]]
+    fake_llm.reset()
+    together = await asyncio.gather(*(embedder.embed_query(q) for q in questions))
+    assert together[:3] == alone  # batching changes nothing about a query's vector
+    assert len(set(together)) == len(questions)
+    sent = fake_llm.embedding_requests
+    assert sorted(t for request in sent for t in request) == sorted(questions)  # each sent once
+    assert len(sent) < len(questions)  # but not one request each
+
+
+async def test_a_query_that_fails_a_shared_request_fails_alone(fake_llm):
+    embedder = embedding_provider()
+    questions = ["first fine question", "poisoned one fault=embed500", "second fine question", "third"]
+    results = await asyncio.gather(*(embedder.embed_query(q) for q in questions), return_exceptions=True)
+    assert isinstance(results[1], ProviderError) and results[1].code == "upstream_error"
+    assert all(isinstance(r, QueryVector) for i, r in enumerate(results) if i != 1)
+    assert any(len(request) > 1 for request in fake_llm.embedding_requests)  # it was batched, then split
