@@ -10,8 +10,8 @@ from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 
 from rag.models import Chunk, Document
-from rag.providers import embedding_provider
-from rag.services import vector_index
+from rag.providers import QueryVector, embedding_provider
+from rag.services import retrieval, vector_index
 from rag.services.documents import default_collection
 from rag.services.vector_index import ensure_vector_index, index_name
 from tests.factories import add_corpus
@@ -241,3 +241,17 @@ def test_index_made_inside_a_rolled_back_transaction_is_made_again():
     assert indexdef(index_name(model, 8)) is None
     ensure_vector_index(embedding_model=model, dimensions=8)
     assert indexdef(index_name(model, 8)) is not None
+
+
+def test_a_batch_of_searches_still_goes_through_the_hnsw_index():
+    model = "explain-batch-64"
+    store(unit_vectors(INDEXED_ROWS, 64, seed=8), model=model)
+    ensure_vector_index(embedding_model=model, dimensions=64)
+    analyze()
+    sql, params = retrieval._search_sql(model, 64, 5, None)
+    literals = [QueryVector.from_floats(v).literal for v in unit_vectors(3, 64, seed=9)]
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + sql, (literals, *params))
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert f"Index Scan using {index_name(model, 64)}" in plan, plan
+    assert "Order By" in plan, plan  # the index orders each vector's neighbours

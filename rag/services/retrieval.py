@@ -11,6 +11,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from django.db.models import QuerySet
 
+from rag.batching import Batcher
 from rag.models import Chunk, Reader
 from rag.providers import EmbeddingProvider, QueryVector
 
@@ -77,56 +78,122 @@ _QUERY_VECTOR = "[the query vector]"
 
 
 def search(vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope = None) -> list[Source]:
-    """The k nearest chunks to a query vector (sync: call it from a thread).
+    """The k nearest chunks to a query vector (sync: call it from a thread; ``asearch`` from async code).
 
     One query whatever the scope: the collection filter and the readable-collections
     subquery run inside it. With a selective filter, pgvector's iterative HNSW scan
     (hnsw.iterative_scan, set per connection in settings) keeps looking until it has
     k matches; relaxed order may return them slightly out of order, so they are sorted.
     """
-    sql, params, slot = _search_sql(embedding_model, vector.dimensions, k, collections)
-    params = (*params[:slot], vector.literal, *params[slot + 1 :])
+    [sources] = search_many([vector], embedding_model=embedding_model, k=k, collections=collections)
+    return sources
+
+
+def search_many(
+    vectors: list[QueryVector], *, embedding_model: str, k: int, collections: CollectionScope = None
+) -> list[list[Source]]:
+    """``search`` for several query vectors of one dimension, in one statement.
+
+    The search runs once per vector inside a LATERAL join over the vectors, each
+    through the HNSW index as on its own (tests/test_db.py checks the plan).
+    """
+    if not vectors:
+        return []
+    dimensions = vectors[0].dimensions
+    if any(v.dimensions != dimensions for v in vectors):
+        raise ValueError("search_many needs query vectors of one dimension")
+    sql, params = _search_sql(embedding_model, dimensions, k, collections)
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        rows = sorted(cursor.fetchall(), key=lambda row: row[-1])
-    return [
-        Source(
-            n=n,
-            chunk_id=pk,
-            document_id=document_id,
-            title=title,
-            source=source,
-            heading=heading,
-            text=text,
-            score=1.0 - float(distance),
+        cursor.execute(sql, ([v.literal for v in vectors], *params))
+        rows = cursor.fetchall()
+    found: list[list[Source]] = [[] for _ in vectors]
+    for i, pk, document_id, title, source, heading, text, distance in rows:
+        sources = found[i - 1]
+        sources.append(
+            Source(
+                n=len(sources) + 1,
+                chunk_id=pk,
+                document_id=document_id,
+                title=title,
+                source=source,
+                heading=heading,
+                text=text,
+                score=1.0 - float(distance),
+            )
         )
-        for n, (pk, document_id, title, source, heading, text, distance) in enumerate(rows, start=1)
-    ]
+    return found
 
 
-def _search_sql(embedding_model: str, dimensions: int, k: int, collections: CollectionScope) -> tuple[str, tuple, int]:
-    """The search's SQL, its parameters, and where the query vector goes among them.
+async def asearch(
+    vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope = None
+) -> list[Source]:
+    """``search`` for async code, in a thread; the database connection goes back to the
+    pool afterwards (an answer may stream for a while).
+
+    Searches of one shape (model, dimension, k, scope) made at the same time
+    share a statement: under a burst of questions that is one thread hop and one
+    round trip for many, instead of one each while the event loop waits.
+    """
+    if isinstance(collections, QuerySet):  # not hashable: searched on its own
+        [sources] = await _search_many_and_release([vector], embedding_model, k, collections)
+        return sources
+    return await _searches(embedding_model, vector.dimensions, k, _scope_key(collections)).submit(vector)
+
+
+@functools.lru_cache(maxsize=256)
+def _searches(
+    embedding_model: str, dimensions: int, k: int, collections: Reader | tuple[int, ...] | None
+) -> Batcher[QueryVector, list[Source]]:
+    async def run(vectors: list[QueryVector]) -> list[list[Source]]:
+        return await _search_many_and_release(vectors, embedding_model, k, collections)
+
+    return Batcher(run, max_size=64)
+
+
+@sync_to_async
+def _search_many_and_release(
+    vectors: list[QueryVector], embedding_model: str, k: int, collections: CollectionScope
+) -> list[list[Source]]:
+    try:
+        return search_many(vectors, embedding_model=embedding_model, k=k, collections=collections)
+    finally:
+        release_connection()
+
+
+def release_connection() -> None:
+    """Give this thread's database connection back to the pool, unless a transaction
+    (a test's, an outer atomic block) still needs it."""
+    if not connection.in_atomic_block:
+        connection.close()
+
+
+def _scope_key(collections: CollectionScope) -> Reader | tuple[int, ...] | None:
+    if collections is None or isinstance(collections, Reader):
+        return collections
+    return tuple(collections)
+
+
+def _search_sql(embedding_model: str, dimensions: int, k: int, collections: CollectionScope) -> tuple[str, tuple]:
+    """The batched search's SQL and its parameters after the vectors' (an array of literals).
 
     Building and compiling the QuerySet costs ~0.8 ms of CPU, as much as the
-    search itself takes in Postgres; every search before a first token paid it
-    while the event loop waited for the GIL. The SQL depends only on the model,
-    the dimension, k and the scope, so it is compiled once per such shape.
+    search itself takes in Postgres, and every search before a first token paid
+    it while the event loop waited for the GIL. The SQL depends only on the
+    model, the dimension, k and the scope, so it is compiled once per shape.
     """
     if isinstance(collections, QuerySet):  # not hashable: compiled each time
         return _compile(embedding_model, dimensions, k, collections)
-    if collections is not None and not isinstance(collections, Reader):
-        collections = tuple(collections)
-    return _compiled(embedding_model, dimensions, k, collections)
+    return _compiled(embedding_model, dimensions, k, _scope_key(collections))
 
 
 @functools.lru_cache(maxsize=512)
 def _compiled(
     embedding_model: str, dimensions: int, k: int, collections: Reader | tuple[int, ...] | None
-) -> tuple[str, tuple, int]:
+) -> tuple[str, tuple]:
     return _compile(embedding_model, dimensions, k, collections)
 
 
-def _compile(embedding_model: str, dimensions: int, k: int, collections: CollectionScope) -> tuple[str, tuple, int]:
+def _compile(embedding_model: str, dimensions: int, k: int, collections: CollectionScope) -> tuple[str, tuple]:
     queryset = (
         Chunk.objects.in_collections(collections)
         .nearest(_QUERY_VECTOR, embedding_model=embedding_model, dimensions=dimensions, k=k)
@@ -134,7 +201,18 @@ def _compile(embedding_model: str, dimensions: int, k: int, collections: Collect
         .values_list(*_COLUMNS)
     )
     sql, params = queryset.query.sql_with_params()
-    return sql, tuple(params), params.index(_QUERY_VECTOR)
+    # The ORM's SQL has a %s per parameter (a literal percent sign would be %%):
+    # the query vector's becomes a reference to the joined vector.
+    pieces = sql.split("%s")
+    if len(pieces) != len(params) + 1:
+        raise RuntimeError(f"Cannot place the query vector in {sql!r}")
+    slot = params.index(_QUERY_VECTOR)
+    inner = "%s".join(pieces[: slot + 1]) + f"q.vector::vector({dimensions})" + "%s".join(pieces[slot + 1 :])
+    batched = (
+        "SELECT q.i, r.* FROM unnest(%s::text[]) WITH ORDINALITY AS q(vector, i) "
+        f"CROSS JOIN LATERAL ({inner}) AS r ORDER BY q.i, r.distance"
+    )
+    return batched, tuple(p for i, p in enumerate(params) if i != slot)
 
 
 async def retrieve(
@@ -142,5 +220,5 @@ async def retrieve(
 ) -> Retrieval:
     started = time.perf_counter()
     vector = await embedder.embed_query(question)
-    sources = await sync_to_async(search)(vector, embedding_model=embedder.model, k=k, collections=collections)
+    sources = await asearch(vector, embedding_model=embedder.model, k=k, collections=collections)
     return Retrieval(sources=sources, ms=(time.perf_counter() - started) * 1000)

@@ -112,3 +112,56 @@ async def test_one_shot_question_is_saved_with_its_answer(fake_llm):
     metrics = events[-1]
     turn = [m async for m in Message.objects.filter(conversation_id=metrics.conversation_id).order_by("id")]
     assert [(m.role, m.text) for m in turn] == [("user", "Django?"), ("assistant", "Hello world!")]
+
+
+async def test_answers_ending_together_are_saved_together_each_with_its_own_question(fake_llm, monkeypatch):
+    await add_corpus()
+    batches: list[int] = []
+    save_turns = answering._turns._run
+
+    async def counting(turns):
+        batches.append(len(turns))
+        return await save_turns(turns)
+
+    monkeypatch.setattr(answering._turns, "_run", counting)
+    fake_llm.tokens = ["same", " answer"]
+    questions = [f"Question {i} about Django?" for i in range(12)]
+    answers = await asyncio.gather(*(RAG().aask(q, k=1) for q in questions))
+    assert len(batches) < len(questions) and sum(batches) == len(questions)
+    for question, answer in zip(questions, answers, strict=True):
+        conversation = answer.metrics.conversation_id
+        turn = [m async for m in Message.objects.filter(conversation_id=conversation).order_by("id")]
+        assert [(m.role, m.text) for m in turn] == [("user", question), ("assistant", "same answer")]
+        assert turn[1].pk == answer.metrics.message_id
+    assert len({a.metrics.conversation_id for a in answers}) == len(questions)
+
+
+async def test_a_turn_that_fails_to_save_does_not_lose_the_others(fake_llm, monkeypatch):
+    await add_corpus()
+    fill = answering._fill
+
+    def failing_fill(answer, outcome):
+        fill(answer, outcome)
+        if "poison" in outcome.text:
+            answer.finish_reason = "x" * 1000  # longer than the column allows: the INSERT fails
+
+    monkeypatch.setattr(answering, "_fill", failing_fill)
+    results = await asyncio.gather(
+        *(
+            answering._turns.submit(
+                answering._Turn(
+                    question=f"q{i}",
+                    conversation=None,
+                    user_id=None,
+                    session_key="",
+                    outcome=answering.Outcome(status=Message.Status.COMPLETE, text="poison" if i == 2 else f"a{i}"),
+                )
+            )
+            for i in range(5)
+        ),
+        return_exceptions=True,
+    )
+    assert isinstance(results[2], Exception)
+    saved = [r for i, r in enumerate(results) if i != 2]
+    assert [m.text for m in saved] == ["a0", "a1", "a3", "a4"]
+    assert await Message.objects.filter(role="assistant", text__in=["a0", "a1", "a3", "a4"]).acount() == 4

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.contrib.auth.models import AnonymousUser, Group, User
 
 from rag.models import Chunk, Collection, Document, Reader
@@ -127,3 +129,37 @@ def test_reader_of_keeps_only_what_decides_access():
     assert Reader.of(root) == Reader(user_id=8, staff=True, superuser=True)
     assert hash(Reader.of(root)) == hash(Reader(user_id=8, staff=True, superuser=True))
     assert Reader.of(root).only(name="") == Reader.of(root)  # "" means no narrowing
+
+
+def test_one_statement_searches_many_vectors_as_each_would_be_searched_alone(library):
+    reader = Reader.of(User.objects.create_user("staff", is_staff=True))
+    vectors = [query(seed) for seed in range(8)]
+    together = retrieval.search_many(vectors, embedding_model=MODEL, k=4, collections=reader)
+    alone = [retrieval.search(v, embedding_model=MODEL, k=4, collections=reader) for v in vectors]
+    assert together == alone
+    assert len({tuple(s.chunk_id for s in sources) for sources in together}) > 1
+    assert retrieval.search_many([], embedding_model=MODEL, k=4) == []
+    with pytest.raises(ValueError):
+        retrieval.search_many([query(1), QueryVector.from_floats([1.0, 0.0])], embedding_model=MODEL, k=4)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_concurrent_searches_of_one_shape_share_statements(library, monkeypatch):
+    statements: list[int] = []
+    search_many = retrieval._search_many_and_release
+
+    async def counting(vectors, *args):
+        statements.append(len(vectors))
+        return await search_many(vectors, *args)
+
+    monkeypatch.setattr(retrieval, "_search_many_and_release", counting)
+    retrieval._searches.cache_clear()
+    reader = Reader.of(AnonymousUser())
+    vectors = [query(seed) for seed in range(12)]
+    together = await asyncio.gather(
+        *(retrieval.asearch(v, embedding_model=MODEL, k=3, collections=reader) for v in vectors)
+    )
+    assert sum(statements) == len(vectors) and len(statements) < len(vectors)
+    for vector, sources in zip(vectors, together, strict=True):
+        alone = await sync_to_async(retrieval.search)(vector, embedding_model=MODEL, k=3, collections=reader)
+        assert sources == alone and {s.title for s in sources} == {"public"}
