@@ -10,9 +10,10 @@ from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 
 from rag.models import Chunk, Document
-from rag.providers import QueryVector, embedding_provider
-from rag.services import retrieval, vector_index
-from rag.services.documents import default_collection
+from rag.providers import ProviderError, QueryVector, embedding_provider
+from rag.providers.fake import FakeEmbeddings
+from rag.services import documents, retrieval, vector_index
+from rag.services.documents import aadd_documents, default_collection
 from rag.services.vector_index import ensure_vector_index, index_name
 from tests.factories import add_corpus
 
@@ -255,3 +256,54 @@ def test_a_batch_of_searches_still_goes_through_the_hnsw_index():
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert f"Index Scan using {index_name(model, 64)}" in plan, plan
     assert "Order By" in plan, plan  # the index orders each vector's neighbours
+
+
+def _record_index_during_copies(monkeypatch, name: str) -> list[bool]:
+    """Whether the index existed each time a document's chunks were stored."""
+    seen: list[bool] = []
+    copy_chunks = documents._copy_chunks
+
+    def recording(*args, **kwargs):
+        seen.append(indexdef(name) is not None)
+        return copy_chunks(*args, **kwargs)
+
+    monkeypatch.setattr(documents, "_copy_chunks", recording)
+    return seen
+
+
+async def test_a_bulk_load_into_a_new_model_builds_its_index_once_at_the_end(monkeypatch):
+    embedder = FakeEmbeddings(dimensions=16, model="bulk-new")
+    name = index_name(embedder.model, 16)
+    seen = _record_index_during_copies(monkeypatch, name)
+    texts = [f"Document {i} is about topic {i} and nothing else." for i in range(6)]
+    results = await aadd_documents(documents=texts, embedder=embedder, concurrency=2)
+    assert seen == [False] * 6  # stored without maintaining an index...
+    assert await sync_to_async(indexdef)(name) is not None  # ...which exists once the load is done
+    assert sum(r.chunks for r in results) == await Chunk.objects.filter(embedding_model=embedder.model).acount()
+
+
+async def test_a_bulk_load_into_an_indexed_model_keeps_its_index_maintained(monkeypatch):
+    embedder = FakeEmbeddings(dimensions=16, model="bulk-indexed")
+    name = index_name(embedder.model, 16)
+    await sync_to_async(ensure_vector_index)(embedding_model=embedder.model, dimensions=16)
+    vector_index._ensured.clear()  # as in a new process: the index exists, this process did not make it
+    seen = _record_index_during_copies(monkeypatch, name)
+    await aadd_documents(documents=[f"Text number {i}." for i in range(3)], embedder=embedder)
+    assert seen == [True] * 3
+
+
+async def test_a_bulk_load_that_fails_half_way_still_indexes_what_it_stored():
+    class FailingThird(FakeEmbeddings):
+        calls = 0
+
+        async def embed(self, texts):
+            self.calls += 1
+            if self.calls == 3:
+                raise ProviderError("the embedding server went away", code="unreachable")
+            return await super().embed(texts)
+
+    embedder = FailingThird(dimensions=16, model="bulk-failing")
+    with pytest.raises(ProviderError):
+        await aadd_documents(documents=[f"Paper {i} on subject {i}." for i in range(5)], embedder=embedder)
+    assert await Chunk.objects.filter(embedding_model=embedder.model).aexists()
+    assert await sync_to_async(indexdef)(index_name(embedder.model, 16)) is not None

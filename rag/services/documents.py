@@ -27,7 +27,7 @@ from psycopg.types import TypeInfo
 from rag.models import Chunk, Collection, Document
 from rag.providers import EmbeddingProvider, embedding_provider
 from rag.services.chunking import ChunkDraft, chunk_text
-from rag.services.vector_index import ensure_vector_index
+from rag.services.vector_index import deferred_vector_indexes, ensure_vector_index
 
 #: Set (per task) when documents are added concurrently: stores then use a connection each.
 _own_connection: contextvars.ContextVar[bool] = contextvars.ContextVar("rag_own_connection", default=False)
@@ -102,6 +102,21 @@ async def aadd_documents(
     embedder = embedder or embedding_provider()
     collection = collection or await adefault_collection()
     inputs = [DocumentInput(text=item) if isinstance(item, str) else item for item in documents]
+    # Many documents into a model without an index: build it once at the end.
+    async with deferred_vector_indexes():
+        return await _add_all(
+            inputs, embedder=embedder, on_progress=on_progress, collection=collection, concurrency=concurrency
+        )
+
+
+async def _add_all(
+    inputs: list[DocumentInput],
+    *,
+    embedder: EmbeddingProvider,
+    on_progress: Callable[[AddResult], None] | None,
+    collection: Collection,
+    concurrency: int,
+) -> list[AddResult]:
     if concurrency <= 1:
         results = []
         for doc in inputs:

@@ -12,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from rag.models import Collection, Document
-from rag.providers import ProviderError, embedding_provider
+from rag.providers import EmbeddingProvider, ProviderError, embedding_provider
 from rag.services.documents import (
     DocumentInput,
     DuplicateDocumentError,
@@ -22,6 +22,7 @@ from rag.services.documents import (
     default_collection,
 )
 from rag.services.parsing import SUFFIXES, ParseError, parse_document
+from rag.services.vector_index import deferred_vector_indexes
 
 OUTCOMES = ("added", "unchanged", "replaced", "failed")
 
@@ -97,23 +98,30 @@ class Command(BaseCommand):
     ) -> list[tuple[str, str, str]]:
         embedder = None if dry_run else embedding_provider()
         results: list[tuple[str, str, str]] = []
-        with tqdm(total=len(sources), unit="doc", file=sys.stderr, disable=None) as bar:
-            for source in sources:
-                bar.set_postfix_str(source[-40:])
-                try:
-                    doc = await asyncio.to_thread(_read, source, title)
-                    if dry_run:
-                        outcome = await aplan_document(document=doc, collection=collection) if collection else "added"
-                    else:
-                        outcome = (await aadd_document(document=doc, embedder=embedder, collection=collection)).outcome
-                except (ParseError, ProviderError) as exc:
-                    results.append(("failed", source, exc.message))
-                except (EmptyDocumentError, DuplicateDocumentError) as exc:
-                    results.append(("failed", source, str(exc)))
-                else:
-                    results.append((outcome, "stdin" if source == "-" else source, ""))
-                bar.update()
+        # A first import into a model builds its search index once, at the end.
+        async with deferred_vector_indexes():
+            with tqdm(total=len(sources), unit="doc", file=sys.stderr, disable=None) as bar:
+                for source in sources:
+                    bar.set_postfix_str(source[-40:])
+                    results.append(await self._one(source, title=title, collection=collection, embedder=embedder))
+                    bar.update()
         return results
+
+    async def _one(
+        self, source: str, *, title: str, collection: Collection | None, embedder: EmbeddingProvider | None
+    ) -> tuple[str, str, str]:
+        """(outcome, source, reason) for one file; no embedder means a dry run."""
+        try:
+            doc = await asyncio.to_thread(_read, source, title)
+            if embedder is None:
+                outcome = await aplan_document(document=doc, collection=collection) if collection else "added"
+            else:
+                outcome = (await aadd_document(document=doc, embedder=embedder, collection=collection)).outcome
+        except (ParseError, ProviderError) as exc:
+            return ("failed", source, exc.message)
+        except (EmptyDocumentError, DuplicateDocumentError) as exc:
+            return ("failed", source, str(exc))
+        return (outcome, "stdin" if source == "-" else source, "")
 
 
 def _read(source: str, title: str) -> DocumentInput:
