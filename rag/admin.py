@@ -268,6 +268,11 @@ class ConversationAdmin(admin.ModelAdmin):
     inlines = [MessageInline]
     readonly_fields = ("user", "session_key", "title", "created_at", "updated_at")
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
+        # Whole conversations only: one that quotes a collection this user may not read is hidden.
+        restricted = Message.objects.citing_unreadable(request.user).values("conversation_id")
+        return super().get_queryset(request).exclude(pk__in=restricted)
+
     def has_add_permission(self, request) -> bool:
         return False
 
@@ -289,6 +294,9 @@ class MessageAdmin(admin.ModelAdmin):
     list_filter = ("status", "role", "model", "created_at", "feedback__value")
     list_select_related = ("feedback",)
     search_fields = ("text",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Message]:
+        return super().get_queryset(request).citing_only_readable(request.user)
 
     @admin.display(description="text")
     def short_text(self, obj: Message) -> str:
@@ -315,6 +323,10 @@ class FeedbackAdmin(admin.ModelAdmin):
     list_display = ("value", "message", "chunk_ids", "updated_at")
     list_filter = ("value", "updated_at", "message__model")
     readonly_fields = ("message", "value", "chunk_ids", "created_at", "updated_at")
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Feedback]:
+        readable = Message.objects.citing_only_readable(request.user)
+        return super().get_queryset(request).filter(message__in=readable.values("pk"))
 
     def has_add_permission(self, request) -> bool:
         return False

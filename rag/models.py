@@ -9,6 +9,7 @@ from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import models
 from django.db.models import Q, Value
+from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast
 from pgvector.django import CosineDistance, VectorField
 
@@ -234,6 +235,35 @@ class Conversation(models.Model):
         return self.title or str(self.id)
 
 
+class MessageQuerySet(models.QuerySet):
+    def citing_unreadable(self, who: Any) -> MessageQuerySet:
+        """Messages citing a document of a collection ``who`` (a user or a Reader) may not read.
+
+        An answer quotes its sources, so such a message is as restricted as that
+        collection. A source whose document is gone counts as unreadable.
+        Superusers read everything.
+        """
+        reader = who if isinstance(who, Reader) else Reader.of(who)
+        if reader.superuser:
+            return self.none()
+        readable = Document.objects.filter(collection__in=reader.collections().values("pk")).values("pk")
+        sql, params = readable.query.sql_with_params()
+        # Self-contained (its own alias), so it can sit inside any outer query.
+        restricted = RawSQL(
+            "SELECT m.id FROM rag_message AS m WHERE EXISTS ("
+            "SELECT 1 FROM jsonb_array_elements(m.sources) AS source "
+            f"WHERE COALESCE((source ->> 'document_id')::bigint, 0) NOT IN ({sql}))",
+            params,
+        )
+        return self.filter(pk__in=restricted)
+
+    def citing_only_readable(self, who: Any) -> MessageQuerySet:
+        """The other messages: those whose sources ``who`` may all read."""
+        if (who if isinstance(who, Reader) else Reader.of(who)).superuser:
+            return self
+        return self.exclude(pk__in=Message.objects.citing_unreadable(who).values("pk"))
+
+
 class Message(models.Model):
     class Role(models.TextChoices):
         USER = "user"
@@ -271,6 +301,8 @@ class Message(models.Model):
     claimed_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+
+    objects = MessageQuerySet.as_manager()
 
     class Meta:
         ordering = ["created_at", "id"]

@@ -263,3 +263,41 @@ def test_the_admin_is_staff_only(client, answer):
     assert client.get("/admin/rag/message/").status_code == 302
     client.force_login(User.objects.create_user("visitor"))
     assert client.get("/admin/rag/feedback/").status_code == 302
+
+
+def test_staff_do_not_see_answers_that_quote_a_collection_they_may_not_read(kb):
+    members = Group.objects.create(name="members")
+    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
+    secret.groups.add(members)
+    secret_doc = Document.objects.create(collection=secret, title="Vault", content="x", content_hash="v")
+    public_doc = Document.objects.create(collection=kb, title="Shop", content="y", content_hash="s")
+
+    def turn(title: str, text: str, documents: list[Document]) -> Message:
+        conversation = Conversation.objects.create(session_key="s", title=title)
+        Message.objects.create(conversation=conversation, role="user", text=title)
+        sources = [{"id": i, "n": i + 1, "document_id": d.pk} for i, d in enumerate(documents)]
+        answer = Message.objects.create(conversation=conversation, role="assistant", text=text, sources=sources)
+        Feedback.objects.create(message=answer, value="up", chunk_ids=[])
+        return answer
+
+    restricted = turn("Vault code?", "The code is 1234 [1]", [public_doc, secret_doc])
+    open_ = turn("Opening hours?", "Nine o'clock [1]", [public_doc])
+    gone = turn("Old question?", "Quoted a deleted document", [public_doc])
+    gone.sources[0]["document_id"] = 999_999
+    gone.save()
+
+    outsider = staff_client(superuser=False)
+    messages = outsider.get("/admin/rag/message/").content.decode()
+    assert "Nine o&#x27;clock" in messages and "1234" not in messages and "deleted document" not in messages
+    assert outsider.get(f"/admin/rag/message/{restricted.pk}/change/").status_code == 302  # "does not exist"
+    conversations = outsider.get("/admin/rag/conversation/").content.decode()
+    assert "Opening hours?" in conversations and "Vault code?" not in conversations
+    assert outsider.get(f"/admin/rag/conversation/{restricted.conversation_id}/change/").status_code == 302
+    feedback = outsider.get("/admin/rag/feedback/").content.decode()
+    assert str(open_.feedback) in feedback or f"/{open_.feedback.pk}/" in feedback
+    assert f"/admin/rag/feedback/{restricted.feedback.pk}/" not in feedback
+
+    member = staff_client(superuser=False, groups=[members])
+    assert "1234" in member.get("/admin/rag/message/").content.decode()
+    root = staff_client()
+    assert "deleted document" in root.get("/admin/rag/message/").content.decode()
