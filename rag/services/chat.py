@@ -7,7 +7,9 @@ module. A turn has two steps so that the answer has an id before it streams:
 2. ``stream_turn`` generates that answer. The first caller claims it in the
    database (one conditional UPDATE); any later caller for the same answer (an
    EventSource reconnecting, a second tab) never generates: it waits for the
-   answer to leave ``streaming`` and replays what was stored.
+   answer to leave ``streaming`` and replays what was stored. The generating
+   stream renews its claim as it goes; a claim left to go stale by a process
+   that died is turned into an ``interrupted`` error, so nobody waits forever.
 
 ``stop`` cancels a generation running in *this* process: the registry of
 running answers is in memory. The documented deployment runs one server
@@ -23,6 +25,7 @@ conversation or answer of someone else is indistinguishable from a missing one.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 import uuid
@@ -45,6 +48,11 @@ logger = logging.getLogger(__name__)
 #: How long a second stream for an answer waits for the first one to finish.
 REPLAY_WAIT_S = 300.0
 REPLAY_POLL_S = 0.25
+#: A generating stream renews its claim (and saves the text so far) this often,
+#: so that a claim left by a process that died is seen to be dead...
+CLAIM_RENEW_S = 10.0
+#: ...once it is this old: the answer is then marked interrupted, keeping its text.
+CLAIM_STALE_S = 3 * CLAIM_RENEW_S
 
 CONDENSE_PROMPT = (
     "Rewrite the user's last question as one standalone search query that can be understood "
@@ -360,8 +368,15 @@ async def _generate(
             history=history,
             collections=collections,
         )
+        renewed = time.monotonic()
+        parts: list[str] = []
         async with aclosing(events):
             async for event in events:
+                if isinstance(event, answering.Token):
+                    parts.append(event.text)
+                    if time.monotonic() - renewed > CLAIM_RENEW_S:
+                        renewed = time.monotonic()
+                        await _renew_claim(answer, text="".join(parts))
                 yield event
     except asyncio.CancelledError:
         if answer.pk not in _stopping:
@@ -391,6 +406,28 @@ def _stopped_before_generation(answer: Message, *, chat: ChatProvider, started: 
     )
 
 
+async def _renew_claim(answer: Message, *, text: str) -> None:
+    """Still generating: a fresh claim, and the text so far in case this process dies."""
+    await Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).aupdate(
+        claimed_at=timezone.now(), text=text.replace("\x00", "\ufffd")
+    )
+
+
+async def _interrupt_if_abandoned(answer: Message) -> bool:
+    """Mark an answer whose claim went stale (its process died) as interrupted; True if so."""
+    if answer.claimed_at is None or timezone.now() - answer.claimed_at < dt.timedelta(seconds=CLAIM_STALE_S):
+        return False
+    return bool(
+        await Message.objects.filter(
+            pk=answer.pk, status=Message.Status.STREAMING, claimed_at=answer.claimed_at
+        ).aupdate(
+            status=Message.Status.ERROR,
+            finish_reason="interrupted",
+            error="This answer was interrupted: the server stopped while writing it. Regenerate it to try again.",
+        )
+    )
+
+
 async def _replay(answer_id: int) -> AsyncIterator[ChatEvent]:
     """What a stream shows for an answer another stream generates or generated."""
     deadline = time.monotonic() + REPLAY_WAIT_S
@@ -398,6 +435,8 @@ async def _replay(answer_id: int) -> AsyncIterator[ChatEvent]:
         answer = await Message.objects.aget(pk=answer_id)
         if answer.status != Message.Status.STREAMING:
             break
+        if await _interrupt_if_abandoned(answer):
+            continue  # read it back as it is now: an error, with the text saved so far
         if time.monotonic() > deadline:
             yield answering.Error(
                 message="This answer is still being written in another window or tab. Reload the page later.",

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
+from contextlib import aclosing
 
 import pytest
 from django.contrib.auth.models import User
+from django.utils import timezone
 
 from rag.models import Feedback, Message
 from rag.services import answering, chat
@@ -255,3 +258,52 @@ async def test_a_conversation_lists_its_turns_in_order(fake_llm):
     conversation, turns = await chat.get_turns(owner=ALICE_SESSION, conversation_id=first.conversation_id)
     assert conversation.title == "one"
     assert [(t.question.text, t.answer.pk) for t in turns] == [("one", first.pk), ("two", second.pk)]
+
+
+async def test_an_answer_left_claimed_by_a_dead_process_is_replayed_as_interrupted(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    # What a process that died mid-answer leaves: claimed, streaming, the text of its last renewal.
+    long_ago = timezone.now() - dt.timedelta(seconds=chat.CLAIM_STALE_S + 1)
+    await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=long_ago, text="pgvector adds")
+    requests = len(fake_llm.records)
+
+    events = await asyncio.wait_for(collect(ALICE_SESSION, answer.pk), timeout=10)
+
+    assert len(fake_llm.records) == requests  # not generated again behind the user's back
+    assert kinds(events) == ["Started", "Token", "Error", "Done"]
+    assert events[1].text == "pgvector adds" and "interrupted" in events[2].message
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert (saved.status, saved.text, saved.finish_reason) == (Message.Status.ERROR, "pgvector adds", "interrupted")
+
+
+async def test_a_fresh_claim_is_waited_for_not_interrupted(fake_llm, monkeypatch):
+    monkeypatch.setattr(chat, "REPLAY_WAIT_S", 0.3)
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=timezone.now())
+
+    events = await collect(ALICE_SESSION, answer.pk)
+
+    assert kinds(events) == ["Error", "Done"] and events[0].code == "busy"
+    assert (await Message.objects.aget(pk=answer.pk)).status == Message.Status.STREAMING
+
+
+async def test_a_long_generation_renews_its_claim_and_saves_its_text_so_far(fake_llm, monkeypatch):
+    monkeypatch.setattr(chat, "CLAIM_RENEW_S", 0.05)
+    await add_corpus()
+    fake_llm.tokens = [f"t{i} " for i in range(12)]
+    fake_llm.inter_token_ms = 20
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    events = await chat.stream_turn(owner=ALICE_SESSION, answer_id=answer.pk)
+    rows = {}
+    async with aclosing(events):
+        async for event in events:
+            if isinstance(event, chat.Started) or (isinstance(event, answering.Token) and event.text == "t10 "):
+                rows[type(event).__name__] = await Message.objects.aget(pk=answer.pk)
+    at_start, later = rows["Started"], rows["Token"]
+    assert later.status == Message.Status.STREAMING
+    assert later.claimed_at > at_start.claimed_at  # renewed while generating
+    assert later.text.startswith("t0 t1 t2") and len(later.text) < len("".join(fake_llm.tokens))
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert (saved.status, saved.text) == (Message.Status.COMPLETE, "".join(fake_llm.tokens))
