@@ -36,8 +36,9 @@ from rag.providers import (
     chat_provider,
     embedding_provider,
 )
+from rag.services.connections import release_connection
 from rag.services.prompting import build_messages
-from rag.services.retrieval import CollectionScope, Source, asearch, release_connection
+from rag.services.retrieval import CollectionScope, Source, asearch
 
 logger = logging.getLogger(__name__)
 
@@ -268,17 +269,19 @@ class _Turn:
 @sync_to_async
 def _save_turns(turns: list[_Turn]) -> list[Message]:
     """Questions with their answers, in one transaction (conversations made as needed)."""
-    with transaction.atomic():
-        new = {i: _conversation_for(t) for i, t in enumerate(turns) if t.conversation is None}
-        Conversation.objects.bulk_create(new.values())
-        messages: list[Message] = []
-        for i, turn in enumerate(turns):
-            conversation = new.get(i) or turn.conversation
-            answer = Message(conversation=conversation, role=Message.Role.ASSISTANT)
-            _fill(answer, turn.outcome)
-            messages += [Message(conversation=conversation, role=Message.Role.USER, text=turn.question), answer]
-        Message.objects.bulk_create(messages)
-    release_connection()
+    try:
+        with transaction.atomic():
+            new = {i: _conversation_for(t) for i, t in enumerate(turns) if t.conversation is None}
+            Conversation.objects.bulk_create(new.values())
+            messages: list[Message] = []
+            for i, turn in enumerate(turns):
+                conversation = new.get(i) or turn.conversation
+                answer = Message(conversation=conversation, role=Message.Role.ASSISTANT)
+                _fill(answer, turn.outcome)
+                messages += [Message(conversation=conversation, role=Message.Role.USER, text=turn.question), answer]
+            Message.objects.bulk_create(messages)
+    finally:
+        release_connection()
     return messages[1::2]
 
 

@@ -27,6 +27,7 @@ from psycopg.types import TypeInfo
 from rag.models import Chunk, Collection, Document
 from rag.providers import EmbeddingProvider, embedding_provider
 from rag.services.chunking import ChunkDraft, chunk_text
+from rag.services.connections import release_connection
 from rag.services.vector_index import deferred_vector_indexes, ensure_vector_index
 
 #: Set (per task) when documents are added concurrently: stores then use a connection each.
@@ -313,7 +314,7 @@ def _swap_chunks_on_own_connection(document: Document, **kwargs: Any) -> None:
     try:
         _swap_chunks_sync(document, **kwargs)
     finally:
-        connection.close()  # back to the pool: this thread may not come back
+        release_connection()  # this thread may not come back
 
 
 def _swap_chunks_sync(

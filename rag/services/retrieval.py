@@ -14,6 +14,7 @@ from django.db.models import QuerySet
 from rag.batching import Batcher
 from rag.models import Chunk, Reader
 from rag.providers import EmbeddingProvider, QueryVector
+from rag.services.connections import release_connection
 
 SNIPPET_CHARS = 240
 
@@ -158,13 +159,6 @@ def _search_many_and_release(
         return search_many(vectors, embedding_model=embedding_model, k=k, collections=collections)
     finally:
         release_connection()
-
-
-def release_connection() -> None:
-    """Give this thread's database connection back to the pool, unless a transaction
-    (a test's, an outer atomic block) still needs it."""
-    if not connection.in_atomic_block:
-        connection.close()
 
 
 def _scope_key(collections: CollectionScope) -> Reader | tuple[int, ...] | None:

@@ -30,6 +30,8 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from psycopg.sql import Literal
 
+from rag.services.connections import release_connection
+
 logger = logging.getLogger(__name__)
 
 #: pgvector's HNSW limit for the ``vector`` type.
@@ -108,5 +110,4 @@ def _build(embedding_model: str, dimensions: int) -> None:
     try:
         ensure_vector_index(embedding_model=embedding_model, dimensions=dimensions)
     finally:
-        if not connection.in_atomic_block:
-            connection.close()  # back to the pool
+        release_connection()
