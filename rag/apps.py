@@ -11,9 +11,13 @@ class RagConfig(AppConfig):
 
     def ready(self) -> None:
         from django.conf import settings
+        from django.contrib.auth.signals import user_logged_in
 
         from rag.providers import ProviderError, chat_provider, embedding_provider
+        from rag.sessions import adopt_on_login
         from ragsite import checks  # noqa: F401  (registers the middleware deploy checks)
+
+        user_logged_in.connect(adopt_on_login, dispatch_uid="rag.adopt_on_login")
 
         db = settings.DATABASES["default"]
         where = f"embedded Postgres in {settings.DATA_DIR / 'pgdata'}" if settings.EMBEDDED_DATABASE else db.get("HOST")

@@ -26,12 +26,12 @@ import json
 import uuid
 from contextlib import aclosing, suppress
 
-from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from rag.forms import BadQuestion, parse_question
 from rag.models import Message, Reader
 from rag.services import answering, chat
+from rag.sessions import anonymous_owner
 
 
 class RagConsumer(AsyncJsonWebsocketConsumer):
@@ -131,12 +131,9 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
             from django.contrib.sessions.backends.db import SessionStore
 
             session = SessionStore()
-        if not session.session_key:
-            # A socket without a session still owns what it asks, through a
-            # session made for it (its conversations are not listed on a page).
-            session["rag_chat"] = True
-            await database_sync_to_async(session.save)()
-        return session.session_key
+        # A socket without a session still owns what it asks, through a session
+        # made for it (its conversations are not listed on a page).
+        return await anonymous_owner(session, create=True)
 
 
 def _uuid(value: object) -> uuid.UUID | None:

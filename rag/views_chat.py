@@ -25,10 +25,10 @@ from rag.forms import BadQuestion, parse_question
 from rag.models import Collection, Document, Message, Reader
 from rag.providers import ProviderError, chat_provider
 from rag.services import answering, chat
+from rag.sessions import anonymous_owner
 
 # Marks an anonymous session as owning conversations (a session must hold
 # something to be saved and to get a cookie).
-SESSION_FLAG = "rag_chat"
 K_CHOICES = (1, 2, 3, 4, 6, 8, 10)
 
 
@@ -37,13 +37,7 @@ async def owner_of(request: HttpRequest, *, create: bool = False) -> chat.Owner:
     user = await request.auser()
     if user.is_authenticated:
         return chat.Owner(user_id=user.pk)
-    # Loading the session checks the cookie's key: an unknown or expired key
-    # reads as no session at all, so it cannot name someone else's conversations.
-    await request.session.aget(SESSION_FLAG)
-    if create and request.session.session_key is None:
-        await request.session.aset(SESSION_FLAG, True)
-        await request.session.asave()
-    return chat.Owner(user_id=None, session_key=request.session.session_key or "")
+    return chat.Owner(user_id=None, session_key=await anonymous_owner(request.session, create=create))
 
 
 # --- pages and fragments --------------------------------------------------------------------------

@@ -280,3 +280,24 @@ async def test_the_collection_picker_lists_readable_collections_and_narrows_the_
     _, events = await read_stream(insider, answer_id)
     assert "4711" in events[0].data and "Bananas" not in events[0].data  # only the chosen collection
     assert (await Message.objects.aget(pk=answer_id)).collection_id == secret.pk
+
+
+async def test_conversations_asked_anonymously_follow_the_visitor_into_their_account(fake_llm):
+    await add_corpus()
+    visitor, stranger = AsyncClient(), AsyncClient()
+    mine = answer_id_in((await post_question(visitor, "Asked before signing in?")).content.decode())
+    await read_stream(visitor, mine)
+    theirs = answer_id_in((await post_question(stranger, "Someone else's question?")).content.decode())
+    await sync_to_async(User.objects.create_user)("ada", password="pw", is_staff=True)
+
+    # A real login: the session gets a new key (and keeps its data) before user_logged_in.
+    login = await visitor.post("/admin/login/", {"username": "ada", "password": "pw", "next": "/admin/"})
+    assert login.status_code == 302
+
+    page = (await visitor.get("/")).content.decode()
+    assert "Asked before signing in?" in page and "Someone else" not in page
+    adopted = await Message.objects.select_related("conversation").aget(pk=mine)
+    assert adopted.conversation.user_id is not None
+    assert (await Message.objects.select_related("conversation").aget(pk=theirs)).conversation.user_id is None
+    _, events = await read_stream(visitor, mine)  # still theirs to open, now through the account
+    assert "done" in [e.type for e in events]

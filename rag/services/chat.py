@@ -240,6 +240,12 @@ def _narrow(collections: CollectionScope, collection_id: int) -> CollectionScope
     return [pk for pk in collections if pk == collection_id]
 
 
+def adopt_anonymous(*, session_key: str, user_id: int) -> int:
+    """Give the conversations asked anonymously under ``session_key`` to a user who just
+    signed in (sync: login runs it); how many moved."""
+    return Conversation.objects.filter(user__isnull=True, session_key=session_key).update(user_id=user_id)
+
+
 async def stop(*, owner: Owner, answer_id: int) -> bool:
     """Stop an answer: cancel its generation (closing the upstream LLM request) and keep
     the partial text as ``stopped``. False when it had already ended, or is generating in

@@ -1,0 +1,45 @@
+"""Which anonymous visitor owns what: a key kept in the session's data.
+
+Anonymous conversations are filed under the session they were asked in. The
+key is kept in the session's data rather than read off the session each time,
+because logging in gives the session a new key but keeps its data: that is
+what lets the conversations follow the visitor into their account
+(``adopt_on_login``). A cookie naming an unknown or expired session reads as
+no session at all, so it cannot name someone else's conversations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.sessions.backends.base import SessionBase
+
+from rag.services import chat
+
+OWNER_KEY = "rag_owner"
+
+
+async def anonymous_owner(session: SessionBase, *, create: bool) -> str:
+    """The key this session's conversations are filed under ("" when it has none).
+
+    ``create`` starts a session for a visitor who is about to ask something.
+    """
+    owner = await session.aget(OWNER_KEY)
+    if owner:
+        return owner
+    if session.session_key is None:
+        if not create:
+            return ""
+        await session.asave()  # gives the session its key
+    if create:
+        await session.aset(OWNER_KEY, session.session_key)
+        await session.asave()
+    return session.session_key
+
+
+def adopt_on_login(sender: Any, *, request: Any, user: Any, **kwargs: Any) -> None:
+    """``user_logged_in``: the conversations asked anonymously in this session become the user's."""
+    session = getattr(request, "session", None)
+    owner = session.get(OWNER_KEY) if session is not None else None
+    if owner:
+        chat.adopt_anonymous(session_key=owner, user_id=user.pk)
