@@ -17,6 +17,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from rag import providers
 from rag.forms import TryQueryForm, UploadForm
 from rag.models import Chunk, Collection, Conversation, Document, Feedback, Message
 from rag.providers import ProviderError, embedding_provider
@@ -227,12 +228,14 @@ class DocumentAdmin(admin.ModelAdmin):
             chosen = form.cleaned_data["collection"]
             scope = collections.filter(pk=chosen.pk) if chosen else collections
             try:
-                result = async_to_sync(retrieval.retrieve)(
+                search = retrieval.retrieve(
                     question=form.cleaned_data["question"],
                     k=form.cleaned_data["k"],
                     embedder=embedding_provider(),
                     collections=scope,
                 )
+                # A loop of its own for this request: its HTTP clients close with it.
+                result = async_to_sync(providers.closing)(search)
             except ProviderError as exc:
                 error = exc.message
             else:

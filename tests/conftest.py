@@ -5,12 +5,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from django.db import connection
 
+from rag import providers
 from tests.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +39,13 @@ def _close_db_pools(django_db_setup, django_db_blocker) -> Iterator[None]:
             conn.close()
             if hasattr(conn, "close_pool"):
                 conn.close_pool()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _close_provider_clients() -> AsyncIterator[None]:
+    """The async tests share one event loop; close its HTTP clients before it ends."""
+    yield
+    await providers.aclose()
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,10 @@
 """manage.py ingest and manage.py ask.
 
-These are sync tests on purpose: the commands call asyncio.run themselves.
+These are sync tests on purpose: the commands run their own event loops (providers.run).
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 
+from rag import providers
 from rag.models import Chunk, Document, Message
 from tests.factories import add_corpus
 
@@ -189,7 +189,7 @@ def test_failed_documents_are_reported_and_the_rest_is_kept(folder, fake_llm):
 
 
 def test_ask_streams_tokens_and_prints_time_to_first_token(fake_llm):
-    asyncio.run(add_corpus())
+    providers.run(add_corpus())
     fake_llm.tokens = ["pgvector", " adds", " vectors", " [1]"]
     out = RecordingOutput()
     call_command("ask", "What does pgvector", "add to Postgres?", "-k", "2", stdout=out)
@@ -207,7 +207,7 @@ def test_ask_streams_tokens_and_prints_time_to_first_token(fake_llm):
 
 
 def test_ask_without_sources(fake_llm):
-    asyncio.run(add_corpus())
+    providers.run(add_corpus())
     out = io.StringIO()
     call_command("ask", "pgvector?", "--no-sources", stdout=out)
     assert "Hello world!" in out.getvalue()
@@ -215,7 +215,7 @@ def test_ask_without_sources(fake_llm):
 
 
 def test_ask_upstream_failure_is_a_command_error(fake_llm, capsys):
-    asyncio.run(add_corpus())
+    providers.run(add_corpus())
     fake_llm.fault = "http500"
     out = io.StringIO()
     with pytest.raises(CommandError, match="The answer failed"):
@@ -242,7 +242,7 @@ def test_reembed_in_the_background_keeps_old_chunks_until_pruned(settings):
     from rag.services.ingestion import embedding_coverage
     from tests.worker import run_worker
 
-    asyncio.run(add_corpus())
+    providers.run(add_corpus())
     old = set(Chunk.objects.values_list("pk", flat=True))
     settings.RAG_EMBEDDING_MODEL = "fake-embed-v2"
     assert "Queued 4 document(s) for re-embedding with fake-embed-v2" in reembed()
@@ -260,7 +260,7 @@ def test_reembed_in_the_background_keeps_old_chunks_until_pruned(settings):
 
 
 def test_reembed_now_in_process_for_one_collection(settings):
-    asyncio.run(add_corpus())
+    providers.run(add_corpus())
     settings.RAG_EMBEDDING_MODEL = "fake-embed-v3"
     reembed("--now", "--collection", "default")
     assert Chunk.objects.filter(embedding_model="fake-embed-v3").count() == 4

@@ -7,7 +7,10 @@ test picks a new one while a running server reuses the loaded models.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Coroutine
 from functools import cache
+from typing import Any, TypeVar
 
 from django.conf import settings
 
@@ -19,9 +22,39 @@ __all__ = [
     "EmbeddingProvider",
     "ProviderError",
     "QueryVector",
+    "aclose",
     "chat_provider",
+    "closing",
     "embedding_provider",
+    "run",
 ]
+
+T = TypeVar("T")
+
+
+async def aclose() -> None:
+    """Close the HTTP clients the providers opened on the running event loop.
+
+    A server's loop keeps them for its lifetime. A short-lived loop (a command's
+    ``asyncio.run``, ``async_to_sync`` in a sync view) closes them before it ends:
+    otherwise the connections leak and aiohttp complains at exit.
+    """
+    from rag.providers.openai_compat import aclose_clients
+
+    await aclose_clients()
+
+
+async def closing(awaitable: Awaitable[T]) -> T:
+    """``await awaitable``, then close the providers' clients of this loop (see ``aclose``)."""
+    try:
+        return await awaitable
+    finally:
+        await aclose()
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` for management commands: the providers' clients close with the loop."""
+    return asyncio.run(closing(main))
 
 
 def _openai_config():

@@ -30,6 +30,12 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, opena
 )
 
 
+async def aclose_clients() -> None:
+    """Close the clients made on the running loop (rag.providers.aclose)."""
+    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
+
+
 class OpenAIConfig:
     def __init__(self, *, api_key: str, base_url: str, timeout: float, max_retries: int) -> None:
         # Local OpenAI-compatible servers accept any key; the client insists on one.

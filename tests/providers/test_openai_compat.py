@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from rag.providers import ProviderError, QueryVector, embedding_provider
+from rag import providers
+from rag.providers import ProviderError, QueryVector, embedding_provider, openai_compat
 
 
 async def test_query_vector_keeps_the_servers_numbers_as_text(fake_llm):
@@ -42,3 +43,18 @@ async def test_a_query_that_fails_a_shared_request_fails_alone(fake_llm):
     assert isinstance(results[1], ProviderError) and results[1].code == "upstream_error"
     assert all(isinstance(r, QueryVector) for i, r in enumerate(results) if i != 1)
     assert any(len(request) > 1 for request in fake_llm.embedding_requests)  # it was batched, then split
+
+
+def test_a_short_lived_loop_closes_the_clients_it_opened(fake_llm):
+    # A management command's asyncio.run: without closing, the connections leak and
+    # aiohttp prints "Unclosed client session" when the command exits.
+    async def main():
+        await embedding_provider().embed(["anything"])
+        loop = asyncio.get_running_loop()
+        [client] = openai_compat._clients[loop].values()
+        assert not client.is_closed()
+        return loop, client
+
+    loop, client = providers.run(main())
+    assert client.is_closed()
+    assert loop not in openai_compat._clients  # nothing kept for the dead loop

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from asgiref.sync import async_to_sync
 
+from rag import providers
 from rag.models import Chunk, Collection, Document, DocumentFile
 from rag.providers import embedding_provider
 from rag.providers.fake import FakeEmbeddings
@@ -23,7 +23,7 @@ def kb() -> Collection:
 
 def ask(question: str, collection: Collection, k: int = 3) -> list[str]:
     embedder = embedding_provider()
-    vector = async_to_sync(embedder.embed_query)(question)
+    vector = providers.run(embedder.embed_query(question))
     return [s.text for s in search(vector, embedding_model=embedder.model, k=k, collections=[collection.pk])]
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from rag import providers
 from rag.forms import BadQuestion, parse_question
 from rag.pipeline import RAG
 from rag.services import answering
@@ -26,7 +26,7 @@ class Command(BaseCommand):
             q = parse_question(question=" ".join(question), k=k)
         except BadQuestion as exc:
             raise CommandError(str(exc)) from None
-        if not asyncio.run(self._ask(q.question, q.k, show_sources=not no_sources)):
+        if not providers.run(self._ask(q.question, q.k, show_sources=not no_sources)):
             raise CommandError("The answer failed (see above).")
 
     async def _ask(self, question: str, k: int, *, show_sources: bool) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from rag import providers
 from rag.models import Collection, Document
 from rag.providers import EmbeddingProvider, ProviderError, embedding_provider
 from rag.services.documents import (
@@ -60,7 +61,7 @@ class Command(BaseCommand):
         sources = list(self._collect(paths))
         if not sources:
             raise CommandError(f"No text files found in {', '.join(paths)} (looked for {', '.join(sorted(SUFFIXES))}).")
-        results = asyncio.run(self._ingest(sources, title=title, collection=target, dry_run=dry_run))
+        results = providers.run(self._ingest(sources, title=title, collection=target, dry_run=dry_run))
         counts = {outcome: sum(1 for o, _, _ in results if o == outcome) for outcome in OUTCOMES}
         summary = ", ".join(f"{outcome} {counts[outcome]}" for outcome in OUTCOMES).capitalize()
         self.stdout.write(self.style.SUCCESS(("Dry run: " if dry_run else "") + summary + "."))

@@ -11,13 +11,13 @@ with the new model's settings while the app still runs with the old ones::
 
 from __future__ import annotations
 
-import asyncio
 import sys
 import time
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
+from rag import providers
 from rag.models import Collection, Document
 from rag.providers import embedding_provider
 from rag.services import ingestion
@@ -49,7 +49,7 @@ class Command(BaseCommand):
             )
             return
         if now:
-            failed = asyncio.run(self._now(list(documents.values_list("pk", flat=True))))
+            failed = providers.run(self._now(list(documents.values_list("pk", flat=True))))
             if failed:
                 raise CommandError(f"{failed} document(s) failed; see their errors in the admin.")
             return
