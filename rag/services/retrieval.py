@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from asgiref.sync import sync_to_async
 from django.db import connection
@@ -74,8 +74,13 @@ class Retrieval:
 CollectionScope = Reader | Iterable[int] | QuerySet | None
 
 _COLUMNS = ("pk", "document_id", "document__title", "document__source", "heading", "text", "distance")
-# Stands in for the query vector while the ORM compiles the search.
+# Stand in for the query vector and for the reader's user id while the ORM compiles the search.
 _QUERY_VECTOR = "[the query vector]"
+# No user has this id; it fits in a 32-bit id column (out of range, the ORM drops the condition).
+_READER_ID = -(2**31) + 1
+
+#: What a search's SQL depends on besides the model, dimension and k (hashable).
+Shape = Reader | tuple[int, ...] | None
 
 
 def search(vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope = None) -> list[Source]:
@@ -93,21 +98,77 @@ def search(vector: QueryVector, *, embedding_model: str, k: int, collections: Co
 def search_many(
     vectors: list[QueryVector], *, embedding_model: str, k: int, collections: CollectionScope = None
 ) -> list[list[Source]]:
-    """``search`` for several query vectors of one dimension, in one statement.
+    """``search`` for several query vectors of one dimension, in one statement."""
+    shape, reader_id = _shape(collections)
+    return _search_rows([(v, reader_id) for v in vectors], embedding_model=embedding_model, k=k, shape=shape)
 
-    The search runs once per vector inside a LATERAL join over the vectors, each
-    through the HNSW index as on its own (tests/test_db.py checks the plan).
+
+async def asearch(
+    vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope = None
+) -> list[Source]:
+    """``search`` for async code, in a thread; the database connection goes back to the
+    pool afterwards (an answer may stream for a while).
+
+    Searches of one shape made at the same time share a statement: under a burst of
+    questions that is one thread hop and one round trip for many, instead of one
+    each while the event loop waits. Signed-in users with the same flags (staff or
+    not) are one shape too: who is asking is a column of the batch.
     """
-    if not vectors:
+    shape, reader_id = _shape(collections)
+    if isinstance(shape, QuerySet):  # not hashable: searched on its own
+        [sources] = await _search_rows_and_release([(vector, reader_id)], embedding_model, k, shape)
+        return sources
+    return await _searches(embedding_model, vector.dimensions, k, shape).submit((vector, reader_id))
+
+
+def _shape(collections: CollectionScope) -> tuple[Shape | QuerySet, int | None]:
+    """What the search's SQL depends on, and the user id it leaves to run time."""
+    if isinstance(collections, Reader):
+        if collections.superuser or collections.user_id is None:
+            return collections, None  # the same statement for all of them already
+        # Signed-in users: who they are only matters to the group-membership subquery.
+        return replace(collections, user_id=_READER_ID), collections.user_id
+    if collections is None or isinstance(collections, QuerySet):
+        return collections, None
+    return tuple(collections), None
+
+
+@functools.lru_cache(maxsize=256)
+def _searches(
+    embedding_model: str, dimensions: int, k: int, shape: Shape
+) -> Batcher[tuple[QueryVector, int | None], list[Source]]:
+    async def run(queries: list[tuple[QueryVector, int | None]]) -> list[list[Source]]:
+        return await _search_rows_and_release(queries, embedding_model, k, shape)
+
+    return Batcher(run, max_size=64)
+
+
+@sync_to_async
+def _search_rows_and_release(
+    queries: list[tuple[QueryVector, int | None]], embedding_model: str, k: int, shape: Shape | QuerySet
+) -> list[list[Source]]:
+    try:
+        return _search_rows(queries, embedding_model=embedding_model, k=k, shape=shape)
+    finally:
+        release_connection()
+
+
+def _search_rows(
+    queries: list[tuple[QueryVector, int | None]], *, embedding_model: str, k: int, shape: Shape | QuerySet
+) -> list[list[Source]]:
+    """One statement for several (query vector, reader's user id): the search runs once per
+    query inside a LATERAL join over them, each through the HNSW index as on its own
+    (tests/test_db.py checks the plan)."""
+    if not queries:
         return []
-    dimensions = vectors[0].dimensions
-    if any(v.dimensions != dimensions for v in vectors):
-        raise ValueError("search_many needs query vectors of one dimension")
-    sql, params = _search_sql(embedding_model, dimensions, k, collections)
+    dimensions = queries[0][0].dimensions
+    if any(vector.dimensions != dimensions for vector, _ in queries):
+        raise ValueError("one statement searches query vectors of one dimension")
+    sql, params = _search_sql(embedding_model, dimensions, k, shape)
     with connection.cursor() as cursor:
-        cursor.execute(sql, ([v.literal for v in vectors], *params))
+        cursor.execute(sql, ([v.literal for v, _ in queries], [reader for _, reader in queries], *params))
         rows = cursor.fetchall()
-    found: list[list[Source]] = [[] for _ in vectors]
+    found: list[list[Source]] = [[] for _ in queries]
     for i, pk, document_id, title, source, heading, text, distance in rows:
         sources = found[i - 1]
         sources.append(
@@ -125,88 +186,52 @@ def search_many(
     return found
 
 
-async def asearch(
-    vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope = None
-) -> list[Source]:
-    """``search`` for async code, in a thread; the database connection goes back to the
-    pool afterwards (an answer may stream for a while).
-
-    Searches of one shape (model, dimension, k, scope) made at the same time
-    share a statement: under a burst of questions that is one thread hop and one
-    round trip for many, instead of one each while the event loop waits.
-    """
-    if isinstance(collections, QuerySet):  # not hashable: searched on its own
-        [sources] = await _search_many_and_release([vector], embedding_model, k, collections)
-        return sources
-    return await _searches(embedding_model, vector.dimensions, k, _scope_key(collections)).submit(vector)
-
-
-@functools.lru_cache(maxsize=256)
-def _searches(
-    embedding_model: str, dimensions: int, k: int, collections: Reader | tuple[int, ...] | None
-) -> Batcher[QueryVector, list[Source]]:
-    async def run(vectors: list[QueryVector]) -> list[list[Source]]:
-        return await _search_many_and_release(vectors, embedding_model, k, collections)
-
-    return Batcher(run, max_size=64)
-
-
-@sync_to_async
-def _search_many_and_release(
-    vectors: list[QueryVector], embedding_model: str, k: int, collections: CollectionScope
-) -> list[list[Source]]:
-    try:
-        return search_many(vectors, embedding_model=embedding_model, k=k, collections=collections)
-    finally:
-        release_connection()
-
-
-def _scope_key(collections: CollectionScope) -> Reader | tuple[int, ...] | None:
-    if collections is None or isinstance(collections, Reader):
-        return collections
-    return tuple(collections)
-
-
-def _search_sql(embedding_model: str, dimensions: int, k: int, collections: CollectionScope) -> tuple[str, tuple]:
-    """The batched search's SQL and its parameters after the vectors' (an array of literals).
+def _search_sql(embedding_model: str, dimensions: int, k: int, shape: Shape | QuerySet) -> tuple[str, tuple]:
+    """The batched search's SQL, and its parameters after the two arrays (vectors, readers).
 
     Building and compiling the QuerySet costs ~0.8 ms of CPU, as much as the
     search itself takes in Postgres, and every search before a first token paid
     it while the event loop waited for the GIL. The SQL depends only on the
-    model, the dimension, k and the scope, so it is compiled once per shape.
+    model, the dimension, k and the shape, so it is compiled once per shape.
     """
-    if isinstance(collections, QuerySet):  # not hashable: compiled each time
-        return _compile(embedding_model, dimensions, k, collections)
-    return _compiled(embedding_model, dimensions, k, _scope_key(collections))
+    if isinstance(shape, QuerySet):  # not hashable: compiled each time
+        return _compile(embedding_model, dimensions, k, shape)
+    return _compiled(embedding_model, dimensions, k, shape)
 
 
 @functools.lru_cache(maxsize=512)
-def _compiled(
-    embedding_model: str, dimensions: int, k: int, collections: Reader | tuple[int, ...] | None
-) -> tuple[str, tuple]:
-    return _compile(embedding_model, dimensions, k, collections)
+def _compiled(embedding_model: str, dimensions: int, k: int, shape: Shape) -> tuple[str, tuple]:
+    return _compile(embedding_model, dimensions, k, shape)
 
 
-def _compile(embedding_model: str, dimensions: int, k: int, collections: CollectionScope) -> tuple[str, tuple]:
+def _compile(embedding_model: str, dimensions: int, k: int, shape: Shape | QuerySet) -> tuple[str, tuple]:
     queryset = (
-        Chunk.objects.in_collections(collections)
+        Chunk.objects.in_collections(shape)
         .nearest(_QUERY_VECTOR, embedding_model=embedding_model, dimensions=dimensions, k=k)
         # Plain tuples, not model instances: this runs before every first token.
         .values_list(*_COLUMNS)
     )
     sql, params = queryset.query.sql_with_params()
     # The ORM's SQL has a %s per parameter (a literal percent sign would be %%):
-    # the query vector's becomes a reference to the joined vector.
+    # the stand-ins become references to the columns of the batch.
     pieces = sql.split("%s")
     if len(pieces) != len(params) + 1:
+        raise RuntimeError(f"Unexpected placeholders in {sql!r}")
+    columns = {_QUERY_VECTOR: f"q.vector::vector({dimensions})", _READER_ID: "q.reader"}
+    inner, kept, placed = pieces[0], [], 0
+    for param, piece in zip(params, pieces[1:], strict=True):
+        stand_in = columns.get(param) if isinstance(param, (str, int)) and not isinstance(param, bool) else None
+        if stand_in is None:
+            kept.append(param)
+        placed += param == _QUERY_VECTOR
+        inner += (stand_in or "%s") + piece
+    if placed != 1:
         raise RuntimeError(f"Cannot place the query vector in {sql!r}")
-    slot = params.index(_QUERY_VECTOR)
-    inner = "%s".join(pieces[: slot + 1]) + f"q.vector::vector({dimensions})" + "%s".join(pieces[slot + 1 :])
     batched = (
-        "SELECT q.i, r.* FROM unnest(%s::text[]) WITH ORDINALITY AS q(vector, i) "
+        "SELECT q.i, r.* FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS q(vector, reader, i) "
         f"CROSS JOIN LATERAL ({inner}) AS r ORDER BY q.i, r.distance"
     )
-    return batched, tuple(p for i, p in enumerate(params) if i != slot)
+    return batched, tuple(kept)
 
 
 async def retrieve(

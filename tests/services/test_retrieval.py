@@ -146,13 +146,13 @@ def test_one_statement_searches_many_vectors_as_each_would_be_searched_alone(lib
 @pytest.mark.django_db(transaction=True)
 async def test_concurrent_searches_of_one_shape_share_statements(library, monkeypatch):
     statements: list[int] = []
-    search_many = retrieval._search_many_and_release
+    search_rows = retrieval._search_rows_and_release
 
-    async def counting(vectors, *args):
-        statements.append(len(vectors))
-        return await search_many(vectors, *args)
+    async def counting(queries, *args):
+        statements.append(len(queries))
+        return await search_rows(queries, *args)
 
-    monkeypatch.setattr(retrieval, "_search_many_and_release", counting)
+    monkeypatch.setattr(retrieval, "_search_rows_and_release", counting)
     retrieval._searches.cache_clear()
     reader = Reader.of(AnonymousUser())
     vectors = [query(seed) for seed in range(12)]
@@ -163,3 +163,37 @@ async def test_concurrent_searches_of_one_shape_share_statements(library, monkey
     for vector, sources in zip(vectors, together, strict=True):
         alone = await sync_to_async(retrieval.search)(vector, embedding_model=MODEL, k=3, collections=reader)
         assert sources == alone and {s.title for s in sources} == {"public"}
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_users_share_statements_yet_each_sees_only_what_they_may_read(library, monkeypatch):
+    statements: list[int] = []
+    search_rows = retrieval._search_rows_and_release
+
+    async def counting(queries, *args):
+        statements.append(len(queries))
+        return await search_rows(queries, *args)
+
+    monkeypatch.setattr(retrieval, "_search_rows_and_release", counting)
+    retrieval._searches.cache_clear()
+
+    @sync_to_async
+    def users() -> tuple[list[User], list[User]]:
+        members = [User.objects.create_user(f"member{i}") for i in range(4)]
+        for member in members:
+            member.groups.add(Group.objects.get(name="readers"))
+        return members, [User.objects.create_user(f"outsider{i}") for i in range(4)]
+
+    members, outsiders = await users()
+    readers = [Reader.of(user) for pair in zip(members, outsiders, strict=True) for user in pair]
+    found = await asyncio.gather(
+        *(
+            retrieval.asearch(query(i), embedding_model=MODEL, k=20, collections=reader)
+            for i, reader in enumerate(readers)
+        )
+    )
+    assert len(statements) < len(readers)  # eight users, fewer statements...
+    member_ids = {m.pk for m in members}
+    for reader, sources in zip(readers, found, strict=True):  # ...and still each their own permissions
+        expected = {"public", "group"} if reader.user_id in member_ids else {"public"}
+        assert {s.title for s in sources} == expected
