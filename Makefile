@@ -42,6 +42,8 @@ sample: migrate
 # stopping the server (Ctrl+C) stops the worker too.
 run: sample
 	@echo "Serving on http://$(HOST):$(PORT)/ with a background worker  (Ctrl+C to stop)"
+	@# The worker about to start is the only one: anything left mid-run was left by a dead one.
+	$(PY) manage.py requeue_interrupted --older-than 0
 	RAG_DB_POOL_MIN=1 $(PY) manage.py db_worker --no-reload --interval 0.5 --queue-name '*' & worker=$$!; \
 	trap 'kill $$worker 2>/dev/null; wait $$worker 2>/dev/null' EXIT INT TERM; \
 	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(PY) manage.py runserver --noreload $(HOST):$(PORT)

@@ -80,17 +80,17 @@ def submit_text(*, collection: Collection, title: str, text: str) -> Submission:
     return submit_file(collection=collection, name=f"{title}.md", data=data, content_type="text/markdown")
 
 
-def requeue(*, documents: QuerySet[Document], reembed: bool = False) -> int:
+def requeue(*, documents: QuerySet[Document], reembed: bool = False, stale_after: timedelta = STALE_AFTER) -> int:
     """Queue re-ingestion (parse again) or re-embedding (same text, current model) of documents.
 
     Documents still being processed are skipped: their run will finish first. A run
     saves its progress at least once per embedding batch, so one that has not moved for
-    STALE_AFTER is taken for dead (a worker killed mid-run) and may be queued again.
+    ``stale_after`` is taken for dead (a worker killed mid-run) and may be queued again.
     """
     from rag import tasks
 
     task = tasks.reembed_document if reembed else tasks.ingest_document
-    stale = timezone.now() - STALE_AFTER
+    stale = timezone.now() - stale_after
     eligible = documents.filter(Q(status__in=Document.SETTLED) | Q(updated_at__lt=stale))
     count = 0
     for pk in list(eligible.values_list("pk", flat=True)):
@@ -101,6 +101,18 @@ def requeue(*, documents: QuerySet[Document], reembed: bool = False) -> int:
             task.enqueue(document_id=pk)
         count += 1
     return count
+
+
+def requeue_interrupted(*, stale_after: timedelta = STALE_AFTER) -> int:
+    """Queue again the documents a worker stopped in the middle of (killed, restarted).
+
+    The task queue does not notice a worker that died: its task stays "running" and
+    the document stays parsing, chunking or embedding for good. With several
+    workers, only a run that has not moved for ``stale_after`` can be told dead; a
+    worker starting when no other runs (``make run``) may pass zero.
+    """
+    interrupted = Document.objects.exclude(status__in=(*Document.SETTLED, Document.Status.QUEUED))
+    return requeue(documents=interrupted, stale_after=stale_after)
 
 
 def _duplicate(*, collection: Collection, name: str, data: bytes, digest: str) -> Document | None:

@@ -224,3 +224,22 @@ def test_a_run_that_stopped_moving_can_be_queued_again(kb):
     assert ingestion.requeue(documents=Document.objects.all()) == 1
     run_worker()
     assert Document.objects.get(pk=result.document_id).status == "ready"
+
+
+def test_documents_a_dead_worker_left_half_done_are_queued_again_at_startup(kb):
+    from django.core.management import call_command
+
+    done = ingestion.submit_file(collection=kb, name="a.md", data=b"Apples are red.")
+    cut = ingestion.submit_file(collection=kb, name="b.md", data=b"Bananas are yellow.")
+    run_worker()
+    waiting = ingestion.submit_file(collection=kb, name="c.md", data=b"Cherries are dark.")
+    # The worker was killed while embedding b.md; c.md's task is still in the queue.
+    Document.objects.filter(pk=cut.document_id).update(status="embedding", progress=0.4)
+
+    call_command("requeue_interrupted")  # another worker may still be on it: left alone
+    assert pending_tasks() == 1
+    call_command("requeue_interrupted", "--older-than", "0")  # the only worker is about to start
+    assert pending_tasks() == 2  # b.md again, c.md once (not twice), a.md not at all
+    run_worker()
+    statuses = dict(Document.objects.values_list("pk", "status"))
+    assert statuses == {done.document_id: "ready", cut.document_id: "ready", waiting.document_id: "ready"}
