@@ -78,7 +78,7 @@ async def test_a_hung_batch_does_not_hold_up_the_others():
 
     batcher = Batcher(run, max_size=10, concurrency=2)
     slow = asyncio.ensure_future(batcher.submit("slow"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: the slow batch starts (no timing involved)
     assert await asyncio.wait_for(batcher.submit("quick"), 5) == "quick"
     assert not slow.done()
     hung.set()
@@ -114,7 +114,7 @@ async def test_a_caller_that_leaves_is_dropped_unless_abandoned_items_are_kept(k
     await started(run, 1)
     leaving = asyncio.ensure_future(batcher.submit("gone"))
     staying = asyncio.ensure_future(batcher.submit("b"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop: both calls are queued (no timing involved)
     leaving.cancel()
     run.gate.set()
     assert await first == "A" and await staying == "B"

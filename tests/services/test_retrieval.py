@@ -55,6 +55,20 @@ def library() -> dict[str, Collection]:
     return made
 
 
+@pytest.fixture
+def statements(monkeypatch) -> list[int]:
+    """How many searches each statement that asearch sent to the database held."""
+    sizes: list[int] = []
+    search_rows = retrieval._search_rows_and_release
+
+    async def counting(queries, *args):
+        sizes.append(len(queries))
+        return await search_rows(queries, *args)
+
+    monkeypatch.setattr(retrieval, "_search_rows_and_release", counting)
+    return sizes
+
+
 def found(scope, *, k: int = 20, seed: int = 1) -> set[str]:
     """The collections of the chunks a search returns."""
     sources = retrieval.search(query(seed), embedding_model=MODEL, k=k, collections=scope)
@@ -144,16 +158,7 @@ def test_one_statement_searches_many_vectors_as_each_would_be_searched_alone(lib
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_concurrent_searches_of_one_shape_share_statements(library, monkeypatch):
-    statements: list[int] = []
-    search_rows = retrieval._search_rows_and_release
-
-    async def counting(queries, *args):
-        statements.append(len(queries))
-        return await search_rows(queries, *args)
-
-    monkeypatch.setattr(retrieval, "_search_rows_and_release", counting)
-    retrieval._searches.cache_clear()
+async def test_concurrent_searches_of_one_shape_share_statements(library, statements):
     reader = Reader.of(AnonymousUser())
     vectors = [query(seed) for seed in range(12)]
     together = await asyncio.gather(
@@ -166,16 +171,7 @@ async def test_concurrent_searches_of_one_shape_share_statements(library, monkey
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_users_share_statements_yet_each_sees_only_what_they_may_read(library, monkeypatch):
-    statements: list[int] = []
-    search_rows = retrieval._search_rows_and_release
-
-    async def counting(queries, *args):
-        statements.append(len(queries))
-        return await search_rows(queries, *args)
-
-    monkeypatch.setattr(retrieval, "_search_rows_and_release", counting)
-    retrieval._searches.cache_clear()
+async def test_users_share_statements_yet_each_sees_only_what_they_may_read(library, statements):
 
     @sync_to_async
     def users() -> tuple[list[User], list[User]]:
