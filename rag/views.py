@@ -15,6 +15,7 @@ from rag import sse
 from rag.forms import BadQuestion, parse_question
 from rag.models import Reader
 from rag.pipeline import RAG
+from rag.services.connections import arelease_connection
 
 FORMATS = ("text", "json")
 
@@ -40,6 +41,15 @@ def api_method(method: str):
     return decorator
 
 
+async def asking_user(request: HttpRequest):
+    """The user asking. Looking them up used a database connection only if the request
+    carried a session cookie; that one goes back to the pool, as the answer may take a while."""
+    user = await request.auser()
+    if settings.SESSION_COOKIE_NAME in request.COOKIES:
+        await arelease_connection()
+    return user
+
+
 def reader(user, *, collection: str | None = None) -> Reader:
     """Who is asking, for the search: what they may read, optionally narrowed to one
     collection by name (one they may not read is simply empty for them)."""
@@ -56,7 +66,7 @@ async def stream(request: HttpRequest):
         q = parse_question(question=request.GET.get("question"), k=request.GET.get("k"))
     except BadQuestion as exc:
         return bad_request(str(exc))
-    user = await request.auser()
+    user = await asking_user(request)
     events = RAG().aevents(
         q.question,
         k=q.k,
@@ -96,7 +106,7 @@ async def query(request: HttpRequest):
     collection = body.get("collection")
     if collection is not None and not isinstance(collection, str):
         return bad_request("'collection' must be the name of a collection (a string).")
-    user = await request.auser()
+    user = await asking_user(request)
     answer = await RAG().aask(
         q.question,
         k=q.k,

@@ -87,7 +87,7 @@ DATABASES = {"default": dj_database_url.parse(DATABASE_URL)}
 if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
     raise ImproperlyConfigured("DATABASE_URL must point at PostgreSQL with pgvector (postgres://...).")
 # A pool, because streaming views hand their connection back while they wait
-# on the LLM and borrow one again to save the answer (see rag.services.db).
+# on the LLM and borrow one again to save the answer (rag.services.connections).
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
     "min_size": env_int("RAG_DB_POOL_MIN", 10, min_value=0),

@@ -88,6 +88,8 @@ def live_server_url(django_db_setup, django_db_blocker, fake_server: FakeOpenAI)
         "RAG_SSE_HEARTBEAT": "0.2",
         # DEBUG is off under daphne; the browser tests need /static/.
         "RAG_SERVE_STATIC": "1",
+        # Shorter than the fake LLM's waits in the test of connections held while streaming.
+        "RAG_DB_POOL_TIMEOUT": "1",
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ragsite.asgi:application"],

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+import aiohttp
 import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth.models import User
@@ -301,3 +303,28 @@ async def test_conversations_asked_anonymously_follow_the_visitor_into_their_acc
     assert (await Message.objects.select_related("conversation").aget(pk=theirs)).conversation.user_id is None
     _, events = await read_stream(visitor, mine)  # still theirs to open, now through the account
     assert "done" in [e.type for e in events]
+
+
+async def test_more_chat_streams_than_pooled_connections_all_answer(live_server_url, fake_llm):
+    """Each stream gives its database connection back before it waits on the LLM: with
+    one held per stream, the pool (20) ran dry and the 21st visitor got a 500 once the pool's
+    timeout (1 s for the test server) ran out."""
+    await add_corpus()
+    # Every stream waits on the LLM at the same time, past the pool's timeout (within the LLM's, 2 s).
+    fake_llm.first_token_ms = 1500
+    fake_llm.tokens = ["fine"]
+
+    async def visit(i: int) -> tuple[int, str]:
+        jar = aiohttp.CookieJar(unsafe=True)  # the server is an IP address
+        async with aiohttp.ClientSession(cookie_jar=jar, timeout=aiohttp.ClientTimeout(total=30)) as http:
+            page = await (await http.get(f"{live_server_url}/")).text()
+            token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+            data = {"question": f"Question {i} about Django?", "csrfmiddlewaretoken": token}
+            async with http.post(f"{live_server_url}/chat/ask", data=data, headers=HTMX) as asked:
+                answer_id = answer_id_in(await asked.text())
+            async with http.get(f"{live_server_url}/chat/answers/{answer_id}/stream") as streamed:
+                return streamed.status, await streamed.text()
+
+    results = await asyncio.gather(*(visit(i) for i in range(24)))
+    assert [status for status, _ in results] == [200] * 24
+    assert all("event: done" in body and "event: error" not in body for _, body in results)

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -41,6 +42,7 @@ from rag.models import Conversation, Feedback, Message, Reader
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.providers.base import estimate_tokens
 from rag.services import answering
+from rag.services.connections import arelease_connection, release_connection
 from rag.services.retrieval import CollectionScope, Source
 
 logger = logging.getLogger(__name__)
@@ -363,6 +365,8 @@ async def _generate(
         yield Started(answer_id=answer.pk, conversation_id=str(answer.conversation_id))
         question = await _question_of(answer)
         history = await build_history(answer=answer, budget_tokens=settings.RAG_HISTORY_TOKENS)
+        # The database work before the answer is done; the LLM may take a while.
+        await arelease_connection()
         search_query = await condense(question=question.text, history=history, chat=chat)
         events = answering.generate(
             question=question.text,
@@ -412,11 +416,13 @@ def _stopped_before_generation(answer: Message, *, chat: ChatProvider, started: 
     )
 
 
-async def _renew_claim(answer: Message, *, text: str) -> None:
+@sync_to_async
+def _renew_claim(answer: Message, *, text: str) -> None:
     """Still generating: a fresh claim, and the text so far in case this process dies."""
-    await Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).aupdate(
+    Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).update(
         claimed_at=timezone.now(), text=text.replace("\x00", "\ufffd")
     )
+    release_connection()  # the answer goes on streaming
 
 
 async def _interrupt_if_abandoned(answer: Message) -> bool:
@@ -452,6 +458,7 @@ async def _replay(answer_id: int) -> AsyncIterator[ChatEvent]:
             yield Done(answer=answer)
             return
         # Polling with a deadline: the generating stream may live in another process.
+        await arelease_connection()  # not held while waiting
         await asyncio.sleep(REPLAY_POLL_S)
     yield Started(answer_id=answer.pk, conversation_id=str(answer.conversation_id))
     if answer.sources:

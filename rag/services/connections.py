@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from asgiref.sync import sync_to_async
 from django.db import connection
 
 
@@ -15,3 +16,14 @@ def release_connection() -> None:
     """
     if not connection.in_atomic_block:
         connection.close()
+
+
+async def arelease_connection() -> None:
+    """``release_connection`` for async code: the connection given back is the one held by
+    the thread that this request's (or consumer's) ORM calls run in.
+
+    Async ORM calls run in that thread and leave their connection open there, and a
+    streaming response keeps the thread's connection until the stream ends: with a
+    stream per client, 20 clients would hold the whole pool while they wait on the LLM.
+    """
+    await sync_to_async(release_connection)()
