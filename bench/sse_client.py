@@ -34,6 +34,7 @@ __all__ = [
     "RequestSpec",
     "SSEParser",
     "app_event_kind",
+    "chat_event_kind",
     "openai_event_kind",
     "run_level",
     "stream_once",
@@ -110,6 +111,12 @@ def app_event_kind(event: Event) -> Kind:
     if event.type == "message":
         return Kind.DONE if event.data == "[DONE]" else Kind.TOKEN
     return Kind.ERROR if event.type == "error" else Kind.OTHER
+
+
+def chat_event_kind(event: Event) -> Kind:
+    """The chat page's stream: named ``token`` events (HTML-escaped text), ``done`` last."""
+    kinds = {"token": Kind.TOKEN, "done": Kind.DONE, "error": Kind.ERROR}
+    return kinds.get(event.type, Kind.OTHER)
 
 
 def openai_event_kind(event: Event) -> Kind:

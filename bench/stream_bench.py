@@ -73,6 +73,7 @@ from sse_client import (
     RequestResult,
     RequestSpec,
     app_event_kind,
+    chat_event_kind,
     openai_event_kind,
     run_level,
     stream_once,
@@ -365,11 +366,49 @@ class Target:
         return app_event_kind if self.name == "app" else openai_event_kind
 
 
+_ANSWER_STREAM = re.compile(r'sse-connect="(/chat/answers/\d+/stream)"')
+_CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
+
+
+async def chat_once(base: str, question: str, *, index: int, rid: str) -> RequestResult:
+    """One visitor of the chat page: load it (not timed), then POST the question and read the
+    answer's stream; TTFT counts from the POST, which is when the visitor pressed Enter."""
+    jar = aiohttp.CookieJar(unsafe=True)  # the server is an IP address
+    async with aiohttp.ClientSession(cookie_jar=jar, auto_decompress=False) as session:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                page = await (await session.get(f"{base}/")).text()
+                token = _CSRF.search(page)
+                started = time.monotonic()
+                form = {"question": question, "csrfmiddlewaretoken": token.group(1) if token else ""}
+                async with session.post(f"{base}/chat/ask", data=form, headers={"HX-Request": "true"}) as resp:
+                    fragment = await resp.text(errors="replace")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return RequestResult(index=index, rid=rid, started_at=time.monotonic(), error=f"ask: {exc!r}"[:200])
+        stream = _ANSWER_STREAM.search(fragment)
+        if stream is None:
+            return RequestResult(
+                index=index, rid=rid, started_at=started, status=resp.status, error=f"ask: HTTP {resp.status}"
+            )
+        result = await stream_once(
+            session,
+            RequestSpec("GET", f"{base}{stream.group(1)}"),
+            index=index,
+            rid=rid,
+            kind_of=chat_event_kind,
+            time_limit=REQUEST_TIMEOUT_S,
+        )
+        result.started_at = started
+        result.named.pop("metrics", None)  # HTML for the page, not the JSON the summary reads
+        return result
+
+
 class Bench:
     """One server's measurements: the levels, the cancellation run, memory."""
 
     def __init__(self, *, app_url: str, fake_url: str, server_pid: int, levels: Sequence[tuple[int, int]]) -> None:
         self.app = Target("app", app_url)
+        self.chat = Target("chat", app_url)
         self.fake = Target("fake", fake_url)
         self.fake_url = fake_url
         self.server_pid = server_pid
@@ -386,6 +425,8 @@ class Bench:
     ) -> Callable[[aiohttp.ClientSession, int], Awaitable[RequestResult]]:
         async def request(session: aiohttp.ClientSession, index: int) -> RequestResult:
             rid, question = self.question(label, index)
+            if target.name == "chat":
+                return await chat_once(target.base, question, index=index, rid=rid)
             return await stream_once(
                 session,
                 target.spec(question),
@@ -419,7 +460,7 @@ class Bench:
             run = await run_level(self.requester(target, label), n=n, concurrency=concurrency)
         cpu_after = cpu_seconds(self.server_pid)
         summary = summarize(run, await self.upstream_records())
-        if target.name == "app":
+        if target.name != "fake":
             if cpu_before is not None and cpu_after is not None:
                 cpu = cpu_after - cpu_before
                 summary["server_cpu_s"] = round(cpu, 2)
@@ -477,13 +518,16 @@ class Bench:
         for concurrency, n in self.levels:
             fake = await self.level(self.fake, concurrency, n)
             app = await self.level(self.app, concurrency, n)
+            chat = await self.level(self.chat, concurrency, n)
             fake_p50 = fake["ttft_overhead_ms"]["p50"]
             app_p50 = app["ttft_overhead_ms"]["p50"]
             ratio = app_p50 / fake_p50 if app_p50 is not None and fake_p50 else None
-            levels.append({"concurrency": concurrency, "n": n, "fake": fake, "app": app, "ratio_p50": rounded(ratio)})
+            level = {"concurrency": concurrency, "n": n, "fake": fake, "app": app, "chat": chat}
+            levels.append({**level, "ratio_p50": rounded(ratio)})
             log(
                 f"c={concurrency} n={n}: TTFT overhead p50 app {app_p50} ms / fake {fake_p50} ms, "
-                f"p99 app {app['ttft_overhead_ms']['p99']} ms; errors app {app['errors']} fake {fake['errors']}"
+                f"p99 app {app['ttft_overhead_ms']['p99']} ms; errors app {app['errors']} fake {fake['errors']}; "
+                f"chat page {chat['ttft_overhead_ms']['p50']} ms (errors {chat['errors']})"
             )
         cancellation = await self.cancellation()
         log(
@@ -613,6 +657,24 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 f"| {ratio} | {verdict} | {reference} "
                 f"| {fmt(app['total_ms']['p50'])} | {fmt(app['tokens_per_s'])} "
                 f"| {app['errors']} / {app['n']} (fake {fake['errors']}) |"
+            )
+        lines += [
+            "",
+            "The chat page (`POST /chat/ask`, then the answer's stream, each visitor with its own session; "
+            "TTFT counted from the POST), against `/rag/stream` in the same run:",
+            "",
+            "| level | `/rag/stream` | chat page | chat ÷ stream (p50) | server CPU per question | errors |",
+            "|---|---|---|---|---|---|",
+        ]
+        for level in result["levels"]:
+            app, chat = level["app"], level["chat"]
+            app_p50, chat_p50 = app["ttft_overhead_ms"]["p50"], chat["ttft_overhead_ms"]["p50"]
+            ratio = f"{chat_p50 / app_p50:.1f}×" if chat_p50 is not None and app_p50 else "–"
+            lines.append(
+                f"| c={level['concurrency']} (n={level['n']}) | {fmt(app_p50)} / {fmt(app['ttft_overhead_ms']['p99'])} "
+                f"| {fmt(chat_p50)} / {fmt(chat['ttft_overhead_ms']['p99'])} | {ratio} "
+                f"| {fmt(app.get('server_cpu_ms_per_request'))} / {fmt(chat.get('server_cpu_ms_per_request'))} ms "
+                f"| {chat['errors']} / {chat['n']} |"
             )
         levels = result["levels"]
         before = "/".join(fmt(lv["app"]["until_upstream_request_ms"]["p50"]) for lv in levels)
