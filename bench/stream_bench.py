@@ -370,21 +370,41 @@ _ANSWER_STREAM = re.compile(r'sse-connect="(/chat/answers/\d+/stream)"')
 _CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 
 
-async def chat_once(base: str, question: str, *, index: int, rid: str) -> RequestResult:
-    """One visitor of the chat page: load it (not timed), then POST the question and read the
-    answer's stream; TTFT counts from the POST, which is when the visitor pressed Enter."""
-    jar = aiohttp.CookieJar(unsafe=True)  # the server is an IP address
-    async with aiohttp.ClientSession(cookie_jar=jar, auto_decompress=False) as session:
+@dataclass
+class Visitor:
+    """Someone with the chat page open: its session cookie and the page's CSRF token."""
+
+    jar: aiohttp.CookieJar
+    token: str
+
+
+async def open_pages(base: str, n: int, concurrency: int = 10) -> list[Visitor]:
+    """``n`` visitors who loaded the chat page (before the clock starts: a visitor loads the
+    page once, then asks)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> Visitor:
+        jar = aiohttp.CookieJar(unsafe=True)  # the server is an IP address
+        async with gate, aiohttp.ClientSession(cookie_jar=jar) as session:
+            page = await (await session.get(f"{base}/")).text()
+        token = _CSRF.search(page)
+        return Visitor(jar=jar, token=token.group(1) if token else "")
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+async def chat_once(base: str, visitor: Visitor, question: str, *, index: int, rid: str) -> RequestResult:
+    """A visitor with the page open asks: POST the question, then read the answer's stream.
+    TTFT counts from the POST, which is when the visitor pressed Enter."""
+    async with aiohttp.ClientSession(cookie_jar=visitor.jar, auto_decompress=False) as session:
+        started = time.monotonic()
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                page = await (await session.get(f"{base}/")).text()
-                token = _CSRF.search(page)
-                started = time.monotonic()
-                form = {"question": question, "csrfmiddlewaretoken": token.group(1) if token else ""}
+                form = {"question": question, "csrfmiddlewaretoken": visitor.token}
                 async with session.post(f"{base}/chat/ask", data=form, headers={"HX-Request": "true"}) as resp:
                     fragment = await resp.text(errors="replace")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return RequestResult(index=index, rid=rid, started_at=time.monotonic(), error=f"ask: {exc!r}"[:200])
+            return RequestResult(index=index, rid=rid, started_at=started, error=f"ask: {exc!r}"[:200])
         stream = _ANSWER_STREAM.search(fragment)
         if stream is None:
             return RequestResult(
@@ -409,6 +429,7 @@ class Bench:
     def __init__(self, *, app_url: str, fake_url: str, server_pid: int, levels: Sequence[tuple[int, int]]) -> None:
         self.app = Target("app", app_url)
         self.chat = Target("chat", app_url)
+        self.visitors: list[Visitor] = []
         self.fake = Target("fake", fake_url)
         self.fake_url = fake_url
         self.server_pid = server_pid
@@ -426,7 +447,7 @@ class Bench:
         async def request(session: aiohttp.ClientSession, index: int) -> RequestResult:
             rid, question = self.question(label, index)
             if target.name == "chat":
-                return await chat_once(target.base, question, index=index, rid=rid)
+                return await chat_once(target.base, self.visitors[index], question, index=index, rid=rid)
             return await stream_once(
                 session,
                 target.spec(question),
@@ -454,6 +475,8 @@ class Bench:
 
     async def level(self, target: Target, concurrency: int, n: int) -> dict[str, Any]:
         label = f"{target.name}-c{concurrency}"
+        if target.name == "chat":
+            self.visitors = await open_pages(target.base, n)
         await self.fake_call("POST", "/_reset")
         cpu_before = cpu_seconds(self.server_pid)
         async with asyncio.timeout(LEVEL_TIMEOUT_S):
@@ -471,7 +494,8 @@ class Bench:
         return summary
 
     async def warm_up(self) -> None:
-        for target in (self.fake, self.app):
+        self.visitors = await open_pages(self.chat.base, WARMUP_REQUESTS)
+        for target in (self.fake, self.app, self.chat):
             await run_level(self.requester(target, f"warmup-{target.name}"), n=WARMUP_REQUESTS, concurrency=1)
 
     async def cancellation(self) -> dict[str, Any]:
@@ -529,6 +553,9 @@ class Bench:
                 f"p99 app {app['ttft_overhead_ms']['p99']} ms; errors app {app['errors']} fake {fake['errors']}; "
                 f"chat page {chat['ttft_overhead_ms']['p50']} ms (errors {chat['errors']})"
             )
+            for name, summary in (("app", app), ("chat page", chat), ("fake", fake)):
+                if summary["errors"]:
+                    log(f"  {name} errors at c={concurrency}: {summary['error_kinds']}")
         cancellation = await self.cancellation()
         log(
             f"cancellation: {cancellation['upstream_closed_by_client']}/{cancellation['n']} upstream closed, "
@@ -660,8 +687,9 @@ def render_markdown(summary: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "The chat page (`POST /chat/ask`, then the answer's stream, each visitor with its own session; "
-            "TTFT counted from the POST), against `/rag/stream` in the same run:",
+            "The chat page (`POST /chat/ask`, then the answer's stream; each visitor has its own session and "
+            "loaded the page before the clock starts; TTFT counted from the POST), against `/rag/stream` in the "
+            "same run:",
             "",
             "| level | `/rag/stream` | chat page | chat ÷ stream (p50) | server CPU per question | errors |",
             "|---|---|---|---|---|---|",
