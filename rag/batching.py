@@ -8,11 +8,15 @@ fixed costs queue up in front of everybody's first token. A Batcher runs
 * a lone call starts at once, so nothing waits that would not have waited anyway;
 * calls arriving while ``concurrency`` batches are running wait for the next one;
 * one slow or hung batch does not hold up the rest (``concurrency`` > 1).
+
+A batch belongs to no caller: sync code in ``run`` must not rely on a caller's
+thread (use ``sync_to_async(thread_sensitive=False)``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,9 +74,10 @@ class Batcher(Generic[T, R]):
         queue.items.append((item, future))
         if queue.running < self._concurrency:
             queue.running += 1
-            # In the context of the caller that started it, like any task: sync
-            # code of ``run`` then finds the sync thread that caller would use.
-            worker = loop.create_task(self._drain(queue))
+            # A context of its own: the worker serves many callers and may outlive
+            # the one that started it (a request's context, whose thread executor
+            # ends with the request).
+            worker = loop.create_task(self._drain(queue), context=contextvars.Context())
             queue.workers.add(worker)  # a strong reference until it is done
             worker.add_done_callback(queue.workers.discard)
         # The item is queued before the first await: a caller cancelled from

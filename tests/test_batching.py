@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from asgiref.sync import ThreadSensitiveContext, sync_to_async
 
 from rag.batching import Batcher
 
@@ -140,3 +142,22 @@ def test_each_event_loop_gets_its_own_queue():
 def test_sizes_below_one_are_refused():
     with pytest.raises(ValueError):
         Batcher(Recorder(), max_size=0)
+
+
+async def test_a_batch_outlives_the_request_that_started_it():
+    # A request's ThreadSensitiveContext ends with the request; a batch it started
+    # serves other requests too, and must not die with it.
+    release = asyncio.Event()
+
+    async def run(items: list[str]) -> list[str]:
+        await release.wait()
+        return await sync_to_async(lambda: [item.upper() for item in items])()
+
+    batcher = Batcher(run, max_size=10, concurrency=1)
+    # The first request, in a context with a thread of its own, as ragsite.asgi gives each request.
+    async with ThreadSensitiveContext(executor=ThreadPoolExecutor(1)):
+        first = asyncio.ensure_future(batcher.submit("a"))
+        await asyncio.sleep(0)  # one turn of the loop: its batch starts (no timing involved)
+    second = asyncio.ensure_future(batcher.submit("b"))  # another request, after the first ended
+    release.set()
+    assert await first == "A" and await second == "B"

@@ -266,7 +266,7 @@ class _Turn:
     outcome: Outcome
 
 
-@sync_to_async
+@sync_to_async(thread_sensitive=False)  # a batch outlives the request that started it
 def _save_turns(turns: list[_Turn]) -> list[Message]:
     """Questions with their answers, in one transaction (conversations made as needed)."""
     try:

@@ -143,7 +143,9 @@ def _searches(
     return Batcher(run, max_size=64)
 
 
-@sync_to_async
+# Not thread-sensitive: a batch serves many requests and may outlive the one that
+# started it, so it must not run on that request's thread.
+@sync_to_async(thread_sensitive=False)
 def _search_rows_and_release(
     queries: list[tuple[QueryVector, int | None]], embedding_model: str, k: int, shape: Shape | QuerySet
 ) -> list[list[Source]]:
