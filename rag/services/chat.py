@@ -146,13 +146,14 @@ async def get_turns(*, owner: Owner, conversation_id: uuid.UUID) -> tuple[Conver
 
 async def get_answer(*, owner: Owner, answer_id: int) -> Message:
     try:
-        return await (
-            Message.objects.filter(owner.messages(), role=Message.Role.ASSISTANT)
-            .select_related("conversation", "feedback")
-            .aget(pk=answer_id)
-        )
+        return await _answers(owner).aget(pk=answer_id)
     except Message.DoesNotExist:
         raise NotFound(f"No answer {answer_id}.") from None
+
+
+def _answers(owner: Owner) -> QuerySet[Message]:
+    answers = Message.objects.filter(owner.messages(), role=Message.Role.ASSISTANT)
+    return answers.select_related("conversation", "feedback")
 
 
 async def get_turn(*, owner: Owner, answer_id: int) -> Turn:
@@ -218,14 +219,9 @@ async def stream_turn(
     Retrieval searches only ``collections`` (the transports pass what the asking user may
     read). Raises ``NotFound`` (before the first event) for an answer the owner may not see.
     """
-    answer = await get_answer(owner=owner, answer_id=answer_id)
-    now = timezone.now()
-    claimed = await Message.objects.filter(
-        pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True
-    ).aupdate(claimed_at=now)
+    answer, claimed = await _claim(owner=owner, answer_id=answer_id)
     if not claimed:
         return _replay(answer.pk)
-    answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
     if answer.collection_id is not None:
         collections = _narrow(collections, answer.collection_id)
     return _generate(answer, chat=chat, embedder=embedder, collections=collections)
@@ -283,13 +279,11 @@ async def give_feedback(*, owner: Owner, answer_id: int, value: str) -> Feedback
 async def build_history(*, answer: Message, budget_tokens: int) -> list[dict[str, str]]:
     """The complete turns before ``answer``, as chat messages, newest kept first within the
     token budget, returned oldest first."""
-    question = await _question_of(answer)
-    earlier = [
-        m
-        async for m in Message.objects.filter(conversation_id=answer.conversation_id, pk__lt=question.pk).order_by(
-            "-id"
-        )
-    ]
+    return await sync_to_async(lambda: _history(answer, _question(answer), budget_tokens))()
+
+
+def _history(answer: Message, question: Message, budget_tokens: int) -> list[dict[str, str]]:
+    earlier = Message.objects.filter(conversation_id=answer.conversation_id, pk__lt=question.pk).order_by("-id")
     history: list[dict[str, str]] = []
     used = 0
     pending_answer: Message | None = None
@@ -332,14 +326,46 @@ async def condense(*, question: str, history: list[dict[str, str]], chat: ChatPr
 
 
 async def _question_of(answer: Message) -> Message:
+    return await sync_to_async(_question)(answer)
+
+
+def _question(answer: Message) -> Message:
     question = (
-        await Message.objects.filter(conversation_id=answer.conversation_id, role=Message.Role.USER, pk__lt=answer.pk)
+        Message.objects.filter(conversation_id=answer.conversation_id, role=Message.Role.USER, pk__lt=answer.pk)
         .order_by("-id")
-        .afirst()
+        .first()
     )
     if question is None:
         raise NotFound(f"Answer {answer.pk} has no question.")
     return question
+
+
+@sync_to_async
+def _claim(*, owner: Owner, answer_id: int) -> tuple[Message, bool]:
+    """The answer, and whether this caller claimed it (one conditional UPDATE): one trip to
+    the thread for both, since every chat question pays it before its first token."""
+    try:
+        answer = _answers(owner).get(pk=answer_id)
+    except Message.DoesNotExist:
+        raise NotFound(f"No answer {answer_id}.") from None
+    now = timezone.now()
+    claimed = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True).update(
+        claimed_at=now
+    )
+    if claimed:
+        answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
+    return answer, bool(claimed)
+
+
+@sync_to_async
+def _prepare(answer: Message) -> tuple[Message, list[dict[str, str]]]:
+    """The question and the conversation so far, in one trip to the thread, whose database
+    connection then goes back to the pool: the LLM may take a while."""
+    try:
+        question = _question(answer)
+        return question, _history(answer, question, settings.RAG_HISTORY_TOKENS)
+    finally:
+        release_connection()
 
 
 async def _generate(
@@ -363,10 +389,7 @@ async def _generate(
     chat = chat or chat_provider()
     try:
         yield Started(answer_id=answer.pk, conversation_id=str(answer.conversation_id))
-        question = await _question_of(answer)
-        history = await build_history(answer=answer, budget_tokens=settings.RAG_HISTORY_TOKENS)
-        # The database work before the answer is done; the LLM may take a while.
-        await arelease_connection()
+        question, history = await _prepare(answer)
         search_query = await condense(question=question.text, history=history, chat=chat)
         events = answering.generate(
             question=question.text,
