@@ -12,4 +12,5 @@ COPY . .
 RUN DJANGO_SECRET_KEY=build DATABASE_URL=postgres://build@localhost/build python manage.py collectstatic --noinput
 
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "ragsite.asgi:application"]
+# A listen backlog above daphne's default 50, so bursts of clients are not dropped (README).
+CMD ["daphne", "-e", "tcp:port=8000:interface=0.0.0.0:backlog=1024", "ragsite.asgi:application"]

@@ -211,7 +211,16 @@ def stop_embedded_db(env: dict[str, str]) -> None:
 
 def server_argv(server: str, port: int) -> list[str]:
     if server == "daphne":
-        return [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ragsite.asgi:application"]
+        # Twisted listens with a backlog of 50 by default: 100 clients connecting at once overflow
+        # it, and the dropped connections retry a second later (the TCP SYN timeout).
+        return [
+            sys.executable,
+            "-m",
+            "daphne",
+            "-e",
+            f"tcp:port={port}:interface=127.0.0.1:backlog=1024",
+            "ragsite.asgi:application",
+        ]
     return [
         *(sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)),
         *("--no-access-log", "--log-level", "warning", "--loop", "uvloop", "--http", "httptools"),
