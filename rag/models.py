@@ -14,6 +14,12 @@ from django.db.models.functions import Cast
 from pgvector.django import CosineDistance, VectorField
 
 
+def storable(text: str) -> str:
+    """``text`` as Postgres can store it: a text column cannot hold NUL, and a model,
+    a parser or a pasted document can still produce one."""
+    return text.replace("\x00", "\ufffd")
+
+
 @dataclass(frozen=True, slots=True)
 class Reader:
     """Someone searching, reduced to what decides which collections they may read.
@@ -250,7 +256,7 @@ class MessageQuerySet(models.QuerySet):
         sql, params = readable.query.sql_with_params()
         # Self-contained (its own alias), so it can sit inside any outer query.
         restricted = RawSQL(
-            "SELECT m.id FROM rag_message AS m WHERE EXISTS ("
+            f"SELECT m.id FROM {Message._meta.db_table} AS m WHERE EXISTS ("
             "SELECT 1 FROM jsonb_array_elements(m.sources) AS source "
             f"WHERE COALESCE((source ->> 'document_id')::bigint, 0) NOT IN ({sql}))",
             params,

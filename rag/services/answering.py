@@ -28,7 +28,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from rag.batching import Batcher
-from rag.models import Conversation, Message
+from rag.models import Conversation, Message, storable
 from rag.providers import (
     ChatProvider,
     EmbeddingProvider,
@@ -306,10 +306,9 @@ def _title(question: str) -> str:
 
 
 def _fill(answer: Message, outcome: Outcome) -> None:
-    # Postgres text cannot hold NUL; a model can still emit one.
-    answer.text = outcome.text.replace("\x00", "\ufffd")
+    answer.text = storable(outcome.text)
     answer.status = outcome.status
-    answer.error = outcome.error.message.replace("\x00", "\ufffd") if outcome.error else ""
+    answer.error = storable(outcome.error.message) if outcome.error else ""
     answer.sources = [s.public() for s in outcome.sources]
     answer.model = outcome.model
     answer.retrieval_ms = _round(outcome.retrieval_ms)

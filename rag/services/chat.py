@@ -38,7 +38,7 @@ from django.conf import settings
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from rag.models import Conversation, Feedback, Message, Reader
+from rag.models import Conversation, Feedback, Message, Reader, storable
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.providers.base import estimate_tokens
 from rag.services import answering
@@ -443,7 +443,7 @@ def _stopped_before_generation(answer: Message, *, chat: ChatProvider, started: 
 def _renew_claim(answer: Message, *, text: str) -> None:
     """Still generating: a fresh claim, and the text so far in case this process dies."""
     Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).update(
-        claimed_at=timezone.now(), text=text.replace("\x00", "\ufffd")
+        claimed_at=timezone.now(), text=storable(text)
     )
     release_connection()  # the answer goes on streaming
 

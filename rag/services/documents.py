@@ -24,7 +24,7 @@ from pgvector import Vector
 from pgvector.psycopg.vector import register_vector_info
 from psycopg.types import TypeInfo
 
-from rag.models import Chunk, Collection, Document
+from rag.models import Chunk, Collection, Document, storable
 from rag.providers import EmbeddingProvider, embedding_provider
 from rag.services.chunking import ChunkDraft, chunk_text
 from rag.services.connections import release_connection
@@ -387,8 +387,8 @@ def _copy_chunks(
                         document.pk,
                         document.collection_id,
                         draft.position,
-                        draft.text.replace("\x00", "\ufffd"),
-                        draft.heading[:500].replace("\x00", "\ufffd"),
+                        storable(draft.text),
+                        storable(draft.heading[:500]),
                         draft.token_count,
                         Vector(vector),
                         embedding_model,
