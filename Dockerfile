@@ -6,8 +6,12 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
 
 WORKDIR /app
 COPY requirements.txt .
-# torch is pinned first so that sentence-transformers does not pull another build.
-RUN pip install --no-cache-dir torch==2.13.0 && pip install --no-cache-dir -r requirements.txt
+COPY scripts/install-llama-cpp scripts/
+# torch is pinned first so that sentence-transformers does not pull another build;
+# llama-cpp-python is built for any x86-64 CPU, not -march=native (see the script).
+RUN pip install --no-cache-dir torch==2.13.0 \
+    && RAG_WHEEL_CACHE=/tmp/wheels scripts/install-llama-cpp python && rm -rf /tmp/wheels \
+    && pip install --no-cache-dir -r requirements.txt
 COPY . .
 RUN DJANGO_SECRET_KEY=build DATABASE_URL=postgres://build@localhost/build python manage.py collectstatic --noinput
 
