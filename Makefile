@@ -10,12 +10,15 @@ PORT ?= 8000
 # left to sentence-transformers, pip would fetch a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run worker test setup setup-dev chromium migrate sample lint format bench bench-ingest stop-db clean
+.PHONY: run llm worker test setup setup-dev chromium migrate sample lint format bench bench-ingest stop-db clean
 
-$(VENV)/.stamp-runtime: requirements.txt
+# llama-cpp-python before the requirements: scripts/install-llama-cpp builds it for any
+# x86-64 CPU (pip's default -march=native build crashes on Intel CPUs with AMX).
+$(VENV)/.stamp-runtime: requirements.txt scripts/install-llama-cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
+	scripts/install-llama-cpp $(PY)
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
@@ -38,15 +41,23 @@ migrate: setup
 sample: migrate
 	$(PY) manage.py ingest --if-empty README.md docs/
 
-# The web server and, in the background, the task worker that ingests uploads;
-# stopping the server (Ctrl+C) stops the worker too.
+# The web server and, in the background, the local chat model's process (restarted if it
+# dies) and the task worker that ingests uploads; stopping the server (Ctrl+C) stops both.
 run: sample
-	@echo "Serving on http://$(HOST):$(PORT)/ with a background worker  (Ctrl+C to stop)"
+	@# A short generation in a child process first: where the local model would crash, this
+	@# stops here with what to do instead of serving a page that dies on the first question.
+	$(PY) manage.py check --deploy --tag local_model
+	@echo "Serving on http://$(HOST):$(PORT)/ with the local model's process and a worker  (Ctrl+C to stop)"
 	@# The worker about to start is the only one: anything left mid-run was left by a dead one.
 	$(PY) manage.py requeue_interrupted --older-than 0
+	$(PY) manage.py llm_server & llm=$$!; \
 	RAG_DB_POOL_MIN=1 $(PY) manage.py db_worker --no-reload --interval 0.5 --queue-name '*' & worker=$$!; \
-	trap 'kill $$worker 2>/dev/null; wait $$worker 2>/dev/null' EXIT INT TERM; \
+	trap 'kill $$llm $$worker 2>/dev/null; wait $$llm $$worker 2>/dev/null' EXIT INT TERM; \
 	DJANGO_DEBUG=$${DJANGO_DEBUG:-1} $(PY) manage.py runserver --noreload $(HOST):$(PORT)
+
+# The local chat model's process on its own (make run starts one).
+llm: setup
+	$(PY) manage.py llm_server
 
 worker: migrate
 	$(PY) manage.py db_worker --no-reload --interval 0.5 --queue-name '*'

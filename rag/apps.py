@@ -13,9 +13,10 @@ class RagConfig(AppConfig):
         from django.conf import settings
         from django.contrib.auth.signals import user_logged_in
 
+        import rag.checks  # noqa: F401  (registers the local model's check)
+        import ragsite.checks  # noqa: F401  (registers the middleware deploy checks)
         from rag.providers import ProviderError, chat_provider, embedding_provider
         from rag.sessions import adopt_on_login
-        from ragsite import checks  # noqa: F401  (registers the middleware deploy checks)
 
         user_logged_in.connect(adopt_on_login, dispatch_uid="rag.adopt_on_login")
 
