@@ -11,7 +11,7 @@ from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
-from rag import sse
+from rag import sse, warmup
 from rag.forms import BadQuestion, parse_question
 from rag.models import Reader
 from rag.pipeline import RAG
@@ -127,12 +127,16 @@ async def query(request: HttpRequest):
 
 @require_GET
 async def healthz(request: HttpRequest):
-    """Liveness and database reachability, for container health checks."""
+    """Readiness, for container health checks: the models warmed up (rag.warmup) and the
+    database reachable. 503 until then."""
+    models = warmup.state()
+    if not warmup.ready():
+        return JsonResponse({"status": "starting", "models": models}, status=503)
     try:
         await _ping_database()
     except Exception as exc:
-        return JsonResponse({"status": "error", "database": str(exc)}, status=503)
-    return JsonResponse({"status": "ok"})
+        return JsonResponse({"status": "error", "database": str(exc), "models": models}, status=503)
+    return JsonResponse({"status": "ok", "models": models})
 
 
 @sync_to_async

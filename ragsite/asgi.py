@@ -57,6 +57,12 @@ def _http_app():
 
 http_application = _http_app()
 
+from rag import warmup  # noqa: E402  (needs Django set up)
+
+# Load the models now, in the background: the process accepts connections at once and
+# /healthz says "starting" until they are loaded.
+warmup.start()
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs Django set up)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
