@@ -97,6 +97,7 @@ class _Plan:
 
     model: str
     tokens: list[str]
+    raw_json: bool
     first_s: float
     inter_s: float
     finish_reason: str
@@ -153,13 +154,19 @@ def _error(status: int, message: str, type_: str, code: str | None, **headers: s
     return web.json_response(body, status=status, headers=headers)
 
 
+# Control characters that llama.cpp's server sends raw inside JSON strings, and that a
+# reader splitting lines like str.splitlines() mistakes for line ends. CR and LF stay escaped:
+# raw, they would end the SSE line for any reader.
+_RAW_CONTROLS = "\x0b\x0c\x1c\x1d\x1e"
+
+
 @functools.lru_cache(maxsize=4096)
-def _token_chunk(model: str, token: str) -> bytes:
+def _token_chunk(model: str, token: str, raw: bool = False) -> bytes:
     # The same few chunks go out thousands of times under load: encode each once.
-    return _chunk(model, {"content": token})
+    return _chunk(model, {"content": token}, raw=raw)
 
 
-def _chunk(model: str, delta: dict[str, str], finish_reason: str | None = None) -> bytes:
+def _chunk(model: str, delta: dict[str, str], finish_reason: str | None = None, *, raw: bool = False) -> bytes:
     payload = {
         "id": _CHUNK_ID,
         "object": "chat.completion.chunk",
@@ -167,12 +174,20 @@ def _chunk(model: str, delta: dict[str, str], finish_reason: str | None = None) 
         "model": model,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
     }
-    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    if not raw:
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+    # As llama.cpp's server writes it: non-ASCII (U+2028, NEL...) and controls unescaped.
+    text = json.dumps(payload, ensure_ascii=False)
+    for control in _RAW_CONTROLS:
+        text = text.replace(json.dumps(control)[1:-1], control)
+    return b"data: " + text.encode() + b"\n\n"
 
 
 class FakeOpenAI:
     # Plain attributes that tests set between requests; reset() restores them.
     tokens: list[str]
+    #: Send non-ASCII and control characters raw inside the JSON, as llama.cpp's server does.
+    raw_json: bool
     first_token_ms: float
     inter_token_ms: float
     fault: str | None
@@ -193,6 +208,7 @@ class FakeOpenAI:
     def reset(self) -> None:
         with self._lock:
             self.tokens = list(DEFAULT_TOKENS)
+            self.raw_json = False
             self.first_token_ms = 0.0
             self.inter_token_ms = 0.0
             self.fault = None
@@ -278,6 +294,7 @@ class FakeOpenAI:
             plan = _Plan(
                 model=_model(body),
                 tokens=list(self.tokens),
+                raw_json=self.raw_json,
                 first_s=self.first_token_ms / 1000,
                 inter_s=self.inter_token_ms / 1000,
                 finish_reason="length" if name == "length" else self.finish_reason,
@@ -327,7 +344,7 @@ class FakeOpenAI:
                 await asyncio.sleep(max(0.0, start + plan.first_s + i * plan.inter_s - loop.time()))
                 # write() drains the transport itself (aiohttp deprecates a separate drain()), so each
                 # chunk is on the wire before the next sleep.
-                await response.write(_token_chunk(plan.model, plan.tokens[i]))
+                await response.write(_token_chunk(plan.model, plan.tokens[i], plan.raw_json))
                 record.tokens_sent += 1
             if plan.fault == "drop_after":
                 return self._drop(request, record)

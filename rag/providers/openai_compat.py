@@ -225,13 +225,11 @@ class OpenAIChat(ChatProvider):
             raise self.config.explain(exc, "LLM") from exc
         finished = False
         try:
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue  # blank separators, comments, "event:" lines
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for data in sse_data(response):
+                if data == b"[DONE]":
                     break
-                chunk = json.loads(data)
+                # strict=False: llama.cpp's server sends control characters raw inside strings.
+                chunk = json.loads(data, strict=False)
                 if "error" in chunk:
                     raise ProviderError(
                         f"The LLM server at {self.config.where} reported an error mid-answer: "
@@ -252,6 +250,26 @@ class OpenAIChat(ChatProvider):
             await response.aclose()
         if not finished:
             raise self.config.unfinished()
+
+
+async def sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The value of each ``data:`` line of an event stream, as bytes.
+
+    Lines end at CR, LF or CRLF only, as the SSE spec says. ``aiter_lines()`` also splits
+    text at U+2028, U+2029, NEL, VT, FF and FS/GS/RS, which servers send raw inside their
+    JSON (llama.cpp's does), and so cut a token's chunk in two. ``bytes.splitlines`` knows
+    only CR and LF. A CRLF split across two reads yields an extra empty line, which is
+    ignored like every line that is not ``data:``.
+    """
+    pending = b""
+    async for chunk in response.aiter_bytes():
+        lines = (pending + chunk).splitlines(keepends=True)
+        pending = lines.pop() if lines and not lines[-1].endswith((b"\n", b"\r")) else b""
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip(b" \r\n")
+    if pending.startswith(b"data:"):
+        yield pending[5:].strip(b" \r\n")
 
 
 def _error_text(error: object) -> str:

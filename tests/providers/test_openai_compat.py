@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,49 @@ def test_a_short_lived_loop_closes_the_clients_it_opened(fake_llm):
     loop, client = providers.run(main())
     assert client.is_closed()
     assert loop not in openai_compat._clients  # nothing kept for the dead loop
+
+
+SHARED_TRICKY = Path(__file__).resolve().parents[3] / "shared" / "bench" / "tricky_tokens.json"
+
+
+def upstream_tricky_tokens() -> list[str]:
+    """The shared bench's tricky tokens (this repository's own list when ../shared is absent)."""
+    if SHARED_TRICKY.is_file():
+        return json.loads(SHARED_TRICKY.read_text())
+    from tests.test_sse import TRICKY_TOKENS
+
+    return TRICKY_TOKENS
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["escaped", "raw-like-llama.cpp"])
+async def test_every_tricky_token_from_the_upstream_arrives_exactly(fake_llm, raw):
+    """U+2028, NEL, VT, FF and FS/GS/RS are line ends for str.splitlines(), not for SSE:
+    sent raw inside the upstream's JSON, they must not cut a chunk in two."""
+    tokens = [t for t in upstream_tricky_tokens() if t]  # an empty delta carries nothing
+    assert any(c in "".join(tokens) for c in "\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e")
+    fake_llm.tokens = tokens
+    fake_llm.raw_json = raw
+    chunks = [
+        c
+        async for c in providers.chat_provider().stream(
+            [{"role": "user", "content": "hi"}], max_tokens=99, temperature=0
+        )
+    ]
+    assert [c.text for c in chunks if c.text] == tokens
+    assert chunks[-1].finish_reason == "stop"
+
+
+async def test_data_lines_end_only_at_cr_lf_or_crlf_whatever_the_reads():
+    body = b'data: {"a": "x\xe2\x80\xa8y\x0bz"}\r\n\r\ndata: 2\rdata: 3\n\ndata: [DONE]'
+
+    class Response:
+        def __init__(self, size: int) -> None:
+            self.size = size
+
+        async def aiter_bytes(self):
+            for i in range(0, len(body), self.size):
+                yield body[i : i + self.size]
+
+    for size in (1, 2, 3, 7, len(body)):
+        got = [d async for d in openai_compat.sse_data(Response(size))]
+        assert got == ['{"a": "x\u2028y\x0bz"}'.encode(), b"2", b"3", b"[DONE]"], size
