@@ -84,6 +84,8 @@ class ServerConfig:
             # Its default keeps the logits of every prompt token, which only logprobs of the
             # prompt need: it added 31 ms to the first token of a 300-token prompt here.
             "--logits_all", "False",
+            # No dump of the model's metadata at start, nor timings after every answer.
+            "--verbose", "False",
         ]  # fmt: skip
         if self.n_threads:
             argv += ["--n_threads", str(self.n_threads)]

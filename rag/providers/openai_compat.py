@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import weakref
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +35,22 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, opena
 async def aclose_clients() -> None:
     """Close the clients made on the running loop (rag.providers.aclose)."""
     for client in _clients.pop(asyncio.get_running_loop(), {}).values():
+        await client.close()
+
+
+@atexit.register
+def _close_left_clients() -> None:
+    """A server's loop keeps its clients for its lifetime and stops without closing them
+    (daphne has no shutdown hook): close them on that loop once it has stopped, or aiohttp
+    prints "Unclosed client session" at every shutdown."""
+    for loop in list(_clients):
+        if not loop.is_running() and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(_close_all(_clients.pop(loop, {})))
+
+
+async def _close_all(clients: dict[tuple, openai.AsyncOpenAI]) -> None:
+    for client in clients.values():
         await client.close()
 
 

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
 from pathlib import Path
 
 import pytest
+from django.db import connection
 
 from rag import providers
 from rag.providers import ProviderError, QueryVector, embedding_provider, openai_compat
+from tests.processes import app_env, start_daphne
 
 
 async def test_query_vector_keeps_the_servers_numbers_as_text(fake_llm):
@@ -105,3 +108,17 @@ async def test_data_lines_end_only_at_cr_lf_or_crlf_whatever_the_reads():
     for size in (1, 2, 3, 7, len(body)):
         got = [d async for d in openai_compat.sse_data(Response(size))]
         assert got == ['{"a": "x\u2028y\x0bz"}'.encode(), b"2", b"3", b"[DONE]"], size
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_server_closes_its_clients_when_it_stops(fake_server):
+    """daphne's loop keeps the clients for its lifetime; stopping must not leak them."""
+    web = start_daphne(app_env(connection.settings_dict["NAME"], fake_server.base_url))
+    try:
+        with urllib.request.urlopen(f"{web.url}/rag/stream?question=hello", timeout=20) as response:
+            assert b"[DONE]" in response.read()
+    finally:
+        web.stop()
+    assert web.proc.returncode == 0
+    assert "GET /rag/stream" in web.log()
+    assert "Unclosed client session" not in web.log()
