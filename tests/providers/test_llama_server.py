@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import urllib.parse
@@ -195,3 +196,11 @@ def test_two_web_processes_share_one_model_process(llm_server, web_env):
     finally:
         for w in webs:
             w.stop()
+
+
+def test_requirements_pin_the_version_the_install_script_builds():
+    """A different version in requirements.txt would make pip build its own -march=native wheel."""
+    root = Path(__file__).resolve().parents[2]
+    [script_version] = re.findall(r"^VERSION=(\S+)$", (root / "scripts" / "install-llama-cpp").read_text(), re.M)
+    [pinned] = re.findall(r"^llama-cpp-python\[server\]==(\S+)$", (root / "requirements.txt").read_text(), re.M)
+    assert pinned == script_version
