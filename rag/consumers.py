@@ -4,19 +4,20 @@ Client → server::
 
     {"type": "ask", "question": "...", "k": 4, "conversation_id": "<uuid>"}   # k, conversation_id optional
     {"type": "stop"}
+    {"type": "resume", "last_event_id": "41.17"}   # after a reconnect: the events after that one
 
 Server → client, per answer::
 
     {"type": "started", "answer_id": 41, "conversation_id": "<uuid>"}
-    {"type": "sources", "sources": [...]}
-    {"type": "token", "text": "..."}            # many
-    {"type": "metrics", ...} | {"type": "error", "message": "...", "code": "..."}
-    {"type": "done", "answer_id": 41, "status": "complete"}
+    {"type": "sources", "sources": [...], "id": "41.1"}
+    {"type": "token", "text": "...", "id": "41.2"}            # many
+    {"type": "metrics", ..., "id": "41.9"} | {"type": "error", "message": "...", "code": "...", "id": "41.9"}
+    {"type": "done", "answer_id": 41, "status": "complete", "id": "41.10"}
 
-One answer at a time per socket. Closing the socket stops the answer, as
-closing an SSE stream does. Input a client must fix gets
-``{"type": "error", "code": "bad_request", "message": ...}`` and the socket
-stays open.
+One answer at a time per socket. Closing the socket does not stop the answer: it is
+finished and saved, and a new socket can resume it with the last ``id`` it saw. Stop
+stops it. Input a client must fix gets ``{"type": "error", "code": "bad_request",
+"message": ...}`` and the socket stays open.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from contextlib import aclosing, suppress
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
+from rag.answers import events
+from rag.answers.events import LogEvent, seq_after
 from rag.forms import BadQuestion, parse_question
-from rag.models import Message, Reader
-from rag.services import answering, chat
+from rag.models import Reader
+from rag.services import chat
 from rag.sessions import anonymous_owner
 
 
@@ -38,13 +41,12 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.task: asyncio.Task | None = None
         self.answer_id: int | None = None
-        self.stopping = False
         self.owner: chat.Owner | None = None
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
         if self.task is not None and not self.task.done():
-            # Like a client leaving an SSE stream: the answer is saved as stopped.
+            # Only the relay ends: the answer goes on, is saved, and can be resumed.
             self.task.cancel()
             with suppress(asyncio.CancelledError):
                 await self.task
@@ -66,8 +68,10 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
             await self.ask(content)
         elif kind == "stop":
             await self.stop()
+        elif kind == "resume":
+            await self.resume(content)
         else:
-            await self.bad_request(f"Unknown message type {str(kind)[:40]!r}: use 'ask' or 'stop'.")
+            await self.bad_request(f"Unknown message type {str(kind)[:40]!r}: use 'ask', 'stop' or 'resume'.")
 
     async def ask(self, content: dict) -> None:
         if self.task is not None and not self.task.done():
@@ -87,31 +91,46 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
         except chat.NotFound:
             await self.bad_request("No such conversation: leave out conversation_id to start a new one.")
             return
-        self.answer_id, self.stopping = answer.pk, False
+        await self.send_json(
+            {"type": "started", "answer_id": answer.pk, "conversation_id": str(answer.conversation_id)}
+        )
+        self.answer_id = answer.pk
+        self.task = asyncio.create_task(self.relay(events))
+
+    async def resume(self, content: dict) -> None:
+        if self.task is not None and not self.task.done():
+            await self.bad_request("An answer is already being sent on this socket.")
+            return
+        last = content.get("last_event_id")
+        answer_id, _, seq = str(last or "").partition(".")
+        if not (answer_id.isdigit() and seq.isdigit()):
+            await self.bad_request("'last_event_id' must be the id of the last event you received, like \"41.17\".")
+            return
+        owner = await self.get_owner()
+        reader = Reader.of(self.scope.get("user"))
+        try:
+            events = await chat.stream_turn(
+                owner=owner,
+                answer_id=int(answer_id),
+                after=seq_after(last, answer_id=int(answer_id)),
+                collections=reader,
+            )
+        except chat.NotFound:
+            await self.bad_request("No such answer of yours to resume.")
+            return
+        self.answer_id = int(answer_id)
         self.task = asyncio.create_task(self.relay(events))
 
     async def stop(self) -> None:
         if self.task is None or self.task.done() or self.answer_id is None:
             await self.bad_request("Nothing to stop: no answer is being written.")
             return
-        self.stopping = True
         await chat.stop(owner=await self.get_owner(), answer_id=self.answer_id)
 
     async def relay(self, events) -> None:
-        # This task iterates the generation, so it is the one chat.stop cancels.
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    await self.send_json(_as_json(event))
-        except asyncio.CancelledError:
-            if not self.stopping:
-                raise  # the socket closed
-            # The stop landed while a message was being sent rather than inside the
-            # generation; closing it above saved the answer: report how it ended.
-            asyncio.current_task().uncancel()
-            answer = await Message.objects.aget(pk=self.answer_id)
-            await self.send_json(_as_json(chat.metrics_of(answer)))
-            await self.send_json(_as_json(chat.Done(answer=answer)))
+        async with aclosing(events):
+            async for event in events:
+                await self.send_json(_as_json(event))
 
     async def bad_request(self, message: str) -> None:
         await self.send_json({"type": "error", "code": "bad_request", "message": message})
@@ -145,18 +164,16 @@ def _uuid(value: object) -> uuid.UUID | None:
         raise BadQuestion("'conversation_id' must be the id of one of your conversations (a UUID).") from None
 
 
-def _as_json(event: chat.ChatEvent) -> dict:
-    match event:
-        case answering.Token(text=text):
-            return {"type": "token", "text": text}
-        case answering.Sources(sources=sources):
-            return {"type": "sources", "sources": [s.public() for s in sources]}
-        case answering.Metrics():
-            return {"type": "metrics", **event.as_dict()}
-        case answering.Error(message=message, code=code, message_id=message_id):
-            return {"type": "error", "message": message, "code": code, "message_id": message_id}
-        case chat.Started(answer_id=answer_id, conversation_id=conversation_id):
-            return {"type": "started", "answer_id": answer_id, "conversation_id": conversation_id}
-        case chat.Done(answer=answer):
-            return {"type": "done", "answer_id": answer.pk, "status": answer.status}
-    raise TypeError(f"not a chat event: {event!r}")
+def _as_json(event: LogEvent) -> dict:
+    match event.kind:
+        case events.TOKEN:
+            body = {"text": event.data}
+        case events.SOURCES:
+            body = {"sources": event.data}
+        case events.METRICS | events.ERROR:
+            body = dict(event.data)
+        case events.DONE:
+            body = {"answer_id": event.answer_id, **event.data}
+        case _:
+            raise TypeError(f"not an answer event: {event!r}")
+    return {"type": event.kind, **body, "id": event.id}

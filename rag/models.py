@@ -325,6 +325,28 @@ class Message(models.Model):
         return round((self.tokens - 1) / seconds, 1) if seconds > 0 else None
 
 
+class AnswerEvents(models.Model):
+    """A run of an answer's events, ``first_seq`` to ``last_seq``, as written in one flush.
+
+    Every event of an answer (sources, each token, metrics or error, done) has a sequence
+    number that grows by one from 1; a client resumes after the last one it saw. Events
+    are written in batches (rag.answers.store), so an answer of 500 tokens is a few dozen
+    rows, not 500: ``events`` is a list of ``[kind, data]`` pairs.
+    """
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="event_runs")
+    first_seq = models.PositiveIntegerField()
+    last_seq = models.PositiveIntegerField()
+    events = models.JSONField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["message", "first_seq"], name="answer_events_unique_run")]
+        indexes = [models.Index(fields=["message", "last_seq"], name="answer_events_after")]
+
+    def __str__(self) -> str:
+        return f"events {self.first_seq}-{self.last_seq} of message {self.message_id}"
+
+
 class Feedback(models.Model):
     class Value(models.TextChoices):
         UP = "up"

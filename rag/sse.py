@@ -37,8 +37,10 @@ HEARTBEAT = b": keep-alive\n\n"
 OPENING = b": stream open\n\n"
 
 
-def frame(data: str, event: str | None = None) -> bytes:
-    head = f"event: {event}\n" if event else ""
+def frame(data: str, event: str | None = None, *, id: str | None = None) -> bytes:
+    """One SSE event. ``id`` (an answer's ``<answer id>.<seq>``) is what a reconnecting
+    EventSource sends back as ``Last-Event-ID``."""
+    head = (f"id: {id}\n" if id else "") + (f"event: {event}\n" if event else "")
     lines = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(data))
     return f"{head}{lines}\n".encode()
 

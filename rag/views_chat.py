@@ -21,10 +21,12 @@ from django.utils.html import escape
 from django.views.decorators.http import require_GET, require_POST
 
 from rag import sse
+from rag.answers import events
+from rag.answers.events import LogEvent, seq_after
 from rag.forms import BadQuestion, parse_question
 from rag.models import Collection, Document, Message, Reader
 from rag.providers import ProviderError, chat_provider
-from rag.services import answering, chat
+from rag.services import chat
 from rag.sessions import anonymous_owner
 
 # Marks an anonymous session as owning conversations (a session must hold
@@ -112,12 +114,14 @@ async def regenerate(request: HttpRequest, answer_id: int) -> HttpResponse:
 async def answer_stream(request: HttpRequest, answer_id: int) -> StreamingHttpResponse:
     """GET /chat/answers/<id>/stream → text/event-stream of HTML fragments.
 
-    Only the first stream of an answer generates it; a reconnect replays it.
+    Only the first stream of an answer generates it; every stream follows its event log,
+    from the start or, for a reconnecting EventSource, after its ``Last-Event-ID``.
     """
     owner = await owner_of(request)
     reader = Reader.of(await request.auser())
+    after = seq_after(request.headers.get("Last-Event-ID"), answer_id=answer_id)
     try:
-        events = await chat.stream_turn(owner=owner, answer_id=answer_id, collections=reader)
+        events = await chat.stream_turn(owner=owner, answer_id=answer_id, after=after, collections=reader)
     except chat.NotFound:
         raise Http404("No such answer.") from None
     response = StreamingHttpResponse(
@@ -179,7 +183,7 @@ async def document(request: HttpRequest, document_id: int) -> HttpResponse:
 
 
 async def html_event_stream(
-    events: AsyncIterator[chat.ChatEvent], *, answer_id: int, heartbeat: float
+    events: AsyncIterator[LogEvent], *, answer_id: int, heartbeat: float
 ) -> AsyncIterator[bytes]:
     """SSE whose data are HTML fragments for htmx: sources, token, metrics | error, done.
 
@@ -189,9 +193,9 @@ async def html_event_stream(
     """
     done = False
 
-    async def encode(event: chat.ChatEvent) -> bytes:
+    async def encode(event: LogEvent) -> bytes:
         nonlocal done
-        done = done or isinstance(event, chat.Done)
+        done = done or event.terminal
         return await _frame(event, answer_id=answer_id)
 
     def failure(exc: Exception) -> bytes:
@@ -206,22 +210,22 @@ async def html_event_stream(
         yield sse.frame(await render_answer_fragment(answer), "done")
 
 
-async def _frame(event: chat.ChatEvent, *, answer_id: int) -> bytes:
-    match event:
-        case answering.Token(text=text):
-            return sse.frame(escape(text), "token")
-        case answering.Sources(sources=sources):
-            context = {"sources": [s.public() for s in sources], "answer_id": answer_id}
-            return sse.frame(render_to_string("rag/_sources.html", context), "sources")
-        case answering.Metrics():
-            return sse.frame(render_to_string("rag/_metrics.html", {"m": event}), "metrics")
-        case answering.Error(message=message):
-            return sse.frame(render_to_string("rag/_error.html", {"message": message}), "error")
-        case chat.Done(answer=answer):
-            return sse.frame(await render_answer_fragment(answer), "done")
-        case chat.Started():
-            return b""
-    raise TypeError(f"not a chat event: {event!r}")
+async def _frame(event: LogEvent, *, answer_id: int) -> bytes:
+    match event.kind:
+        case events.TOKEN:
+            html = escape(event.data)
+        case events.SOURCES:
+            html = render_to_string("rag/_sources.html", {"sources": event.data, "answer_id": answer_id})
+        case events.METRICS:
+            html = render_to_string("rag/_metrics.html", {"m": event.data})
+        case events.ERROR:
+            html = render_to_string("rag/_error.html", {"message": event.data["message"]})
+        case events.DONE:
+            answer = await Message.objects.select_related("conversation", "feedback").aget(pk=answer_id)
+            html = await render_answer_fragment(answer)
+        case _:
+            raise TypeError(f"not an answer event: {event!r}")
+    return sse.frame(html, event.kind, id=event.id)
 
 
 async def render_answer_fragment(answer: Message) -> str:

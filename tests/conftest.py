@@ -7,6 +7,7 @@ import pytest
 from django.db import connection
 
 from rag import providers
+from rag.answers import live
 from tests.fake_openai import FakeOpenAI
 from tests.processes import ROOT, Process, app_env, start_daphne, start_llm_server
 
@@ -42,6 +43,13 @@ async def _close_provider_clients() -> AsyncIterator[None]:
     """The async tests share one event loop; close its HTTP clients before it ends."""
     yield
     await providers.aclose()
+
+
+@pytest.fixture(autouse=True)
+async def _answers_end_with_their_test() -> AsyncIterator[None]:
+    """Generations run in tasks of their own: let each test's end before its database goes."""
+    yield
+    await live.wait_idle()
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,9 @@ import asyncio
 
 import pytest
 from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.test import AsyncClient
 
 from rag.models import Message
 from ragsite.asgi import application
@@ -15,8 +18,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
 
 
-async def connect() -> WebsocketCommunicator:
-    communicator = WebsocketCommunicator(application, "/ws/rag/", headers=ORIGIN)
+async def connect(session: str | None = None) -> WebsocketCommunicator:
+    headers = ORIGIN + ([(b"cookie", f"{settings.SESSION_COOKIE_NAME}={session}".encode())] if session else [])
+    communicator = WebsocketCommunicator(application, "/ws/rag/", headers=headers)
     connected, _ = await communicator.connect()
     assert connected
     return communicator
@@ -67,7 +71,13 @@ async def test_stop_closes_the_upstream_request_and_keeps_the_partial_answer(fak
 
     record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=5)
     assert record.closed_by_client and record.tokens_sent < 100
-    assert messages[-1] == {"type": "done", "answer_id": messages[0]["answer_id"], "status": "stopped"}
+    answer_id = messages[0]["answer_id"]
+    assert messages[-1] == {
+        "type": "done",
+        "answer_id": answer_id,
+        "status": "stopped",
+        "id": f"{answer_id}.{len(messages) - 1}",
+    }
     answer = await Message.objects.aget(pk=messages[0]["answer_id"])
     assert answer.status == Message.Status.STOPPED
     assert answer.text == "".join(m["text"] for m in messages if m["type"] == "token")
@@ -90,7 +100,7 @@ async def test_an_upstream_error_is_an_error_message_then_done(fake_llm):
     [
         ("not json", "Send JSON"),
         ("[1, 2]", "JSON object"),
-        ('{"type": "dance"}', "use 'ask' or 'stop'"),
+        ('{"type": "dance"}', "use 'ask', 'stop' or 'resume'"),
         ('{"type": "ask", "question": ""}', "non-empty"),
         ('{"type": "ask", "question": "q", "k": 0}', "'k' must be"),
         ('{"type": "ask", "question": "q", "conversation_id": "nope"}', "UUID"),
@@ -131,20 +141,54 @@ async def test_one_question_at_a_time_and_no_foreign_conversations(fake_llm):
     await communicator.disconnect()
 
 
-async def test_closing_the_socket_stops_the_answer(fake_llm):
+async def signed_in_session(username: str) -> str:
+    client = AsyncClient()
+    await client.aforce_login(await User.objects.acreate(username=username))
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+
+async def test_closing_the_socket_does_not_stop_the_answer_and_a_new_socket_resumes_it(fake_llm):
     await add_corpus()
-    fake_llm.tokens = [f"t{i} " for i in range(100)]
-    fake_llm.inter_token_ms = 20
-    communicator = await connect()
+    fake_llm.tokens = [f"t{i} " for i in range(30)]
+    fake_llm.inter_token_ms = 10
+    session = await signed_in_session("alice")
+    communicator = await connect(session)
     await communicator.send_json_to({"type": "ask", "question": "pgvector?"})
     started = await communicator.receive_json_from(timeout=5)
-    while (await communicator.receive_json_from(timeout=5))["type"] != "token":
-        pass
+    seen = []
+    while not seen or seen[-1]["type"] != "token":
+        seen.append(await communicator.receive_json_from(timeout=5))
     await communicator.disconnect()
-    record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=5)
-    assert record.closed_by_client
+
+    again = await connect(session)  # the same user, on a new socket
+    await again.send_json_to({"type": "resume", "last_event_id": seen[-1]["id"]})
+    rest = await receive_until_done(again)
+    await again.disconnect()
+
+    tokens = [m["text"] for m in seen + rest if m["type"] == "token"]
+    assert "".join(tokens) == "".join(fake_llm.tokens)  # no gap, no duplicate
+    assert rest[0]["id"] == f"{started['answer_id']}.{int(seen[-1]['id'].split('.')[1]) + 1}"
+    assert rest[-1]["status"] == "complete"
+    assert not fake_llm.records[-1].closed_by_client
     answer = await Message.objects.aget(pk=started["answer_id"])
-    assert answer.status == Message.Status.STOPPED
+    assert answer.status == Message.Status.COMPLETE and answer.text == "".join(fake_llm.tokens)
+
+
+async def test_resume_needs_an_event_id_of_ones_own_answer(fake_llm):
+    await add_corpus()
+    theirs = await connect(await signed_in_session("bob"))
+    await theirs.send_json_to({"type": "ask", "question": "private"})
+    answer_id = (await theirs.receive_json_from(timeout=5))["answer_id"]
+    await receive_until_done(theirs)
+    await theirs.disconnect()
+
+    mine = await connect(await signed_in_session("mallory"))
+    await mine.send_json_to({"type": "resume", "last_event_id": "nonsense"})
+    assert "last_event_id" in (await mine.receive_json_from(timeout=5))["message"]
+    await mine.send_json_to({"type": "resume", "last_event_id": f"{answer_id}.1"})
+    reply = await mine.receive_json_from(timeout=5)
+    assert reply["code"] == "bad_request" and "No such answer" in reply["message"]
+    await mine.disconnect()
 
 
 async def test_a_foreign_origin_is_refused(fake_llm):

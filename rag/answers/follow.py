@@ -1,0 +1,131 @@
+"""Replay, then follow live: the one iterator that every chat transport reads.
+
+``follow(answer_id, after=n)`` yields the answer's events after sequence number ``n``
+(none twice, none missing) to its ``done`` event, wherever the answer is generated:
+
+- in this process: from memory, as they are made;
+- in another process: from Postgres, woken by NOTIFY when new events are stored;
+- nowhere any more: an answer that ended, or whose process died, is read from the log
+  and completed from its saved row. A claim not renewed for CLAIM_STALE_S belonged to a
+  dead process: the answer is marked interrupted, with its text so far, and ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import suppress
+
+from asgiref.sync import sync_to_async
+from django.utils import timezone
+
+from rag.answers import live, notify, store
+from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN, LogEvent
+from rag.models import Message
+from rag.services.connections import release_connection
+
+#: A generating process renews its claim this often, whether tokens come or not...
+CLAIM_RENEW_S = 10.0
+#: ...so a claim this old belongs to a process that died.
+CLAIM_STALE_S = 3 * CLAIM_RENEW_S
+#: How often a follower with no news checks the claim.
+CHECK_S = 5.0
+
+INTERRUPTED = "This answer was interrupted: the server stopped while writing it. Regenerate it to try again."
+
+
+async def follow(answer_id: int, *, after: int = 0) -> AsyncIterator[LogEvent]:
+    here = live.get(answer_id)
+    if here is not None:
+        async for event in here.follow(after=after):
+            yield event
+        return
+    listener = await notify.listener()
+    wake = listener.follow(answer_id)  # before reading, so that nothing stored meanwhile is missed
+    try:
+        while True:
+            wake.clear()
+            events = await store.read_after(answer_id, after)
+            for event in events:
+                yield event
+                after = event.seq
+                if event.terminal:
+                    return
+            if events:
+                continue
+            answer = await _answer(answer_id)
+            if answer.status != Message.Status.STREAMING:
+                async for event in _completed(answer, after=after):
+                    yield event
+                return
+            if await _interrupt_if_abandoned(answer):
+                continue
+            with suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), CHECK_S)
+    finally:
+        listener.unfollow(answer_id, wake)
+
+
+async def _completed(answer: Message, *, after: int) -> AsyncIterator[LogEvent]:
+    """The end of an answer whose log stops short of ``done``: one saved before answers
+    had a log, or whose process died after saving it. Made from the saved row, the same
+    way every time, so that a client resuming in the middle of it gets the rest."""
+    logged = await store.read_after(answer.pk, 0)
+    text = "".join(e.data for e in logged if e.kind == TOKEN)
+    seq = logged[-1].seq if logged else 0
+    rest: list[tuple[str, object]] = []
+    if answer.sources and not any(e.kind == SOURCES for e in logged):
+        rest.append((SOURCES, answer.sources))
+    if answer.text.startswith(text) and len(answer.text) > len(text):
+        rest.append((TOKEN, answer.text[len(text) :]))
+    if answer.status == Message.Status.ERROR:
+        rest.append(
+            (ERROR, {"message": answer.error, "code": answer.finish_reason or "error", "message_id": answer.pk})
+        )
+    else:
+        rest.append((METRICS, metrics_of(answer)))
+    rest.append((DONE, {"status": answer.status}))
+    for kind, data in rest:
+        seq += 1
+        if seq > after:
+            yield LogEvent(answer.pk, seq, kind, data)
+
+
+def metrics_of(answer: Message) -> dict:
+    """The metrics event of a saved answer."""
+    return {
+        "message_id": answer.pk,
+        "conversation_id": str(answer.conversation_id),
+        "status": answer.status,
+        "model": answer.model,
+        "retrieval_ms": answer.retrieval_ms,
+        "ttft_ms": answer.ttft_ms,
+        "total_ms": answer.total_ms or 0.0,
+        "tokens": answer.tokens or 0,
+        "finish_reason": answer.finish_reason,
+    }
+
+
+@sync_to_async
+def _answer(answer_id: int) -> Message:
+    try:
+        return Message.objects.get(pk=answer_id)
+    finally:
+        release_connection()
+
+
+async def _interrupt_if_abandoned(answer: Message) -> bool:
+    """Mark an answer whose claim went stale (its process died) as interrupted; True if so."""
+    if answer.claimed_at is None or timezone.now() - answer.claimed_at < dt.timedelta(seconds=CLAIM_STALE_S):
+        return False
+    return await _interrupt(answer)
+
+
+@sync_to_async
+def _interrupt(answer: Message) -> bool:
+    try:
+        stale = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at=answer.claimed_at)
+        return bool(stale.update(status=Message.Status.ERROR, finish_reason="interrupted", error=INTERRUPTED))
+    finally:
+        release_connection()
