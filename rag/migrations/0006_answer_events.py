@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('rag', '0004_message_collection'),
+        ('rag', '0005_message_token_gaps'),
     ]
 
     operations = [
