@@ -496,16 +496,21 @@ async def _replay(answer_id: int) -> AsyncIterator[ChatEvent]:
 
 
 def metrics_of(answer: Message) -> answering.Metrics:
-    """The metrics event of a stored answer."""
+    """The metrics event of a stored answer, rounded as the live one is."""
+    rounded = answering.rounded
     return answering.Metrics(
         message_id=answer.pk,
         conversation_id=str(answer.conversation_id),
         status=answer.status,
         model=answer.model,
-        embedding_model="",
-        retrieval_ms=answer.retrieval_ms,
-        ttft_ms=answer.ttft_ms,
-        total_ms=answer.total_ms or 0.0,
+        embedding_model="",  # not stored with the answer
+        retrieval_ms=rounded(answer.retrieval_ms),
+        ttft_ms=rounded(answer.ttft_ms),
+        total_ms=rounded(answer.total_ms) or 0.0,
         tokens=answer.tokens or 0,
+        tokens_per_s=rounded(answer.tokens_per_s),
+        gap_p50_ms=rounded(answer.gap_p50_ms),
+        gap_p95_ms=rounded(answer.gap_p95_ms),
+        gap_max_ms=rounded(answer.gap_max_ms),
         finish_reason=answer.finish_reason,
     )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import uuid
 from contextlib import aclosing
@@ -56,6 +57,18 @@ async def test_a_second_stream_replays_and_never_generates_again(fake_llm):
     assert kinds(again) == ["Started", "Sources", "Token", "Metrics", "Done"]
     assert again[2].text == "".join(e.text for e in first if isinstance(e, answering.Token))
     assert again[1].sources[0].chunk_id == first[1].sources[0].chunk_id
+
+
+async def test_a_replay_reports_the_metrics_the_live_stream_reported(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["Bananas", " are", " yellow", " [1]"]
+    fake_llm.inter_token_ms = 5
+    answer = await chat.ask(owner=ALICE_SESSION, question="Bananas?", k=1)
+    [live] = [e for e in await collect(ALICE_SESSION, answer.pk) if isinstance(e, answering.Metrics)]
+    [replayed] = [e for e in await collect(ALICE_SESSION, answer.pk) if isinstance(e, answering.Metrics)]
+    assert live.gap_p50_ms is not None and live.tokens_per_s is not None
+    # Everything but the embedding model, which is not stored with the answer.
+    assert replayed == dataclasses.replace(live, embedding_model="")
 
 
 async def test_two_streams_at_once_make_one_llm_request(fake_llm):
