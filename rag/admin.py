@@ -254,7 +254,18 @@ class DocumentAdmin(admin.ModelAdmin):
 
 class MessageInline(admin.TabularInline):
     model = Message
-    fields = ("role", "status", "text", "model", "ttft_ms", "total_ms", "tokens", "finish_reason")
+    fields = (
+        "role",
+        "status",
+        "text",
+        "model",
+        "ttft_ms",
+        "total_ms",
+        "tokens",
+        "tokens_per_s",
+        "gap_p95_ms",
+        "finish_reason",
+    )
     readonly_fields = fields
     extra = 0
     can_delete = False
@@ -288,7 +299,8 @@ class MessageAdmin(admin.ModelAdmin):
         "short_text",
         "model",
         "ttft_ms",
-        "tokens_per_second",
+        "tokens_per_s",
+        "gap_p95_ms",
         "total_ms",
         "tokens",
         "feedback_value",
@@ -304,10 +316,6 @@ class MessageAdmin(admin.ModelAdmin):
     @admin.display(description="text")
     def short_text(self, obj: Message) -> str:
         return obj.text[:80]
-
-    @admin.display(description="tokens/s")
-    def tokens_per_second(self, obj: Message) -> float | None:
-        return obj.tokens_per_second
 
     @admin.display(description="feedback")
     def feedback_value(self, obj: Message) -> str:

@@ -292,6 +292,14 @@ class Message(models.Model):
     ttft_ms = models.FloatField(null=True, blank=True, verbose_name="time to first token (ms)")
     total_ms = models.FloatField(null=True, blank=True)
     tokens = models.PositiveIntegerField(null=True, blank=True)
+    # How steadily the tokens came (rag.services.answering.token_gap_stats): a
+    # good time to first token can hide a stream that stalls halfway.
+    gap_p50_ms = models.FloatField(null=True, blank=True, verbose_name="inter-token gap p50 (ms)")
+    gap_p95_ms = models.FloatField(null=True, blank=True, verbose_name="inter-token gap p95 (ms)")
+    gap_max_ms = models.FloatField(null=True, blank=True, verbose_name="inter-token gap max (ms)")
+    tokens_per_s = models.FloatField(
+        null=True, blank=True, verbose_name="tokens/s", help_text="From the first token to the last."
+    )
     finish_reason = models.CharField(max_length=32, blank=True)
     k = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Chunks asked for (answers only).")
     collection = models.ForeignKey(
@@ -315,14 +323,6 @@ class Message(models.Model):
 
     def __str__(self) -> str:
         return f"{self.role}: {self.text[:60]}"
-
-    @property
-    def tokens_per_second(self) -> float | None:
-        """Generation speed after the first token."""
-        if not self.tokens or self.tokens < 2 or self.ttft_ms is None or self.total_ms is None:
-            return None
-        seconds = (self.total_ms - self.ttft_ms) / 1000
-        return round((self.tokens - 1) / seconds, 1) if seconds > 0 else None
 
 
 class AnswerEvents(models.Model):

@@ -242,6 +242,7 @@ def answer() -> Message:
     answer = Message.objects.create(
         conversation=conversation, role="assistant", text="Yellow [1]", model="fake-chat",
         ttft_ms=100.0, total_ms=1100.0, tokens=11, sources=[{"id": 5, "n": 1}],
+        tokens_per_s=10.0, gap_p50_ms=98.5, gap_p95_ms=123.45, gap_max_ms=250.75,
     )  # fmt: skip
     Feedback.objects.create(message=answer, value="down", chunk_ids=[5])
     return answer
@@ -252,11 +253,24 @@ def test_staff_see_answers_with_metrics_and_feedback_filterable(client, answer):
     page = client.get("/admin/rag/message/", {"status__exact": "complete", "model": "fake-chat"})
     html = page.content.decode()
     assert page.status_code == 200
-    assert "Yellow [1]" in html and "10.0" in html and ">down<" in html  # tokens/s and feedback columns
+    assert "Yellow [1]" in html and ">down<" in html
+    # Speed and steadiness columns, with their values.
+    assert 'column-tokens_per_s">' in html and 'class="field-tokens_per_s">10.0<' in html
+    assert 'column-gap_p95_ms">' in html and 'class="field-gap_p95_ms">123.45<' in html
+    detail = client.get(f"/admin/rag/message/{answer.pk}/change/").content.decode()
+    for label, value in [
+        ("Tokens/s", "10.0"),
+        ("Inter-token gap p50 (ms)", "98.5"),
+        ("Inter-token gap p95 (ms)", "123.45"),
+        ("Inter-token gap max (ms)", "250.75"),
+    ]:
+        shown = rf'<label>{re.escape(label)}:</label>\s*<div class="readonly">{re.escape(value)}</div>'
+        assert re.search(shown, detail), label
     feedback = client.get("/admin/rag/feedback/").content.decode()
     assert "[5]" in feedback
     assert client.get(f"/admin/rag/feedback/{answer.feedback.pk}/change/").status_code == 200
-    assert client.get(f"/admin/rag/conversation/{answer.conversation_id}/change/").status_code == 200
+    conversation = client.get(f"/admin/rag/conversation/{answer.conversation_id}/change/")
+    assert conversation.status_code == 200 and "123.45" in conversation.content.decode()  # the inline's gap p95
 
 
 def test_the_admin_is_staff_only(client, answer):

@@ -206,6 +206,19 @@ def test_ask_streams_tokens_and_prints_time_to_first_token(fake_llm):
     assert Message.objects.get(role="assistant").status == Message.Status.COMPLETE
 
 
+def test_ask_ends_with_the_pace_of_the_tokens_as_saved(fake_llm):
+    providers.run(add_corpus())
+    fake_llm.tokens = [f" t{i}" for i in range(6)]
+    fake_llm.inter_token_ms = 10
+    out = io.StringIO()
+    call_command("ask", "pgvector?", stdout=out)
+    answer = Message.objects.get(role="assistant")
+    gaps = f"{answer.gap_p50_ms:.0f}/{answer.gap_p95_ms:.0f}/{answer.gap_max_ms:.0f}"
+    closing = out.getvalue().rstrip().splitlines()[-1]
+    assert re.fullmatch(r"Time to first token: \d+ ms \| Total: \d+ ms \| .+", closing), closing
+    assert closing.endswith(f" | Tokens/s: {answer.tokens_per_s:.1f} | Gap p50/p95/max: {gaps} ms"), closing
+
+
 def test_ask_without_sources(fake_llm):
     providers.run(add_corpus())
     out = io.StringIO()
@@ -222,6 +235,7 @@ def test_ask_upstream_failure_is_a_command_error(fake_llm, capsys):
         call_command("ask", "pgvector?", stdout=out)
     assert "HTTP 500" in capsys.readouterr().err
     assert "Time to first token: n/a" in out.getvalue()
+    assert "Tokens/s: n/a | Gap p50/p95/max: n/a" in out.getvalue()
     assert Message.objects.get(role="assistant").status == Message.Status.ERROR
 
 

@@ -1,13 +1,15 @@
-"""rag.models: which collections a user may read, computed without a query of its own."""
+"""rag.models: which collections a user may read, computed without a query of its own; answers' speed."""
 
 from __future__ import annotations
+
+import importlib
 
 import pytest
 from django.contrib.auth.models import AnonymousUser, Group, User
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from rag.models import Collection
+from rag.models import Collection, Conversation, Message
 
 pytestmark = pytest.mark.django_db
 
@@ -52,3 +54,29 @@ def test_readable_by_builds_a_subquery_without_querying(collections):
     with CaptureQueriesContext(connection) as queries:
         list(scope)
     assert len(queries) == 1  # group membership is part of the one query
+
+
+def test_answers_saved_before_token_gaps_get_their_tokens_per_second_back():
+    """Migration 0005 replaced the computed tokens/s with a stored one; older answers keep theirs."""
+    migration = importlib.import_module("rag.migrations.0005_message_token_gaps")
+    conversation = Conversation.objects.create(session_key="s")
+
+    def answer(**timings) -> Message:
+        return Message.objects.create(conversation=conversation, role="assistant", **timings)
+
+    old = answer(ttft_ms=100.0, total_ms=1100.0, tokens=11)
+    uneven = answer(ttft_ms=0.0, total_ms=900.0, tokens=4)
+    one_token = answer(ttft_ms=100.0, total_ms=150.0, tokens=1)
+    untimed = answer(tokens=5)
+    measured = answer(ttft_ms=100.0, total_ms=400.0, tokens=4, tokens_per_s=12.5, gap_p95_ms=80.0)
+    with connection.cursor() as cursor:
+        cursor.execute(migration.BACKFILL_TOKENS_PER_S)
+
+    def speed(message: Message) -> float | None:
+        message.refresh_from_db()
+        return message.tokens_per_s
+
+    assert (speed(old), speed(uneven)) == (10.0, 3.33)
+    assert (speed(one_token), speed(untimed)) == (None, None)
+    assert speed(measured) == 12.5
+    assert Message.objects.filter(gap_p95_ms__isnull=False).count() == 1  # gaps were never measured

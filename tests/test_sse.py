@@ -108,6 +108,10 @@ def make_metrics() -> answering.Metrics:
         ttft_ms=2.5,
         total_ms=9.0,
         tokens=3,
+        tokens_per_s=400.0,
+        gap_p50_ms=2.25,
+        gap_p95_ms=2.75,
+        gap_max_ms=2.75,
         finish_reason="stop",
     )
 

@@ -138,12 +138,14 @@ async def test_stream_headers_and_event_order(live_server_url, http, fake_llm):
     assert tokens_text(events[1:4]) == ["pgvector", " adds", " vectors"]
     metrics = json.loads(events[4].data)
     assert metrics["status"] == "complete" and metrics["tokens"] == 3 and metrics["finish_reason"] == "stop"
+    assert {"tokens_per_s", "gap_p50_ms", "gap_p95_ms", "gap_max_ms"} <= metrics.keys()
     assert events[-1].data == "[DONE]"
     assert result.body.endswith(b"data: [DONE]\n\n")
     assert result.timeline[0] == OPENING
 
     message = await Message.objects.aget(pk=metrics["message_id"])
     assert message.status == Message.Status.COMPLETE and message.text == "pgvector adds vectors"
+    assert metrics["gap_p95_ms"] == message.gap_p95_ms and metrics["tokens_per_s"] == message.tokens_per_s
 
 
 @live

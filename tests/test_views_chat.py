@@ -47,6 +47,7 @@ async def test_the_page_renders_with_the_form_and_vendored_scripts(fake_llm):
 async def test_ask_returns_the_turn_fragment_and_the_stream_delivers_html_events(fake_llm):
     await add_corpus()
     fake_llm.tokens = ["<b>Bananas</b>", " are", " yellow", " [1]"]
+    fake_llm.inter_token_ms = 5
     client = AsyncClient()
     response = await post_question(client, "What colour are bananas?", k="2")
     html = response.content.decode()
@@ -67,6 +68,9 @@ async def test_ask_returns_the_turn_fragment_and_the_stream_delivers_html_events
     assert f'id="answer-{answer_id}"' in done and "sse-connect" not in done
     assert f'<a class="cite" href="#src-{answer_id}-1"' in done
     assert "&lt;b&gt;Bananas&lt;/b&gt;" in done and "<b>Bananas</b>" not in done
+    # The pace of the tokens, live and as saved.
+    for fragment in (events[-2].data, done):
+        assert re.search(r"first token \d+ ms · [\d.]+ tokens/s · gap p95 \d+ ms · 4 tokens", fragment), fragment
     assert (await Message.objects.aget(pk=answer_id)).status == Message.Status.COMPLETE
 
 

@@ -23,6 +23,7 @@ from django.utils import timezone
 from rag.answers import live, notify, store
 from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN, LogEvent
 from rag.models import Message
+from rag.services import answering
 from rag.services.connections import release_connection
 
 #: A generating process renews its claim this often, whether tokens come or not...
@@ -93,18 +94,24 @@ async def _completed(answer: Message, *, after: int) -> AsyncIterator[LogEvent]:
 
 
 def metrics_of(answer: Message) -> dict:
-    """The metrics event of a saved answer."""
-    return {
-        "message_id": answer.pk,
-        "conversation_id": str(answer.conversation_id),
-        "status": answer.status,
-        "model": answer.model,
-        "retrieval_ms": answer.retrieval_ms,
-        "ttft_ms": answer.ttft_ms,
-        "total_ms": answer.total_ms or 0.0,
-        "tokens": answer.tokens or 0,
-        "finish_reason": answer.finish_reason,
-    }
+    """The metrics event of a saved answer, rounded as the live one is."""
+    rounded = answering.rounded
+    return answering.Metrics(
+        message_id=answer.pk,
+        conversation_id=str(answer.conversation_id),
+        status=answer.status,
+        model=answer.model,
+        embedding_model="",  # not stored with the answer
+        retrieval_ms=rounded(answer.retrieval_ms),
+        ttft_ms=rounded(answer.ttft_ms),
+        total_ms=rounded(answer.total_ms) or 0.0,
+        tokens=answer.tokens or 0,
+        tokens_per_s=rounded(answer.tokens_per_s),
+        gap_p50_ms=rounded(answer.gap_p50_ms),
+        gap_p95_ms=rounded(answer.gap_p95_ms),
+        gap_max_ms=rounded(answer.gap_max_ms),
+        finish_reason=answer.finish_reason,
+    ).as_dict()
 
 
 @sync_to_async

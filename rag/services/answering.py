@@ -17,10 +17,12 @@ the answer has an id before it streams) passes ``answer=`` to ``generate``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -64,6 +66,10 @@ class Metrics:
     ttft_ms: float | None
     total_ms: float
     tokens: int
+    tokens_per_s: float | None
+    gap_p50_ms: float | None
+    gap_p95_ms: float | None
+    gap_max_ms: float | None
     finish_reason: str
 
     def as_dict(self) -> dict:
@@ -80,6 +86,39 @@ class Error:
 AnswerEvent = Sources | Token | Metrics | Error
 
 
+@dataclass(frozen=True, slots=True)
+class TokenGaps:
+    """How steadily an answer's tokens arrived; None where fewer than two tokens came."""
+
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    max_ms: float | None = None
+    tokens_per_s: float | None = None
+
+
+def token_gap_stats(times: list[float]) -> TokenGaps:
+    """The gaps between consecutive token arrivals (``times``: ``perf_counter`` seconds, in
+    order) and the rate from the first token to the last, which leaves the wait for the
+    first token out: that is ``ttft_ms``."""
+    if len(times) < 2:
+        return TokenGaps()
+    gaps = sorted((later - earlier) * 1000 for earlier, later in pairwise(times))
+    span = times[-1] - times[0]
+    return TokenGaps(
+        p50_ms=_nearest_rank(gaps, 50),
+        p95_ms=_nearest_rank(gaps, 95),
+        max_ms=gaps[-1],
+        tokens_per_s=(len(times) - 1) / span if span > 0 else None,
+    )
+
+
+def _nearest_rank(ordered: list[float], percent: int) -> float:
+    # Nearest rank, not interpolation: always a gap that happened, and with the few
+    # gaps of a short answer p95 is its largest one rather than a blend of two.
+    # percent * n first: an exact integer, where percent / 100 * n can overshoot one.
+    return ordered[max(1, math.ceil(percent * len(ordered) / 100)) - 1]
+
+
 @dataclass
 class Outcome:
     """How an answer ended: what ``generate`` hands to the code that saves it."""
@@ -94,6 +133,7 @@ class Outcome:
     ttft_ms: float | None = None
     total_ms: float = 0.0
     tokens: int = 0
+    gaps: TokenGaps = field(default_factory=TokenGaps)
     finish_reason: str = ""
 
     def metrics(self, message: Message) -> Metrics:
@@ -103,10 +143,14 @@ class Outcome:
             status=self.status,
             model=self.model,
             embedding_model=self.embedding_model,
-            retrieval_ms=_round(self.retrieval_ms),
-            ttft_ms=_round(self.ttft_ms),
+            retrieval_ms=rounded(self.retrieval_ms),
+            ttft_ms=rounded(self.ttft_ms),
             total_ms=round(self.total_ms, 2),
             tokens=self.tokens,
+            tokens_per_s=rounded(self.gaps.tokens_per_s),
+            gap_p50_ms=rounded(self.gaps.p50_ms),
+            gap_p95_ms=rounded(self.gaps.p95_ms),
+            gap_max_ms=rounded(self.gaps.max_ms),
             finish_reason=self.finish_reason,
         )
 
@@ -161,6 +205,7 @@ async def generate(
     embedder = embedder or embedding_provider()
     outcome = Outcome(model=chat.model, embedding_model=embedder.model)
     parts: list[str] = []
+    arrivals: list[float] = []  # perf_counter() at each token; the statistics wait for the end
 
     def elapsed_ms() -> float:
         return (time.perf_counter() - started) * 1000
@@ -180,8 +225,10 @@ async def generate(
                 if chunk.finish_reason:
                     outcome.finish_reason = chunk.finish_reason
                 if chunk.text:
-                    if outcome.ttft_ms is None:
-                        outcome.ttft_ms = elapsed_ms()
+                    arrived = time.perf_counter()
+                    if not arrivals:
+                        outcome.ttft_ms = (arrived - started) * 1000
+                    arrivals.append(arrived)
                     parts.append(chunk.text)
                     yield Token(chunk.text)
         outcome.status = Message.Status.COMPLETE
@@ -198,6 +245,7 @@ async def generate(
         # (GeneratorExit / CancelledError): the partial answer is never lost.
         outcome.text = "".join(parts)
         outcome.tokens = len(parts)
+        outcome.gaps = token_gap_stats(arrivals)
         outcome.total_ms = elapsed_ms()
         if outcome.status == Message.Status.STOPPED:
             outcome.finish_reason = "stopped"
@@ -311,12 +359,17 @@ def _fill(answer: Message, outcome: Outcome) -> None:
     answer.error = storable(outcome.error.message) if outcome.error else ""
     answer.sources = [s.public() for s in outcome.sources]
     answer.model = outcome.model
-    answer.retrieval_ms = _round(outcome.retrieval_ms)
-    answer.ttft_ms = _round(outcome.ttft_ms)
+    answer.retrieval_ms = rounded(outcome.retrieval_ms)
+    answer.ttft_ms = rounded(outcome.ttft_ms)
     answer.total_ms = round(outcome.total_ms, 2)
     answer.tokens = outcome.tokens
+    answer.tokens_per_s = rounded(outcome.gaps.tokens_per_s)
+    answer.gap_p50_ms = rounded(outcome.gaps.p50_ms)
+    answer.gap_p95_ms = rounded(outcome.gaps.p95_ms)
+    answer.gap_max_ms = rounded(outcome.gaps.max_ms)
     answer.finish_reason = outcome.finish_reason
 
 
-def _round(ms: float | None) -> float | None:
-    return round(ms, 2) if ms is not None else None
+def rounded(value: float | None) -> float | None:
+    """A timing or a rate as it is stored and sent: two decimals."""
+    return round(value, 2) if value is not None else None

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 
 import pytest
 
@@ -165,3 +167,71 @@ async def test_a_turn_that_fails_to_save_does_not_lose_the_others(fake_llm, monk
     saved = [r for i, r in enumerate(results) if i != 2]
     assert [m.text for m in saved] == ["a0", "a1", "a3", "a4"]
     assert await Message.objects.filter(role="assistant", text__in=["a0", "a1", "a3", "a4"]).acount() == 4
+
+
+# --- per-token latency ------------------------------------------------------------------------------
+
+
+def arrivals(first: float, gaps_ms: list[float]) -> list[float]:
+    """perf_counter-like times: a first token at ``first`` seconds, then one token after each gap."""
+    return [first + ms / 1000 for ms in itertools.accumulate(gaps_ms, initial=0.0)]
+
+
+@pytest.mark.parametrize("times", [[], [12.5]], ids=["no token", "one token"])
+def test_token_gaps_need_two_tokens(times):
+    assert answering.token_gap_stats(times) == answering.TokenGaps(None, None, None, None)
+
+
+def test_token_gaps_of_two_tokens_are_their_one_gap():
+    gaps = answering.token_gap_stats([100.0, 100.25])
+    assert (gaps.p50_ms, gaps.p95_ms, gaps.max_ms) == (250.0, 250.0, 250.0)
+    assert gaps.tokens_per_s == 4.0
+
+
+def test_token_gaps_are_nearest_rank_percentiles_of_the_gaps_in_any_order():
+    gaps = answering.token_gap_stats(arrivals(5.0, [40.0, 10.0, 30.0, 20.0]))
+    # Nearest rank: p50 of four gaps is the 2nd smallest (interpolation would say 25), p95 the 4th.
+    assert gaps.p50_ms == pytest.approx(20.0)
+    assert gaps.p95_ms == pytest.approx(40.0)
+    assert gaps.max_ms == pytest.approx(40.0)
+    assert gaps.tokens_per_s == pytest.approx(4 / 0.1)  # 4 tokens after the first, in 100 ms
+
+
+def test_token_gaps_p95_of_a_hundred_gaps_is_the_95th():
+    ms = [float(n) for n in range(1, 101)]
+    random.Random(7).shuffle(ms)
+    gaps = answering.token_gap_stats(arrivals(0.0, ms))
+    assert (gaps.p50_ms, gaps.p95_ms, gaps.max_ms) == pytest.approx((50.0, 95.0, 100.0))
+    assert gaps.tokens_per_s == pytest.approx(100 / 5.05)  # the gaps add up to 5050 ms
+
+
+def test_tokens_arriving_at_the_same_instant_have_no_rate():
+    gaps = answering.token_gap_stats([3.0, 3.0])
+    assert (gaps.p50_ms, gaps.max_ms, gaps.tokens_per_s) == (0.0, 0.0, None)
+
+
+async def test_an_answer_stores_and_reports_its_inter_token_gaps(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = [f" t{i}" for i in range(10)]
+    fake_llm.inter_token_ms = 30
+    answer = await RAG().aask("pgvector?", k=1)
+
+    metrics = answer.metrics
+    message = await Message.objects.aget(pk=metrics.message_id)
+    stored = (message.tokens_per_s, message.gap_p50_ms, message.gap_p95_ms, message.gap_max_ms)
+    assert (metrics.tokens_per_s, metrics.gap_p50_ms, metrics.gap_p95_ms, metrics.gap_max_ms) == stored
+    assert {"tokens_per_s", "gap_p50_ms", "gap_p95_ms", "gap_max_ms"} <= metrics.as_dict().keys()
+    # Bounds set by the fake's pacing (a token every 30 ms), not performance targets.
+    assert message.gap_max_ms >= message.gap_p95_ms >= message.gap_p50_ms >= 25
+    assert 0 < message.tokens_per_s <= 1000 / 25
+    # Stored as sent: two decimals.
+    assert all(round(value, 2) == value for value in stored)
+
+
+async def test_a_one_token_answer_has_no_gaps(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["Yes."]
+    answer = await RAG().aask("pgvector?", k=1)
+    assert answer.metrics.tokens == 1 and answer.metrics.ttft_ms is not None
+    message = await Message.objects.aget(pk=answer.metrics.message_id)
+    assert (message.tokens_per_s, message.gap_p50_ms, message.gap_p95_ms, message.gap_max_ms) == (None,) * 4

@@ -116,6 +116,23 @@ async def test_a_second_stream_replays_and_never_generates_again(fake_llm):
     assert text(again) == text(first) and again[0].data == first[0].data
 
 
+async def test_a_replay_reports_the_metrics_the_live_stream_reported(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["Bananas", " are", " yellow", " [1]"]
+    fake_llm.inter_token_ms = 5
+    answer = await chat.ask(owner=ALICE_SESSION, question="Bananas?", k=1)
+    [streamed] = [e.data for e in await collect(ALICE_SESSION, answer.pk) if e.kind == "metrics"]
+    await ended(answer.pk)
+    [replayed] = [e.data for e in await collect(ALICE_SESSION, answer.pk) if e.kind == "metrics"]
+    assert streamed["gap_p50_ms"] is not None and streamed["tokens_per_s"] is not None
+    assert replayed == streamed  # read back from the log
+    # An answer without a log (saved before there was one) gets its metrics from its row:
+    # everything but the embedding model, which is not stored with the answer.
+    await AnswerEvents.objects.filter(message_id=answer.pk).adelete()
+    [rebuilt] = [e.data for e in await collect(ALICE_SESSION, answer.pk) if e.kind == "metrics"]
+    assert rebuilt == {**streamed, "embedding_model": ""}
+
+
 async def test_two_streams_at_once_make_one_llm_request(fake_llm):
     await add_corpus()
     fake_llm.tokens = [f"w{i} " for i in range(10)]

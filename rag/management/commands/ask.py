@@ -33,6 +33,7 @@ class Command(BaseCommand):
         out = self.stdout
         started = time.perf_counter()
         first: float | None = None
+        metrics: answering.Metrics | None = None
         ok = True
         async for event in RAG().aevents(question, k=k):
             match event:
@@ -47,11 +48,24 @@ class Command(BaseCommand):
                     # Flushed per token: the point is to watch it arrive.
                     out.write(text, ending="")
                     out.flush()
+                case answering.Metrics():
+                    metrics = event
                 case answering.Error(message=message):
                     ok = False
                     sys.stderr.write(self.style.ERROR(f"\nError: {message}") + "\n")
         total = time.perf_counter() - started
         ttft = f"{(first - started) * 1000:.0f} ms" if first else "n/a"
         out.write("")
-        out.write(self.style.SUCCESS(f"\nTime to first token: {ttft} | Total: {total * 1000:.0f} ms"))
+        out.write(
+            self.style.SUCCESS(f"\nTime to first token: {ttft} | Total: {total * 1000:.0f} ms | {_pace(metrics)}")
+        )
         return ok
+
+
+def _pace(metrics: answering.Metrics | None) -> str:
+    """Tokens/s and inter-token gaps as the answer was measured and saved (n/a: an error, or under two tokens)."""
+    rate = f"{metrics.tokens_per_s:.1f}" if metrics and metrics.tokens_per_s is not None else "n/a"
+    gaps = "n/a"
+    if metrics and metrics.gap_p50_ms is not None:
+        gaps = f"{metrics.gap_p50_ms:.0f}/{metrics.gap_p95_ms:.0f}/{metrics.gap_max_ms:.0f} ms"
+    return f"Tokens/s: {rate} | Gap p50/p95/max: {gaps}"
