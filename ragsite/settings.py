@@ -179,6 +179,9 @@ RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 64, min_value=1)
 RAG_MAX_UPLOAD_MB = env_float("RAG_MAX_UPLOAD_MB", 20.0, min_value=0.001)
 RAG_MAX_UNZIPPED_MB = env_float("RAG_MAX_UNZIPPED_MB", 200.0, min_value=0.001)
 RAG_SSE_HEARTBEAT = env_float("RAG_SSE_HEARTBEAT", 10.0, min_value=0.05)
+# A generating process renews its claim on an answer this often; a claim three times as
+# old belongs to a process that died, and its answer is ended as interrupted.
+RAG_CLAIM_RENEW_S = env_float("RAG_CLAIM_RENEW_S", 10.0, min_value=0.05)
 # Earlier turns of a conversation put into the prompt, newest first, in estimated tokens.
 RAG_HISTORY_TOKENS = env_int("RAG_HISTORY_TOKENS", 1000, min_value=0)
 # Serve /static/ from the app itself (tests, a single small deployment); `runserver`

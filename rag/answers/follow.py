@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import suppress
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.utils import timezone
 
 from rag.answers import live, notify, store
@@ -27,11 +28,12 @@ from rag.services import answering
 from rag.services.connections import release_connection
 
 #: A generating process renews its claim this often, whether tokens come or not...
-CLAIM_RENEW_S = 10.0
+CLAIM_RENEW_S = settings.RAG_CLAIM_RENEW_S
 #: ...so a claim this old belongs to a process that died.
 CLAIM_STALE_S = 3 * CLAIM_RENEW_S
-#: How often a follower with no news checks the claim.
-CHECK_S = 5.0
+#: How often a follower with no news checks the claim: a dead process's answer ends
+#: within CLAIM_STALE_S + CHECK_S of its last renewal.
+CHECK_S = CLAIM_RENEW_S / 2
 
 INTERRUPTED = "This answer was interrupted: the server stopped while writing it. Regenerate it to try again."
 

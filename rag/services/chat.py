@@ -190,6 +190,7 @@ async def stream_turn(
     if claimed:
         if answer.collection_id is not None:
             collections = _narrow(collections, answer.collection_id)
+        await notify.listener()  # listening, so that Stop pressed in another process reaches it
         live.start(answer.pk, lambda run: _generate(run, answer, chat=chat, embedder=embedder, collections=collections))
     return follow(answer.pk, after=after)
 
