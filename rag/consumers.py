@@ -4,15 +4,15 @@ Client → server::
 
     {"type": "ask", "question": "...", "k": 4, "conversation_id": "<uuid>"}   # k, conversation_id optional
     {"type": "stop"}
-    {"type": "resume", "last_event_id": "41.17"}   # after a reconnect: the events after that one
+    {"type": "resume", "last_event_id": "<id>"}   # after a reconnect: the events after that one
 
 Server → client, per answer::
 
     {"type": "started", "answer_id": 41, "conversation_id": "<uuid>"}
-    {"type": "sources", "sources": [...], "id": "41.1"}
-    {"type": "token", "text": "...", "id": "41.2"}            # many
-    {"type": "metrics", ..., "id": "41.9"} | {"type": "error", "message": "...", "code": "...", "id": "41.9"}
-    {"type": "done", "answer_id": 41, "status": "complete", "id": "41.10"}
+    {"type": "sources", "sources": [...], "id": "<answer's public id>.1"}
+    {"type": "token", "text": "...", "id": "….2"}            # many
+    {"type": "metrics", ..., "id": "….9"} | {"type": "error", "message": "...", "code": "...", "id": "….9"}
+    {"type": "done", "answer_id": 41, "status": "complete", "id": "….10"}
 
 One answer at a time per socket. Closing the socket does not stop the answer: it is
 finished and saved, and a new socket can resume it with the last ``id`` it saw. Stop
@@ -30,7 +30,7 @@ from contextlib import aclosing, suppress
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from rag.answers import events
-from rag.answers.events import LogEvent, seq_after
+from rag.answers.events import LogEvent, parse_id
 from rag.forms import BadQuestion, parse_question
 from rag.models import Reader
 from rag.services import chat
@@ -102,23 +102,20 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
             await self.bad_request("An answer is already being sent on this socket.")
             return
         last = content.get("last_event_id")
-        answer_id, _, seq = str(last or "").partition(".")
-        if not (answer_id.isdigit() and seq.isdigit()):
-            await self.bad_request("'last_event_id' must be the id of the last event you received, like \"41.17\".")
+        parsed = parse_id(last if isinstance(last, str) else None)
+        if parsed is None:
+            await self.bad_request("'last_event_id' must be the id of the last event you received.")
             return
         owner = await self.get_owner()
-        reader = Reader.of(self.scope.get("user"))
         try:
+            answer = await chat.find_answer(owner=owner, key=parsed[0])
             events = await chat.stream_turn(
-                owner=owner,
-                answer_id=int(answer_id),
-                after=seq_after(last, answer_id=int(answer_id)),
-                collections=reader,
+                owner=owner, answer_id=answer.pk, after=parsed[1], collections=Reader.of(self.scope.get("user"))
             )
         except chat.NotFound:
             await self.bad_request("No such answer of yours to resume.")
             return
-        self.answer_id = int(answer_id)
+        self.answer_id = answer.pk
         self.task = asyncio.create_task(self.relay(events))
 
     async def stop(self) -> None:

@@ -313,6 +313,9 @@ class Message(models.Model):
     # Set by the one stream that generates this answer: a second stream for the
     # same answer (a reconnect, another tab) finds it set and replays instead.
     claimed_at = models.DateTimeField(null=True, blank=True)
+    # The answer's id as API clients see it (in its events' ids): it cannot be guessed,
+    # so for an anonymous asker it is the capability to resume or stop the answer.
+    public_id = models.UUIDField(default=uuid.uuid4, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -331,13 +334,15 @@ class AnswerEvents(models.Model):
     Every event of an answer (sources, each token, metrics or error, done) has a sequence
     number that grows by one from 1; a client resumes after the last one it saw. Events
     are written in batches (rag.answers.store), so an answer of 500 tokens is a few dozen
-    rows, not 500: ``events`` is a list of ``[kind, data]`` pairs.
+    rows, not 500: ``events`` is a JSON list of ``[kind, data]`` pairs.
     """
 
     message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="event_runs")
     first_seq = models.PositiveIntegerField()
     last_seq = models.PositiveIntegerField()
-    events = models.JSONField()
+    # JSON as text, not jsonb: jsonb cannot hold a NUL (\u0000), and a token may be one;
+    # nothing queries inside it, and the text is what clients are sent back anyway.
+    events = models.TextField()
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["message", "first_seq"], name="answer_events_unique_run")]

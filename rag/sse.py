@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from typing import TypeVar
 
+from rag.answers import events
+from rag.answers.events import LogEvent
 from rag.services import answering
 
 T = TypeVar("T")
@@ -62,8 +64,42 @@ def encode(event: answering.AnswerEvent, *, fmt: str) -> bytes:
     raise TypeError(f"not an answer event: {event!r}")
 
 
-def end(fmt: str) -> bytes:
-    return frame(_json({"done": True}), "done") if fmt == "json" else DONE
+def end(fmt: str, *, id: str | None = None) -> bytes:
+    if fmt == "json":
+        return frame(_json({"done": True}), "done", id=id)
+    return frame("[DONE]", id=id)
+
+
+def encode_logged(event: LogEvent, *, fmt: str) -> bytes:
+    """An event of an answer's log, with its id; ``done`` is the format's end marker."""
+    match event.kind:
+        case events.TOKEN:
+            return frame(_json({"token": event.data}) if fmt == "json" else event.data, id=event.id)
+        case events.SOURCES | events.METRICS | events.ERROR:
+            return frame(_json(event.data), event.kind, id=event.id)
+        case events.DONE:
+            return end(fmt, id=event.id)
+    raise TypeError(f"not an answer event: {event!r}")
+
+
+async def logged_event_stream(source: AsyncIterator[LogEvent], *, fmt: str, heartbeat: float) -> AsyncIterator[bytes]:
+    """``event_stream`` for an answer's log: every event carries its id, so that a client
+    that reconnects with ``Last-Event-ID`` gets exactly the events after it."""
+    ended = False
+
+    async def encode_event(event: LogEvent) -> bytes:
+        nonlocal ended
+        ended = ended or event.terminal
+        return encode_logged(event, fmt=fmt)
+
+    def failure(exc: Exception) -> bytes:
+        return encode(answering.Error(message=f"The answer failed: {type(exc).__name__}.", code="internal"), fmt=fmt)
+
+    async with aclosing(frames(source, encode=encode_event, failure=failure, heartbeat=heartbeat)) as chunks:
+        async for chunk in chunks:
+            yield chunk
+    if not ended:
+        yield end(fmt)
 
 
 async def event_stream(

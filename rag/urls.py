@@ -7,4 +7,5 @@ app_name = "rag"
 urlpatterns = [
     path("stream", views.stream, name="stream"),
     path("query", views.query, name="query"),
+    path("answers/<str:key>/stop", views.stop, name="stop"),
 ]

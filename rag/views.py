@@ -2,18 +2,22 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import connection
-from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
 from rag import sse, warmup
+from rag.answers import generate, live, oneshot
+from rag.answers.events import LogEvent, parse_id
+from rag.answers.follow import follow
 from rag.forms import BadQuestion, parse_question
-from rag.models import Reader
+from rag.models import Message, Reader
 from rag.pipeline import RAG
 from rag.services.connections import arelease_connection
 
@@ -58,28 +62,99 @@ def reader(user, *, collection: str | None = None) -> Reader:
 
 @api_method("GET")
 async def stream(request: HttpRequest):
-    """GET /rag/stream?question=…&k=…[&format=json] → text/event-stream."""
+    """GET /rag/stream?question=…&k=…[&format=json][&detach=1] → text/event-stream.
+
+    Every event carries an id. A request with ``Last-Event-ID`` (an EventSource that
+    reconnects sends it by itself, to the same URL) never starts a generation: it gets
+    the events of that answer after that id, then follows it live, from any process.
+    Without ``detach=1``, a client that leaves stops its answer at once.
+    """
     fmt = request.GET.get("format", "text")
     if fmt not in FORMATS:
         return bad_request(f"'format' must be one of {', '.join(FORMATS)}, not {fmt!r}.")
+    last_event_id = request.headers.get("Last-Event-ID")
+    if last_event_id:
+        return await _resume(request, last_event_id, fmt=fmt)
+    detach = request.GET.get("detach", "0")
+    if detach not in ("0", "1"):
+        return bad_request(f"'detach' must be 0 or 1, not {detach[:20]!r}.")
     try:
         q = parse_question(question=request.GET.get("question"), k=request.GET.get("k"))
     except BadQuestion as exc:
         return bad_request(str(exc))
     user = await asking_user(request)
-    events = RAG().aevents(
-        q.question,
+    answer = await oneshot.start(
+        question=q.question,
         k=q.k,
         user_id=user.pk if user.is_authenticated else None,
         collections=reader(user, collection=request.GET.get("collection")),
     )
+    events = follow(answer.pk, key=str(answer.public_id))
+    if detach == "0":
+        events = _stop_when_left(events, answer_id=answer.pk)
+    return _event_stream_response(events, fmt=fmt)
+
+
+async def _resume(request: HttpRequest, last_event_id: str, *, fmt: str):
+    parsed = parse_id(last_event_id)
+    if parsed is None:
+        return bad_request(
+            "Last-Event-ID must be the id of the last event you received from /rag/stream; "
+            "leave it out to ask a new question."
+        )
+    key, after = parsed
+    user = await asking_user(request)
+    try:
+        answer = await oneshot.find(key=key, user_id=user.pk if user.is_authenticated else None)
+    except oneshot.NotFound:
+        return bad_request("No answer of yours has that Last-Event-ID; leave it out to ask a new question.", 404)
+    events = follow(answer.pk, key=key, after=after)
+    if answer.status != Message.Status.STREAMING:
+        # Finished: everything after the id is in the log now. Nothing left is a 204, which
+        # tells an EventSource to stop reconnecting.
+        first = await anext(events, None)
+        if first is None:
+            return HttpResponse(status=204)
+        events = _prepend(first, events)
+    return _event_stream_response(events, fmt=fmt)
+
+
+async def _stop_when_left(events: AsyncIterator[LogEvent], *, answer_id: int) -> AsyncIterator[LogEvent]:
+    """The seed's behaviour: a client that leaves cancels the upstream request at once."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        live.stop(answer_id)  # nothing to do once it has ended
+
+
+async def _prepend(first: LogEvent, rest: AsyncIterator[LogEvent]) -> AsyncIterator[LogEvent]:
+    yield first
+    async for event in rest:
+        yield event
+
+
+def _event_stream_response(events: AsyncIterator[LogEvent], *, fmt: str) -> StreamingHttpResponse:
     response = StreamingHttpResponse(
-        sse.event_stream(events, fmt=fmt, heartbeat=settings.RAG_SSE_HEARTBEAT),
+        sse.logged_event_stream(events, fmt=fmt, heartbeat=settings.RAG_SSE_HEARTBEAT),
         content_type="text/event-stream; charset=utf-8",
     )
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer
     return response
+
+
+@csrf_exempt  # acts on no session: an answer's public id (or the asker's own login) decides
+@api_method("POST")
+async def stop(request: HttpRequest, key: str):
+    """POST /rag/answers/<public id>/stop: stop an answer asked over /rag/stream, wherever
+    it is generated. {"stopped": true} if it was running."""
+    user = await asking_user(request)
+    try:
+        answer = await oneshot.find(key=key, user_id=user.pk if user.is_authenticated else None)
+    except oneshot.NotFound:
+        return bad_request("No answer of yours has that id.", 404)
+    return JsonResponse({"stopped": await generate.stop(answer)})
 
 
 # An API for programs: no session cookie is involved, so CSRF does not apply.

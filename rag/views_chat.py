@@ -22,7 +22,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from rag import sse
 from rag.answers import events
-from rag.answers.events import LogEvent, seq_after
+from rag.answers.events import LogEvent
 from rag.forms import BadQuestion, parse_question
 from rag.models import Collection, Document, Message, Reader
 from rag.providers import ProviderError, chat_provider
@@ -119,9 +119,11 @@ async def answer_stream(request: HttpRequest, answer_id: int) -> StreamingHttpRe
     """
     owner = await owner_of(request)
     reader = Reader.of(await request.auser())
-    after = seq_after(request.headers.get("Last-Event-ID"), answer_id=answer_id)
+    last_event_id = request.headers.get("Last-Event-ID")
     try:
-        events = await chat.stream_turn(owner=owner, answer_id=answer_id, after=after, collections=reader)
+        events = await chat.stream_turn(
+            owner=owner, answer_id=answer_id, last_event_id=last_event_id or None, collections=reader
+        )
     except chat.NotFound:
         raise Http404("No such answer.") from None
     response = StreamingHttpResponse(

@@ -72,11 +72,12 @@ async def test_stop_closes_the_upstream_request_and_keeps_the_partial_answer(fak
     record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=5)
     assert record.closed_by_client and record.tokens_sent < 100
     answer_id = messages[0]["answer_id"]
+    key = messages[1]["id"].split(".")[0]
     assert messages[-1] == {
         "type": "done",
         "answer_id": answer_id,
         "status": "stopped",
-        "id": f"{answer_id}.{len(messages) - 1}",
+        "id": f"{key}.{len(messages) - 1}",
     }
     answer = await Message.objects.aget(pk=messages[0]["answer_id"])
     assert answer.status == Message.Status.STOPPED
@@ -167,7 +168,8 @@ async def test_closing_the_socket_does_not_stop_the_answer_and_a_new_socket_resu
 
     tokens = [m["text"] for m in seen + rest if m["type"] == "token"]
     assert "".join(tokens) == "".join(fake_llm.tokens)  # no gap, no duplicate
-    assert rest[0]["id"] == f"{started['answer_id']}.{int(seen[-1]['id'].split('.')[1]) + 1}"
+    key, seq = seen[-1]["id"].split(".")
+    assert rest[0]["id"] == f"{key}.{int(seq) + 1}"
     assert rest[-1]["status"] == "complete"
     assert not fake_llm.records[-1].closed_by_client
     answer = await Message.objects.aget(pk=started["answer_id"])
@@ -178,14 +180,14 @@ async def test_resume_needs_an_event_id_of_ones_own_answer(fake_llm):
     await add_corpus()
     theirs = await connect(await signed_in_session("bob"))
     await theirs.send_json_to({"type": "ask", "question": "private"})
-    answer_id = (await theirs.receive_json_from(timeout=5))["answer_id"]
-    await receive_until_done(theirs)
+    their_events = await receive_until_done(theirs)
+    their_id = their_events[1]["id"]
     await theirs.disconnect()
 
     mine = await connect(await signed_in_session("mallory"))
     await mine.send_json_to({"type": "resume", "last_event_id": "nonsense"})
     assert "last_event_id" in (await mine.receive_json_from(timeout=5))["message"]
-    await mine.send_json_to({"type": "resume", "last_event_id": f"{answer_id}.1"})
+    await mine.send_json_to({"type": "resume", "last_event_id": their_id})
     reply = await mine.receive_json_from(timeout=5)
     assert reply["code"] == "bad_request" and "No such answer" in reply["message"]
     await mine.disconnect()

@@ -85,7 +85,8 @@ async def test_reconnecting_to_the_stream_replays_instead_of_generating_again(fa
 
     assert len(fake_llm.records) == requests
     assert [(e.id, e.type, e.data) for e in again] == [(e.id, e.type, e.data) for e in first]
-    assert [e.id for e in first] == [f"{answer_id}.{n}" for n in range(1, len(first) + 1)]
+    key = (await Message.objects.aget(pk=answer_id)).public_id
+    assert [e.id for e in first] == [f"{key}.{n}" for n in range(1, len(first) + 1)]
 
 
 async def test_a_reconnect_with_last_event_id_gets_only_the_events_after_it(fake_llm):
@@ -95,13 +96,16 @@ async def test_a_reconnect_with_last_event_id_gets_only_the_events_after_it(fake
     answer_id = answer_id_in((await post_question(client, "pgvector?")).content.decode())
     _, first = await read_stream(client, answer_id)
 
-    response = await client.get(f"/chat/answers/{answer_id}/stream", headers={"Last-Event-ID": f"{answer_id}.3"})
+    key = (await Message.objects.aget(pk=answer_id)).public_id
+    response = await client.get(f"/chat/answers/{answer_id}/stream", headers={"Last-Event-ID": f"{key}.3"})
     rest = parse_sse(b"".join([chunk async for chunk in response.streaming_content]).decode())
 
     assert [(e.id, e.data) for e in rest] == [(e.id, e.data) for e in first[3:]]
     assert [e.data for e in rest if e.type == "token"] == [" three", " four"]
     # An id of another answer, or no id at all, starts from the beginning.
-    other = await client.get(f"/chat/answers/{answer_id}/stream", headers={"Last-Event-ID": "999999.3"})
+    other = await client.get(
+        f"/chat/answers/{answer_id}/stream", headers={"Last-Event-ID": "6f1c0d1e-0000-4000-8000-000000000000.3"}
+    )
     assert len(parse_sse(b"".join([c async for c in other.streaming_content]).decode())) == len(first)
 
 

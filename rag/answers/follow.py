@@ -1,12 +1,12 @@
 """Replay, then follow live: the one iterator that every chat transport reads.
 
-``follow(answer_id, after=n)`` yields the answer's events after sequence number ``n``
+``follow(answer_id, key=public_id, after=n)`` yields the answer's events after sequence number ``n``
 (none twice, none missing) to its ``done`` event, wherever the answer is generated:
 
 - in this process: from memory, as they are made;
 - in another process: from Postgres, woken by NOTIFY when new events are stored;
 - nowhere any more: an answer that ended, or whose process died, is read from the log
-  and completed from its saved row. A claim not renewed for CLAIM_STALE_S belonged to a
+  and completed from its saved row. A claim not renewed for claim_stale_s() belonged to a
   dead process: the answer is marked interrupted, with its text so far, and ends.
 """
 
@@ -27,18 +27,23 @@ from rag.models import Message
 from rag.services import answering
 from rag.services.connections import release_connection
 
-#: A generating process renews its claim this often, whether tokens come or not...
-CLAIM_RENEW_S = settings.RAG_CLAIM_RENEW_S
-#: ...so a claim this old belongs to a process that died.
-CLAIM_STALE_S = 3 * CLAIM_RENEW_S
-#: How often a follower with no news checks the claim: a dead process's answer ends
-#: within CLAIM_STALE_S + CHECK_S of its last renewal.
-CHECK_S = CLAIM_RENEW_S / 2
+
+def claim_stale_s() -> float:
+    """A generating process renews its claim every RAG_CLAIM_RENEW_S, tokens or not: a
+    claim three times as old belongs to a process that died."""
+    return 3 * settings.RAG_CLAIM_RENEW_S
+
+
+def check_s() -> float:
+    """How often a follower with no news checks the claim: a dead process's answer ends
+    within claim_stale_s() + check_s() of its last renewal."""
+    return settings.RAG_CLAIM_RENEW_S / 2
+
 
 INTERRUPTED = "This answer was interrupted: the server stopped while writing it. Regenerate it to try again."
 
 
-async def follow(answer_id: int, *, after: int = 0) -> AsyncIterator[LogEvent]:
+async def follow(answer_id: int, *, key: str, after: int = 0) -> AsyncIterator[LogEvent]:
     here = live.get(answer_id)
     if here is not None:
         async for event in here.follow(after=after):
@@ -49,7 +54,7 @@ async def follow(answer_id: int, *, after: int = 0) -> AsyncIterator[LogEvent]:
     try:
         while True:
             wake.clear()
-            events = await store.read_after(answer_id, after)
+            events = await store.read_after(answer_id, key, after)
             for event in events:
                 yield event
                 after = event.seq
@@ -65,7 +70,7 @@ async def follow(answer_id: int, *, after: int = 0) -> AsyncIterator[LogEvent]:
             if await _interrupt_if_abandoned(answer):
                 continue
             with suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), CHECK_S)
+                await asyncio.wait_for(wake.wait(), check_s())
     finally:
         listener.unfollow(answer_id, wake)
 
@@ -74,7 +79,10 @@ async def _completed(answer: Message, *, after: int) -> AsyncIterator[LogEvent]:
     """The end of an answer whose log stops short of ``done``: one saved before answers
     had a log, or whose process died after saving it. Made from the saved row, the same
     way every time, so that a client resuming in the middle of it gets the rest."""
-    logged = await store.read_after(answer.pk, 0)
+    key = str(answer.public_id)
+    logged = await store.read_after(answer.pk, key, 0)
+    if logged and logged[-1].terminal:
+        return  # the log is complete: nothing is left after ``after``
     text = "".join(e.data for e in logged if e.kind == TOKEN)
     seq = logged[-1].seq if logged else 0
     rest: list[tuple[str, object]] = []
@@ -92,7 +100,7 @@ async def _completed(answer: Message, *, after: int) -> AsyncIterator[LogEvent]:
     for kind, data in rest:
         seq += 1
         if seq > after:
-            yield LogEvent(answer.pk, seq, kind, data)
+            yield LogEvent(answer.pk, key, seq, kind, data)
 
 
 def metrics_of(answer: Message) -> dict:
@@ -126,7 +134,7 @@ def _answer(answer_id: int) -> Message:
 
 async def _interrupt_if_abandoned(answer: Message) -> bool:
     """Mark an answer whose claim went stale (its process died) as interrupted; True if so."""
-    if answer.claimed_at is None or timezone.now() - answer.claimed_at < dt.timedelta(seconds=CLAIM_STALE_S):
+    if answer.claimed_at is None or timezone.now() - answer.claimed_at < dt.timedelta(seconds=claim_stale_s()):
         return False
     return await _interrupt(answer)
 

@@ -23,8 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 class Live:
-    def __init__(self, answer_id: int) -> None:
+    def __init__(self, answer_id: int, key: str) -> None:
         self.answer_id = answer_id
+        self.key = key
         self.events: list[LogEvent] = []
         self.task: asyncio.Task | None = None
         #: Set when Stop cancelled the task (rather than the process shutting down).
@@ -36,7 +37,7 @@ class Live:
         return bool(self.events) and self.events[-1].terminal
 
     def append(self, kind: str, data: Any) -> LogEvent:
-        event = LogEvent(self.answer_id, len(self.events) + 1, kind, data)
+        event = LogEvent(self.answer_id, self.key, len(self.events) + 1, kind, data)
         self.events.append(event)
         store.writer().append(event)
         # Wake every follower; the next ones wait on a new event.
@@ -50,7 +51,7 @@ class Live:
     async def follow(self, *, after: int) -> AsyncIterator[LogEvent]:
         """The events after ``after``, then each new one as it comes, to the end."""
         seen = after
-        while True:
+        while not (self.finished and seen >= len(self.events)):
             wake = self._wake
             while seen < len(self.events):
                 event = self.events[seen]
@@ -68,9 +69,9 @@ def get(answer_id: int) -> Live | None:
     return _running.get(answer_id)
 
 
-def start(answer_id: int, run: Callable[[Live], Awaitable[None]]) -> Live:
-    """Run ``run(live)`` as this process's generation of ``answer_id``."""
-    live = Live(answer_id)
+def start(answer_id: int, key: str, run: Callable[[Live], Awaitable[None]]) -> Live:
+    """Run ``run(live)`` as this process's generation of ``answer_id`` (public id ``key``)."""
+    live = Live(answer_id, key)
     _running[answer_id] = live
 
     async def main() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import weakref
 
@@ -108,7 +109,7 @@ def _insert(batch: dict[int, list[LogEvent]]) -> None:
             message_id=answer_id,
             first_seq=events[0].seq,
             last_seq=events[-1].seq,
-            events=[[e.kind, e.data] for e in events],
+            events=json.dumps([[e.kind, e.data] for e in events], ensure_ascii=False),
         )
         for answer_id, events in batch.items()
     ]
@@ -132,15 +133,15 @@ def _payloads(parts) -> list[str]:
 
 
 @sync_to_async
-def read_after(answer_id: int, seq: int) -> list[LogEvent]:
+def read_after(answer_id: int, key: str, seq: int) -> list[LogEvent]:
     """The stored events of an answer after sequence number ``seq``, in order. The
     connection goes back to the pool: a follower may wait a while before its next read."""
     try:
         runs = AnswerEvents.objects.filter(message_id=answer_id, last_seq__gt=seq).order_by("first_seq")
         return [
-            LogEvent(answer_id, first + i, kind, data)
+            LogEvent(answer_id, key, first + i, kind, data)
             for first, events in runs.values_list("first_seq", "events")
-            for i, (kind, data) in enumerate(events)
+            for i, (kind, data) in enumerate(json.loads(events))
             if first + i > seq
         ]
     finally:

@@ -17,7 +17,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('first_seq', models.PositiveIntegerField()),
                 ('last_seq', models.PositiveIntegerField()),
-                ('events', models.JSONField()),
+                ('events', models.TextField()),
                 ('message', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='event_runs', to='rag.message')),
             ],
             options={

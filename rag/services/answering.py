@@ -266,9 +266,11 @@ def open_turn(
     model: str,
     k: int | None = None,
     collection_id: int | None = None,
+    claimed: bool = False,
 ) -> Message:
     """Save a question and the placeholder of its answer (status ``streaming``),
-    for transports that need the answer's id before it streams."""
+    for transports that need the answer's id before it streams; ``claimed``: by the
+    caller, who generates it at once."""
     with transaction.atomic():
         if conversation is None:
             conversation = _new_conversation(question, user_id=user_id, session_key=session_key)
@@ -285,6 +287,7 @@ def open_turn(
                     model=model,
                     k=k,
                     collection_id=collection_id,
+                    claimed_at=timezone.now() if claimed else None,
                 ),
             ]
         )

@@ -50,7 +50,8 @@ async def test_ask_then_stream_generates_and_saves_the_answer(fake_llm):
 
     assert kinds(events) == ["sources"] + ["token"] * 4 + ["metrics", "done"]
     assert [e.seq for e in events] == list(range(1, 8))  # one more each, from 1
-    assert [e.id for e in events][:2] == [f"{answer.pk}.1", f"{answer.pk}.2"]
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert [e.id for e in events][:2] == [f"{saved.public_id}.1", f"{saved.public_id}.2"]
     assert events[0].data[0]["title"] == "Bananas"
     saved = await Message.objects.aget(pk=answer.pk)
     assert (saved.status, saved.text) == (Message.Status.COMPLETE, "Bananas are yellow [1]")
@@ -84,6 +85,7 @@ async def test_resuming_after_an_event_gets_exactly_the_ones_after_it(fake_llm):
         rest = await collect(ALICE_SESSION, answer.pk, after=after)
         assert [e.seq for e in rest] == [e.seq for e in everything[after:]]
     assert kinds(await collect(ALICE_SESSION, answer.pk, after=len(everything) - 1)) == ["done"]
+    assert await collect(ALICE_SESSION, answer.pk, after=len(everything)) == []  # nothing after the end
 
 
 async def test_a_reader_that_leaves_does_not_stop_the_answer(fake_llm):
@@ -339,7 +341,7 @@ async def test_an_answer_left_claimed_by_a_dead_process_is_replayed_as_interrupt
     await add_corpus()
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
     # What a process that died mid-answer leaves: claimed, streaming, the text of its last renewal.
-    long_ago = timezone.now() - dt.timedelta(seconds=follow.CLAIM_STALE_S + 1)
+    long_ago = timezone.now() - dt.timedelta(seconds=follow.claim_stale_s() + 1)
     await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=long_ago, text="pgvector adds")
     requests = len(fake_llm.records)
 
@@ -353,9 +355,9 @@ async def test_an_answer_left_claimed_by_a_dead_process_is_replayed_as_interrupt
 
 
 async def test_a_follower_of_a_live_claim_elsewhere_wakes_when_it_dies(fake_llm, monkeypatch):
-    """No 300 s wait: a follower checks the claim every CHECK_S and ends the answer once
+    """No 300 s wait: a follower checks the claim every check_s() and ends the answer once
     the claim is stale, keeping the text its process saved."""
-    monkeypatch.setattr(follow, "CHECK_S", 0.05)
+    monkeypatch.setattr(follow, "check_s", lambda: 0.05)
     await add_corpus()
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
     await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=timezone.now(), text="half")
@@ -364,15 +366,15 @@ async def test_a_follower_of_a_live_claim_elsewhere_wakes_when_it_dies(fake_llm,
     await asyncio.sleep(0.2)  # several claim checks pass while the claim is fresh
     assert not reading.done()
     # The process stops renewing: its claim ages past the limit.
-    stale = timezone.now() - dt.timedelta(seconds=follow.CLAIM_STALE_S + 1)
+    stale = timezone.now() - dt.timedelta(seconds=follow.claim_stale_s() + 1)
     await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=stale)
     first = await asyncio.wait_for(reading, timeout=10)
     rest = [e async for e in events]
     assert kinds([first, *rest]) == ["token", "error", "done"] and first.data == "half"
 
 
-async def test_a_long_generation_renews_its_claim_and_saves_its_text_so_far(fake_llm, monkeypatch):
-    monkeypatch.setattr(chat, "CLAIM_RENEW_S", 0.05)
+async def test_a_long_generation_renews_its_claim_and_saves_its_text_so_far(fake_llm, settings):
+    settings.RAG_CLAIM_RENEW_S = 0.05
     await add_corpus()
     fake_llm.tokens = [f"t{i} " for i in range(12)]
     fake_llm.inter_token_ms = 20
@@ -392,10 +394,10 @@ async def test_a_long_generation_renews_its_claim_and_saves_its_text_so_far(fake
     assert (saved.status, saved.text) == (Message.Status.COMPLETE, "".join(fake_llm.tokens))
 
 
-async def test_the_claim_is_renewed_while_no_token_comes(fake_llm, monkeypatch):
+async def test_the_claim_is_renewed_while_no_token_comes(fake_llm, settings):
     """A slow prefill or a queue at the model sends nothing for a while: the answer is
     alive all the same, and its claim must say so."""
-    monkeypatch.setattr(chat, "CLAIM_RENEW_S", 0.05)
+    settings.RAG_CLAIM_RENEW_S = 0.05
     await add_corpus()
     fake_llm.first_token_ms = 600
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)

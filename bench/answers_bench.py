@@ -1,0 +1,229 @@
+"""Durable answers across two web processes: resume and stop latency, and what the event
+log writes.
+
+    python bench/answers_bench.py [--trials 20] [--no-write]
+
+Two daphne processes on one embedded Postgres of their own (``var/bench-answers``), the
+fake LLM of the tests in this process (50 tokens, 20 ms apart). Each trial asks
+``/rag/stream?detach=1`` on process A, reads 5 tokens and drops the connection, then:
+
+- resume: reconnects with ``Last-Event-ID`` to A (same process) or B (the other one) and
+  times the request to its first event;
+- stop: presses Stop (``POST /rag/answers/<id>/stop``) on A or B and times the press to
+  the moment the fake LLM saw its request closed (one monotonic clock for all processes).
+
+Then the rows and bytes the event log holds per complete answer. Prints JSON and rewrites
+the section between the answers-bench markers in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA_DIR = ROOT / "var" / "bench-answers"
+START, END = "<!-- answers-bench:start -->", "<!-- answers-bench:end -->"
+TOKENS = 50
+INTER_TOKEN_MS = 20
+
+
+def env(fake_url: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "OPENAI_", "DJANGO_", "DATABASE_"))}
+    return base | {
+        "DJANGO_SETTINGS_MODULE": "ragsite.settings",
+        "RAG_DATA_DIR": str(DATA_DIR),
+        "OPENAI_BASE_URL": fake_url,
+        "OPENAI_API_KEY": "bench",
+        "RAG_CHAT_MODEL": "bench-chat",
+        "RAG_EMBEDDING_MODEL": "bench-embed",
+    }
+
+
+async def first_tokens(http: aiohttp.ClientSession, url: str, *, tokens: int) -> str:
+    """Ask a detached question, read ``tokens`` tokens, drop the connection; the last event id."""
+    from tests.sse import SSEParser
+
+    parser, last_id, seen = SSEParser(), None, 0
+    params = {"question": f"pgvector? {time.monotonic()}", "detach": "1", "format": "json"}
+    async with http.get(f"{url}/rag/stream", params=params) as response:
+        async for chunk in response.content.iter_any():
+            for event in parser.feed(chunk):
+                last_id = event.id
+                seen += event.type == "message"
+            if seen >= tokens:
+                return last_id
+    raise RuntimeError("the answer ended too soon")
+
+
+async def resume_ms(http: aiohttp.ClientSession, url: str, last_id: str) -> float:
+    from tests.sse import SSEParser
+
+    parser = SSEParser()
+    started = time.perf_counter()
+    async with http.get(
+        f"{url}/rag/stream", params={"question": "x", "format": "json"}, headers={"Last-Event-ID": last_id}
+    ) as response:
+        async for chunk in response.content.iter_any():
+            if parser.feed(chunk):
+                elapsed = (time.perf_counter() - started) * 1000
+                break
+        async for _ in response.content.iter_any():
+            pass  # to its end, so that the next trial starts on a quiet server
+    return elapsed
+
+
+async def stop_ms(http: aiohttp.ClientSession, url: str, last_id: str, fake) -> float:
+    key = last_id.split(".")[0]
+    pressed = time.monotonic()
+    async with http.post(f"{url}/rag/answers/{key}/stop") as response:
+        assert (await response.json())["stopped"], "the answer had already ended"
+    record = await asyncio.to_thread(fake.wait_for_close, -1, 10)
+    return (record.ended_at - pressed) * 1000
+
+
+async def trials(a: str, b: str, fake, n: int) -> dict:
+    results: dict[str, list[float]] = {k: [] for k in ("resume_same", "resume_other", "stop_same", "stop_other")}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        for _ in range(n):
+            for target, name in ((a, "resume_same"), (b, "resume_other")):
+                last_id = await first_tokens(http, a, tokens=5)
+                results[name].append(await resume_ms(http, target, last_id))
+            for target, name in ((a, "stop_same"), (b, "stop_other")):
+                fake.clear_records()
+                last_id = await first_tokens(http, a, tokens=5)
+                results[name].append(await stop_ms(http, target, last_id, fake))
+    return {
+        name: {"p50_ms": round(statistics.median(v), 1), "max_ms": round(max(v), 1), "n": len(v)}
+        for name, v in results.items()
+    }
+
+
+def log_size() -> dict:
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT count(e.id), sum(pg_column_size(e.*)), m.tokens
+            FROM rag_message m JOIN rag_answerevents e ON e.message_id = m.id
+            WHERE m.status = 'complete' GROUP BY m.id, m.tokens
+            """
+        )
+        rows = cursor.fetchall()
+    return {
+        "answers": len(rows),
+        "tokens_per_answer": statistics.median(r[2] for r in rows),
+        "rows_per_answer_p50": statistics.median(r[0] for r in rows),
+        "bytes_per_answer_p50": statistics.median(r[1] for r in rows),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    from tests.fake_openai import FakeOpenAI
+    from tests.processes import answers, free_port, start
+
+    fake = FakeOpenAI(dimensions=384)
+    fake.start()
+    fake.tokens = [f"tok{i} " for i in range(TOKENS)]
+    fake.inter_token_ms = INTER_TOKEN_MS
+    environment = env(fake.base_url)
+    os.environ.update(environment)
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=environment, check=True)
+    webs = []
+    try:
+        for name in ("a", "b"):
+            port = free_port()
+            argv = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "ragsite.asgi:application"]
+            webs.append(
+                start(
+                    f"bench-{name}",
+                    argv,
+                    env=environment,
+                    port=port,
+                    ready=lambda p=port: answers(f"http://127.0.0.1:{p}/healthz"),
+                )
+            )
+        latencies = asyncio.run(trials(webs[0].url, webs[1].url, fake, args.trials))
+        time.sleep(1)  # the stopped answers' last flush (100 ms) lands before the log is read
+        result = {
+            "date": datetime.date.today().isoformat(),
+            "cpu": _cpu(),
+            "nproc": os.cpu_count(),
+            "trials": args.trials,
+            "latency": latencies,
+            "log": log_size(),
+        }
+    finally:
+        for web in webs:
+            web.stop()
+        fake.stop()
+    print(json.dumps(result, indent=2))
+    if not args.no_write:
+        write_doc(result)
+
+
+def _cpu() -> str:
+    found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+    return found.group(1).strip() if found else platform.machine()
+
+
+def write_doc(r: dict) -> None:
+    lat, log = r["latency"], r["log"]
+
+    def cell(name: str) -> str:
+        return f"{lat[name]['p50_ms']} / {lat[name]['max_ms']} ms"
+
+    section = "\n".join(
+        [
+            START,
+            "### Durable answers across two web processes (`bench/answers_bench.py`)",
+            "",
+            f"Measured {r['date']} on {r['nproc']} cores ({r['cpu']}): two daphne processes on one embedded "
+            f"Postgres, the tests' fake LLM ({TOKENS} tokens, {INTER_TOKEN_MS} ms apart), {r['trials']} trials each. "
+            "Every trial asks `/rag/stream?detach=1` on process A, reads 5 tokens and drops the connection.",
+            "",
+            "| After the drop | Same process (A) | The other process (B) |",
+            "|---|---|---|",
+            f"| Resume with `Last-Event-ID`: request to first event, p50 / max | {cell('resume_same')} "
+            f"| {cell('resume_other')} |",
+            f"| Stop: press to the upstream request closed, p50 / max | {cell('stop_same')} | {cell('stop_other')} |",
+            "",
+            f"The event log of a complete answer of {log['tokens_per_answer']} tokens: "
+            f"{log['rows_per_answer_p50']} rows and {log['bytes_per_answer_p50']:,} bytes (p50 over {log['answers']} answers; "
+            "rows written every 100 ms, one per answer per flush).",
+            END,
+        ]
+    )
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text()
+    if START in text and END in text:
+        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

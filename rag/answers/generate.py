@@ -1,0 +1,168 @@
+"""Where an answer is generated: once, in a task of this process, into its event log.
+
+``start`` runs the generation of a claimed answer (the chat service claims its answers;
+the API creates them claimed); ``stop`` stops one wherever it runs. However a generation
+ends (complete, an LLM failure, Stop, the process shutting down), the answer is saved
+with its text, and its log ends with ``done``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from rag.answers import live, notify
+from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN
+from rag.answers.follow import metrics_of
+from rag.models import Message, storable
+from rag.providers import ChatProvider, EmbeddingProvider, chat_provider
+from rag.services import answering
+from rag.services.connections import release_connection
+from rag.services.retrieval import CollectionScope
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What an answer is generated from: the question, what the search embeds when it
+    differs (a follow-up condensed with its conversation), and the conversation so far."""
+
+    question: str
+    search_query: str | None = None
+    history: list[dict[str, str]] | None = None
+
+
+async def start(
+    answer: Message,
+    *,
+    prepare: Callable[[], Awaitable[Prompt]],
+    chat: ChatProvider | None = None,
+    embedder: EmbeddingProvider | None = None,
+    collections: CollectionScope = None,
+) -> live.Live:
+    """Generate the claimed ``answer`` in a task of this process; ``prepare`` runs first,
+    inside that task (it may ask the LLM to condense a follow-up)."""
+    await notify.listener()  # listening, so that Stop pressed in another process reaches it
+    return live.start(
+        answer.pk,
+        str(answer.public_id),
+        lambda run: _run(run, answer, prepare=prepare, chat=chat, embedder=embedder, collections=collections),
+    )
+
+
+async def stop(answer: Message) -> bool:
+    """Stop ``answer`` wherever it is generated: its upstream LLM request closes and the
+    partial text is kept as ``stopped``. False when it had already ended."""
+    if live.stop(answer.pk):
+        return True
+    # Stopped before any stream claimed it: it must never start.
+    unclaimed = await Message.objects.filter(
+        pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True
+    ).aupdate(status=Message.Status.STOPPED, finish_reason="stopped", claimed_at=timezone.now())
+    if unclaimed:
+        return True
+    if answer.status != Message.Status.STREAMING:
+        return False
+    await notify.publish_stop(answer.pk)  # the process generating it cancels it
+    return True
+
+
+async def _run(
+    run: live.Live,
+    answer: Message,
+    *,
+    prepare: Callable[[], Awaitable[Prompt]],
+    chat: ChatProvider | None,
+    embedder: EmbeddingProvider | None,
+    collections: CollectionScope,
+) -> None:
+    save = answering.saver_for(answer)
+    saved = False
+
+    async def save_once(outcome: answering.Outcome) -> Message:
+        nonlocal saved
+        message = await save(outcome)
+        saved = True
+        return message
+
+    started = time.perf_counter()
+    chat = chat or chat_provider()
+    renewing = asyncio.create_task(_renew_claim_while(run, answer))
+    try:
+        prompt = await prepare()
+        events = answering.generate(
+            question=prompt.question,
+            k=answer.k or settings.RAG_DEFAULT_K,
+            save=save_once,
+            chat=chat,
+            embedder=embedder,
+            search_query=prompt.search_query,
+            history=prompt.history,
+            collections=collections,
+        )
+        async with aclosing(events):
+            async for event in events:
+                run.append(*as_log(event))
+    except asyncio.CancelledError:
+        if not run.stopping:
+            raise  # the process is shutting down: saved below as stopped
+        # Stopped on request: generate saved the partial answer; say how it ended.
+        asyncio.current_task().uncancel()
+        if saved:
+            run.append(METRICS, metrics_of(answer))
+    finally:
+        renewing.cancel()
+        if not saved:
+            # Cancelled or failed before generate took over: never leave the
+            # answer claimed but streaming forever.
+            await save_once(_stopped_before_generation(chat=chat, started=started))
+            run.append(METRICS, metrics_of(answer))
+        run.append(DONE, {"status": answer.status})
+
+
+def as_log(event: answering.AnswerEvent) -> tuple[str, object]:
+    """An event of ``answering.generate`` as the log keeps it."""
+    match event:
+        case answering.Token(text=text):
+            return TOKEN, text  # exactly, NUL included: the log is text, not jsonb
+        case answering.Sources(sources=sources):
+            return SOURCES, [s.public() for s in sources]
+        case answering.Metrics():
+            return METRICS, event.as_dict()
+        case answering.Error(message=message, code=code, message_id=message_id):
+            return ERROR, {"message": message, "code": code, "message_id": message_id}
+    raise TypeError(f"not an answer event: {event!r}")
+
+
+def _stopped_before_generation(*, chat: ChatProvider, started: float) -> answering.Outcome:
+    return answering.Outcome(
+        status=Message.Status.STOPPED,
+        model=chat.model,
+        total_ms=(time.perf_counter() - started) * 1000,
+        finish_reason="stopped",
+        sources=[],
+    )
+
+
+async def _renew_claim_while(run: live.Live, answer: Message) -> None:
+    """While the generation runs, tokens or not (a slow prefill, a queue at the model):
+    a fresh claim every RAG_CLAIM_RENEW_S, with the text so far in case this process dies."""
+    while True:
+        await asyncio.sleep(settings.RAG_CLAIM_RENEW_S)
+        await _renew_claim(answer, text=run.text())
+
+
+@sync_to_async
+def _renew_claim(answer: Message, *, text: str) -> None:
+    try:
+        Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).update(
+            claimed_at=timezone.now(), text=storable(text)
+        )
+    finally:
+        release_connection()  # the answer goes on streaming

@@ -1,0 +1,54 @@
+"""docker-compose.yml and deploy/nginx.conf, read as a reviewer would (this machine has no
+Docker daemon to run them): two web processes on one database behind a proxy that passes
+streams through, the local model as a service of its own, and the worker."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from tests.processes import ROOT
+
+
+@pytest.fixture(scope="module")
+def services() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+@pytest.fixture(scope="module")
+def nginx() -> str:
+    return (ROOT / "deploy" / "nginx.conf").read_text()
+
+
+def web_services(services: dict) -> dict:
+    return {name: s for name, s in services.items() if "daphne" in str(s.get("command", ""))}
+
+
+def test_two_web_processes_share_one_database_and_one_model(services):
+    webs = web_services(services)
+    assert len(webs) >= 2
+    assert len({s["environment"]["DATABASE_URL"] for s in webs.values()}) == 1
+    assert {s["environment"]["RAG_LOCAL_LLM_URL"] for s in webs.values()} == {"http://llm:8001/v1"}
+    assert services["worker"]["environment"]["DATABASE_URL"] == next(iter(webs.values()))["environment"]["DATABASE_URL"]
+    # Only the proxy is published: a client never reaches one web process directly.
+    assert [name for name, s in services.items() if s.get("ports")] == ["proxy"]
+
+
+def test_the_proxy_balances_over_every_web_process_and_passes_streams_through(services, nginx):
+    upstream = re.search(r"upstream web \{(.*?)\}", nginx, re.S).group(1)
+    assert set(re.findall(r"server (\w+):8000;", upstream)) == set(web_services(services))
+    directives = "\n".join(line.split("#")[0] for line in nginx.splitlines())
+    assert "sticky" not in directives and "ip_hash" not in directives  # any process serves any request
+    assert re.search(r"proxy_buffering off;", nginx)  # tokens as they come
+    assert re.search(r"proxy_set_header Upgrade \$http_upgrade;", nginx)  # the WebSocket
+    assert re.search(r"proxy_read_timeout \d+h;", nginx)
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in services["proxy"]["volumes"]
+
+
+def test_the_local_model_runs_apart_and_is_restarted(services):
+    llm = services["llm"]
+    assert "manage.py llm_server" in llm["command"]
+    assert llm["restart"] == "unless-stopped"
+    assert all("llm_server" not in str(s.get("command", "")) for name, s in services.items() if name != "llm")
