@@ -158,7 +158,7 @@ async def _renew_claim_while(run: live.Live, answer: Message) -> None:
         await _renew_claim(answer, text=run.text())
 
 
-@sync_to_async
+@sync_to_async(thread_sensitive=False)  # the generation's task belongs to no request
 def _renew_claim(answer: Message, *, text: str) -> None:
     try:
         Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).update(

@@ -14,8 +14,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from asgiref.sync import ThreadSensitiveContext
-
 from rag.answers import store
 from rag.answers.events import TOKEN, LogEvent
 
@@ -76,10 +74,10 @@ def start(answer_id: int, key: str, run: Callable[[Live], Awaitable[None]]) -> L
 
     async def main() -> None:
         try:
-            # Its own thread for sync ORM work, as a request would have: the request
-            # that started it may end long before it does.
-            async with ThreadSensitiveContext():
-                await run(live)
+            # Its sync ORM work runs on threads that belong to no request (thread_sensitive=False):
+            # the request that started it may end long before it does, and a thread of its
+            # own per answer cost its start-up on the event loop at every question.
+            await run(live)
             await store.writer().flushed()  # followers elsewhere find the end before it leaves memory
         except asyncio.CancelledError:
             raise

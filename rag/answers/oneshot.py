@@ -30,14 +30,8 @@ async def start(
     embedder: EmbeddingProvider | None = None,
 ) -> Message:
     """Save the question and its answer, claimed, and start generating it in this process."""
-    answer = await answering.open_turn(
-        question=question,
-        conversation=None,
-        user_id=user_id,
-        session_key="",
-        model=(chat or chat_provider()).model,
-        k=k,
-        claimed=True,
+    answer = await answering.open_one_shot(
+        question=question, user_id=user_id, model=(chat or chat_provider()).model, k=k
     )
 
     async def prompt() -> generate.Prompt:

@@ -340,7 +340,7 @@ async def _prompt(answer: Message, *, chat: ChatProvider | None) -> generate.Pro
     return generate.Prompt(question=question.text, search_query=search_query, history=history)
 
 
-@sync_to_async
+@sync_to_async(thread_sensitive=False)  # runs in the generation's task, which belongs to no request
 def _prepare(answer: Message) -> tuple[Message, list[dict[str, str]]]:
     """The question and the conversation so far, in one trip to the thread, whose database
     connection then goes back to the pool: the LLM may take a while."""
