@@ -25,7 +25,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 
 from rag.answers import live
-from rag.answers.store import EVENTS_CHANNEL
+from rag.answers.store import EVENTS_CHANNEL, connection_params
 from rag.services.connections import release_connection
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class Listener:
     async def _run(self) -> None:
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(**_connection_params(), autocommit=True) as conn:
+                async with await psycopg.AsyncConnection.connect(**connection_params(), autocommit=True) as conn:
                     await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
                     await conn.execute(f"LISTEN {STOP_CHANNEL}")
                     self._ready.set()
@@ -111,11 +111,3 @@ def publish_stop(answer_id: int) -> None:
             cursor.execute("SELECT pg_notify(%s, %s)", [STOP_CHANNEL, str(answer_id)])
     finally:
         release_connection()
-
-
-def _connection_params() -> dict:
-    """Django's own connection settings, without what only Django's cursors use."""
-    params = connection.get_connection_params()
-    for key in ("cursor_factory", "context", "prepare_threshold"):
-        params.pop(key, None)
-    return params
