@@ -155,3 +155,25 @@ async def test_static_files_are_served_and_the_page_is_labelled(page, live_serve
     assert await page.get_attribute("#question", "id") == "question"
     assert await page.locator("label[for=question]").count() == 1
     assert await page.locator("nav[aria-label=Conversations]").count() == 1
+
+
+async def test_a_reload_mid_answer_shows_it_catching_up_then_finishing(page, fake_llm):
+    """The answer belongs to no tab: a reload replays what was written and follows the rest live."""
+    await add_corpus()
+    fake_llm.inter_token_ms = 60
+    fake_llm.tokens = [f"word{i} " for i in range(40)]
+
+    await ask(page, "What does pgvector add to Postgres?")
+    await page.wait_for_function("window.__seen.lengths.length >= 5")  # a few tokens in
+    await page.reload()  # the EventSource goes with the old page; the answer does not
+
+    # The reloaded page subscribes to the same answer: it catches up, then grows live.
+    await page.wait_for_function("window.__seen.lengths.length >= 3")
+    await page.wait_for_selector(".answer .markdown")  # done
+    seen = await page.evaluate("window.__seen")
+    assert seen["lengths"] == sorted(seen["lengths"])
+    assert "".join(fake_llm.tokens).strip() in await page.text_content(".answer .markdown")
+    [request] = [r for r in fake_llm.records if r.stream]  # generated once, not again on reload
+    assert not request.closed_by_client
+    answer = await Message.objects.filter(role=Message.Role.ASSISTANT).alatest("pk")
+    assert answer.status == Message.Status.COMPLETE
