@@ -35,6 +35,9 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from docs_section import write_section  # noqa: E402
+
 DATA_DIR = ROOT / "var" / "bench-answers"
 START, END = "<!-- answers-bench:start -->", "<!-- answers-bench:end -->"
 TOKENS = 50
@@ -222,13 +225,7 @@ def write_doc(r: dict) -> None:
             END,
         ]
     )
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section(start=START, end=END, section=section)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 
 import django  # noqa: E402
+from docs_section import write_section  # noqa: E402
 
 django.setup()
 
@@ -552,14 +552,7 @@ def write_markdown(result: dict) -> None:
         f"| Readable by a group member | {r['hot_path']['member_readable_p50_ms']} ms |",
         END,
     ]
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "\n".join(lines)
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section(start=START, end=END, section="\n".join(lines))
 
 
 def main() -> None:

@@ -36,6 +36,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from docs_section import write_section  # noqa: E402
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 os.environ["RAG_CHAT_PROVIDER"] = "local"
 
@@ -259,13 +262,7 @@ def write_doc(r: dict) -> None:
             END,
         ]
     )
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    if START in text and END in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section(start=START, end=END, section=section)
 
 
 def main() -> None:

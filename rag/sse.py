@@ -27,7 +27,6 @@ from typing import TypeVar
 
 from rag.answers import events
 from rag.answers.events import LogEvent
-from rag.services import answering
 
 T = TypeVar("T")
 
@@ -51,26 +50,13 @@ def _json(value: object) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def encode(event: answering.AnswerEvent, *, fmt: str) -> bytes:
-    match event:
-        case answering.Token(text=text):
-            return frame(_json({"token": text}) if fmt == "json" else text)
-        case answering.Sources(sources=sources):
-            return frame(_json([s.public() for s in sources]), "sources")
-        case answering.Metrics():
-            return frame(_json(event.as_dict()), "metrics")
-        case answering.Error(message=message, code=code, message_id=message_id):
-            return frame(_json({"message": message, "code": code, "message_id": message_id}), "error")
-    raise TypeError(f"not an answer event: {event!r}")
-
-
 def end(fmt: str, *, id: str | None = None) -> bytes:
     if fmt == "json":
         return frame(_json({"done": True}), "done", id=id)
     return frame("[DONE]", id=id)
 
 
-def encode_logged(event: LogEvent, *, fmt: str) -> bytes:
+def encode(event: LogEvent, *, fmt: str) -> bytes:
     """An event of an answer's log, with its id; ``done`` is the format's end marker."""
     match event.kind:
         case events.TOKEN:
@@ -82,45 +68,29 @@ def encode_logged(event: LogEvent, *, fmt: str) -> bytes:
     raise TypeError(f"not an answer event: {event!r}")
 
 
-async def logged_event_stream(source: AsyncIterator[LogEvent], *, fmt: str, heartbeat: float) -> AsyncIterator[bytes]:
-    """``event_stream`` for an answer's log: every event carries its id, so that a client
-    that reconnects with ``Last-Event-ID`` gets exactly the events after it."""
+async def event_stream(source: AsyncIterator[LogEvent], *, fmt: str, heartbeat: float) -> AsyncIterator[bytes]:
+    """The answer API's event stream: ``frames`` in the text or JSON format, every event with
+    its id (a client that reconnects with ``Last-Event-ID`` gets exactly the events after
+    it), ending with the format's end marker.
+
+    However the source ends (normally, by an exception), the client gets an end marker,
+    never a silently truncated stream.
+    """
     ended = False
 
     async def encode_event(event: LogEvent) -> bytes:
         nonlocal ended
         ended = ended or event.terminal
-        return encode_logged(event, fmt=fmt)
+        return encode(event, fmt=fmt)
 
     def failure(exc: Exception) -> bytes:
-        return encode(answering.Error(message=f"The answer failed: {type(exc).__name__}.", code="internal"), fmt=fmt)
+        return frame(_json({"message": f"The answer failed: {type(exc).__name__}.", "code": "internal"}), "error")
 
     async with aclosing(frames(source, encode=encode_event, failure=failure, heartbeat=heartbeat)) as chunks:
         async for chunk in chunks:
             yield chunk
     if not ended:
         yield end(fmt)
-
-
-async def event_stream(
-    events: AsyncIterator[answering.AnswerEvent], *, fmt: str, heartbeat: float
-) -> AsyncIterator[bytes]:
-    """The answer API's event stream: ``frames`` in the text or JSON format, then the end marker.
-
-    However the source ends (normally, by an exception), the client gets an
-    end marker, never a silently truncated stream.
-    """
-
-    async def encode_event(event: answering.AnswerEvent) -> bytes:
-        return encode(event, fmt=fmt)
-
-    def failure(exc: Exception) -> bytes:
-        return encode(answering.Error(message=f"The answer failed: {type(exc).__name__}.", code="internal"), fmt=fmt)
-
-    async with aclosing(frames(events, encode=encode_event, failure=failure, heartbeat=heartbeat)) as chunks:
-        async for chunk in chunks:
-            yield chunk
-    yield end(fmt)
 
 
 async def frames(

@@ -136,7 +136,7 @@ async def _prepend(first: LogEvent, rest: AsyncIterator[LogEvent]) -> AsyncItera
 
 def _event_stream_response(events: AsyncIterator[LogEvent], *, fmt: str) -> StreamingHttpResponse:
     response = StreamingHttpResponse(
-        sse.logged_event_stream(events, fmt=fmt, heartbeat=settings.RAG_SSE_HEARTBEAT),
+        sse.event_stream(events, fmt=fmt, heartbeat=settings.RAG_SSE_HEARTBEAT),
         content_type="text/event-stream; charset=utf-8",
     )
     response["Cache-Control"] = "no-cache"

@@ -16,9 +16,22 @@ from contextlib import aclosing
 import pytest
 
 from rag import sse
+from rag.answers.events import LogEvent
 from rag.services import answering
 from rag.services.retrieval import Source
 from tests.sse import Event, SSEParser, parse_sse
+
+KEY = "6f1c0d1e-0000-4000-8000-000000000000"
+
+
+def logged(kind: str, data: object, seq: int = 1) -> LogEvent:
+    """An event of answer 7's log, as the transports get it."""
+    return LogEvent(7, KEY, seq, kind, data)
+
+
+def token(text: str, seq: int = 1) -> LogEvent:
+    return logged("token", text, seq)
+
 
 # Tokens an LLM can emit that a naive SSE framing gets wrong. Never "": the service does not
 # emit empty tokens.
@@ -140,21 +153,21 @@ def test_frame_text_token_is_one_unnamed_event_with_the_token_as_data(token):
 
 @pytest.mark.parametrize("token", TRICKY_TOKENS, ids=token_id)
 def test_encode_text_token_matches_frame(token):
-    raw = sse.encode(answering.Token(token), fmt="text")
-    assert raw == sse.frame(token)
+    raw = sse.encode(logged("token", token), fmt="text")
+    assert raw == sse.frame(token, id=f"{KEY}.1")
     [event] = parse_sse(raw)
     assert event.type == "message"
     assert event.data == as_sse_sees_it(token)
-    assert event.id is None
+    assert event.id == f"{KEY}.1"
 
 
 @pytest.mark.parametrize("token", TRICKY_TOKENS, ids=token_id)
 def test_encode_json_token_round_trips_exactly(token):
-    raw = sse.encode(answering.Token(token), fmt="json")
+    raw = sse.encode(logged("token", token), fmt="json")
     parser = SSEParser()
     [event] = parser.feed(raw)
     assert event.type == "message"
-    assert event.id is None
+    assert event.id == f"{KEY}.1"
     assert json.loads(event.data) == {"token": token}
     assert json.loads(event.data)["token"] == token
     assert parser.retry is None and parser.comments == []
@@ -164,7 +177,7 @@ def test_encode_json_token_round_trips_exactly(token):
 def test_all_tricky_tokens_in_one_stream_fed_byte_by_byte(fmt):
     """Framed back to back and split at every byte (inside multi-byte characters and between CR
     and LF), the stream still gives one event per token, in order."""
-    body = b"".join(sse.encode(answering.Token(t), fmt=fmt) for t in TRICKY_TOKENS)
+    body = b"".join(sse.encode(token(t, seq=n), fmt=fmt) for n, t in enumerate(TRICKY_TOKENS, start=1))
     parser = SSEParser()
     events: list[Event] = []
     for i in range(len(body)):
@@ -175,7 +188,9 @@ def test_all_tricky_tokens_in_one_stream_fed_byte_by_byte(fmt):
     else:
         assert [json.loads(e.data)["token"] for e in events] == TRICKY_TOKENS
     assert {e.type for e in events} == {"message"}
-    assert parser.retry is None and parser.last_event_id is None and parser.comments == []
+    # Only the server's own ids: no token's text set one.
+    assert [e.id for e in events] == [f"{KEY}.{n}" for n in range(1, len(TRICKY_TOKENS) + 1)]
+    assert parser.retry is None and parser.comments == []
 
 
 def test_only_the_lone_done_token_looks_like_the_end_marker_in_text_format():
@@ -185,8 +200,10 @@ def test_only_the_lone_done_token_looks_like_the_end_marker_in_text_format():
     lookalikes = [t for t in TRICKY_TOKENS if parse_sse(sse.frame(t))[0] == end]
     assert lookalikes == ["[DONE]"]
     # In json format no token can look like the end.
-    json_end = parse_sse(sse.end("json"))
-    assert all(parse_sse(sse.encode(answering.Token(t), fmt="json")) != json_end for t in TRICKY_TOKENS)
+    [json_end] = parse_sse(sse.end("json"))
+    for t in TRICKY_TOKENS:
+        [event] = parse_sse(sse.encode(token(t), fmt="json"))
+        assert (event.type, event.data) != (json_end.type, json_end.data)
 
 
 @pytest.mark.parametrize("name", ["sources", "error", "metrics", "done", "weird name"])
@@ -205,7 +222,7 @@ def test_frame_empty_data_is_still_an_event():
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_encode_sources_is_a_json_list_of_public_sources(fmt):
     sources = [make_source(1), make_source(2)]
-    [event] = parse_sse(sse.encode(answering.Sources(sources), fmt=fmt))
+    [event] = parse_sse(sse.encode(logged("sources", [s.public() for s in sources]), fmt=fmt))
     assert event.type == "sources"
     payload = json.loads(event.data)
     assert payload == [s.public() for s in sources]
@@ -217,7 +234,7 @@ def test_encode_sources_is_a_json_list_of_public_sources(fmt):
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_encode_metrics(fmt):
     metrics = make_metrics()
-    [event] = parse_sse(sse.encode(metrics, fmt=fmt))
+    [event] = parse_sse(sse.encode(logged("metrics", metrics.as_dict()), fmt=fmt))
     assert event.type == "metrics"
     assert json.loads(event.data) == metrics.as_dict()
 
@@ -225,14 +242,22 @@ def test_encode_metrics(fmt):
 @pytest.mark.parametrize("fmt", ["text", "json"])
 @pytest.mark.parametrize("message", ["The LLM server at http://x failed", "two\nlines\r\nand CR\r", "[DONE]"])
 def test_encode_error(fmt, message):
-    [event] = parse_sse(sse.encode(answering.Error(message=message, code="timeout", message_id=3), fmt=fmt))
+    error = {"message": message, "code": "timeout", "message_id": 3}
+    [event] = parse_sse(sse.encode(logged("error", error), fmt=fmt))
     assert event.type == "error"
     assert json.loads(event.data) == {"message": message, "code": "timeout", "message_id": 3}
 
 
-def test_encode_rejects_other_objects():
+def test_encode_rejects_other_kinds():
     with pytest.raises(TypeError):
-        sse.encode("not an event", fmt="text")  # type: ignore[arg-type]
+        sse.encode(logged("weird", "x"), fmt="text")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_done_event_is_the_formats_end_marker_with_its_id(fmt):
+    [event] = parse_sse(sse.encode(logged("done", {"status": "complete"}, seq=9), fmt=fmt))
+    [end] = parse_sse(sse.end(fmt))
+    assert (event.type, event.data, event.id) == (end.type, end.data, f"{KEY}.9")
 
 
 def test_end_markers():
@@ -268,7 +293,13 @@ async def collect(stream: AsyncIterator[bytes]) -> tuple[SSEParser, list[Event]]
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 async def test_event_stream_order_and_end(fmt):
-    items = [answering.Sources([make_source()]), answering.Token("a\r\nb"), answering.Token("[DONE]"), make_metrics()]
+    items = [
+        logged("sources", [make_source().public()], 1),
+        token("a\r\nb", 2),
+        token("[DONE]", 3),
+        logged("metrics", make_metrics().as_dict(), 4),
+        logged("done", {"status": "complete"}, 5),
+    ]
     parser, events = await collect(sse.event_stream(events_from(items), fmt=fmt, heartbeat=30))
     assert parser.comments == [" stream open"]
     assert [e.type for e in events] == [
@@ -287,7 +318,7 @@ async def test_event_stream_order_and_end(fmt):
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 async def test_event_stream_turns_an_exception_into_an_error_event_then_ends(fmt):
-    source = events_from([answering.Token("partial")], fail=RuntimeError("boom"))
+    source = events_from([token("partial")], fail=RuntimeError("boom"))
     _, events = await collect(sse.event_stream(source, fmt=fmt, heartbeat=30))
     assert [e.type for e in events][-2:] == ["error", "done" if fmt == "json" else "message"]
     error = json.loads(events[-2].data)
@@ -300,9 +331,9 @@ async def test_event_stream_sends_heartbeats_while_the_source_is_quiet():
     gate = asyncio.Event()
 
     async def source():
-        yield answering.Token("first")
+        yield token("first", 1)
         await gate.wait()
-        yield answering.Token("second")
+        yield token("second", 2)
 
     stream = sse.event_stream(source(), fmt="text", heartbeat=0.02)
     async with aclosing(stream):
@@ -312,7 +343,7 @@ async def test_event_stream_sends_heartbeats_while_the_source_is_quiet():
         gate.set()
         rest = [chunk async for chunk in stream]
     assert rest[-1] == sse.DONE
-    assert [c for c in rest[:-1] if c != sse.HEARTBEAT] == [sse.frame("second")]
+    assert [c for c in rest[:-1] if c != sse.HEARTBEAT] == [sse.frame("second", id=f"{KEY}.2")]
 
 
 async def test_event_stream_closed_early_closes_the_source():
@@ -320,14 +351,14 @@ async def test_event_stream_closed_early_closes_the_source():
 
     async def source():
         try:
-            yield answering.Token("first")
+            yield token("first")
             await asyncio.Event().wait()
         finally:
             unwound.set()
 
     stream = sse.event_stream(source(), fmt="text", heartbeat=30)
     assert await anext(stream) == sse.OPENING
-    assert await anext(stream) == sse.frame("first")
+    assert await anext(stream) == sse.frame("first", id=f"{KEY}.1")
     await stream.aclose()
     assert unwound.is_set()
     assert pump_tasks() == []
