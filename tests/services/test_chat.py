@@ -12,6 +12,7 @@ from django.utils import timezone
 from rag.answers import follow, live
 from rag.models import AnswerEvents, Feedback, Message
 from rag.services import chat
+from tests.conftest import wait_until
 from tests.factories import add_corpus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -358,13 +359,21 @@ async def test_a_follower_of_a_live_claim_elsewhere_wakes_when_it_dies(fake_llm,
     """No 300 s wait: a follower checks the claim every check_s() and ends the answer once
     the claim is stale, keeping the text its process saved."""
     monkeypatch.setattr(follow, "check_s", lambda: 0.05)
+    checks = []
+    check = follow._interrupt_if_abandoned
+
+    async def counted(answer):
+        checks.append(answer.claimed_at)
+        return await check(answer)
+
+    monkeypatch.setattr(follow, "_interrupt_if_abandoned", counted)
     await add_corpus()
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
     await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=timezone.now(), text="half")
     events = await chat.stream_turn(owner=ALICE_SESSION, answer_id=answer.pk)
     reading = asyncio.ensure_future(anext(events))
-    await asyncio.sleep(0.2)  # several claim checks pass while the claim is fresh
-    assert not reading.done()
+    await asyncio.to_thread(wait_until, lambda: len(checks) >= 3, what="three checks of the fresh claim")
+    assert not reading.done()  # a fresh claim is waited for
     # The process stops renewing: its claim ages past the limit.
     stale = timezone.now() - dt.timedelta(seconds=follow.claim_stale_s() + 1)
     await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=stale)
@@ -402,11 +411,13 @@ async def test_the_claim_is_renewed_while_no_token_comes(fake_llm, settings):
     fake_llm.first_token_ms = 600
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
     events = await chat.stream_turn(owner=ALICE_SESSION, answer_id=answer.pk)
-    claims = set()
     async with aclosing(events):
         async for event in events:
             if event.kind == "sources":
-                for _ in range(4):
-                    claims.add((await Message.objects.aget(pk=answer.pk)).claimed_at)
-                    await asyncio.sleep(0.1)  # sampling the claim during the silent wait
-    assert len(claims) >= 2
+                claimed = (await Message.objects.aget(pk=answer.pk)).claimed_at
+
+                def renewed(claimed=claimed) -> bool:
+                    return Message.objects.get(pk=answer.pk).claimed_at != claimed
+
+                await asyncio.to_thread(wait_until, renewed, what="a renewal of the claim")
+                assert live.get(answer.pk).text() == ""  # renewed while no token had come
