@@ -34,7 +34,6 @@ from rag.answers.events import LogEvent, parse_id
 from rag.forms import BadQuestion, parse_question
 from rag.models import Reader
 from rag.services import chat
-from rag.sessions import anonymous_owner
 
 
 class RagConsumer(AsyncJsonWebsocketConsumer):
@@ -134,22 +133,15 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
 
     async def get_owner(self) -> chat.Owner:
         if self.owner is None:
-            user = self.scope.get("user")
-            if user is not None and user.is_authenticated:
-                self.owner = chat.Owner(user_id=user.pk)
-            else:
-                self.owner = chat.Owner(user_id=None, session_key=await self._session_key())
+            session = self.scope.get("session")
+            if session is None:
+                from django.contrib.sessions.backends.db import SessionStore
+
+                # A socket without a session still owns what it asks, through a session
+                # made for it (its conversations are not listed on a page).
+                session = SessionStore()
+            self.owner = await chat.owner_for(user=self.scope.get("user"), session=session, create=True)
         return self.owner
-
-    async def _session_key(self) -> str:
-        session = self.scope.get("session")
-        if session is None:
-            from django.contrib.sessions.backends.db import SessionStore
-
-            session = SessionStore()
-        # A socket without a session still owns what it asks, through a session
-        # made for it (its conversations are not listed on a page).
-        return await anonymous_owner(session, create=True)
 
 
 def _uuid(value: object) -> uuid.UUID | None:

@@ -14,8 +14,6 @@ from typing import Any
 
 from django.contrib.sessions.backends.base import SessionBase
 
-from rag.services import chat
-
 OWNER_KEY = "rag_owner"
 
 
@@ -42,4 +40,6 @@ def adopt_on_login(sender: Any, *, request: Any, user: Any, **kwargs: Any) -> No
     session = getattr(request, "session", None)
     owner = session.get(OWNER_KEY) if session is not None else None
     if owner:
-        chat.adopt_anonymous(session_key=owner, user_id=user.pk)
+        from rag.services.chat import adopt_anonymous  # chat files conversations under these keys
+
+        adopt_anonymous(session_key=owner, user_id=user.pk)

@@ -27,7 +27,6 @@ from rag.forms import BadQuestion, parse_question
 from rag.models import Collection, Document, Message, Reader
 from rag.providers import ProviderError, chat_provider
 from rag.services import chat
-from rag.sessions import anonymous_owner
 
 # Marks an anonymous session as owning conversations (a session must hold
 # something to be saved and to get a cookie).
@@ -36,10 +35,7 @@ K_CHOICES = (1, 2, 3, 4, 6, 8, 10)
 
 async def owner_of(request: HttpRequest, *, create: bool = False) -> chat.Owner:
     """The owner of what this request may see; ``create`` starts an anonymous session."""
-    user = await request.auser()
-    if user.is_authenticated:
-        return chat.Owner(user_id=user.pk)
-    return chat.Owner(user_id=None, session_key=await anonymous_owner(request.session, create=create))
+    return await chat.owner_for(user=await request.auser(), session=request.session, create=create)
 
 
 # --- pages and fragments --------------------------------------------------------------------------

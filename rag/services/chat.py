@@ -23,9 +23,11 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.contrib.sessions.backends.base import SessionBase
 from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 from django.utils import timezone
@@ -39,6 +41,7 @@ from rag.providers.base import estimate_tokens
 from rag.services import answering
 from rag.services.connections import release_connection
 from rag.services.retrieval import CollectionScope
+from rag.sessions import anonymous_owner
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,14 @@ class Owner:
         if not self.session_key:
             return Q(pk__in=[])
         return Q(conversation__user__isnull=True, conversation__session_key=self.session_key)
+
+
+async def owner_for(*, user: Any, session: SessionBase, create: bool = False) -> Owner:
+    """Who owns what a visitor asks, for every transport: a signed-in user, else the
+    anonymous session (``create`` starts one for a visitor about to ask something)."""
+    if user is not None and user.is_authenticated:
+        return Owner(user_id=user.pk)
+    return Owner(user_id=None, session_key=await anonymous_owner(session, create=create))
 
 
 @dataclass(frozen=True, slots=True)
