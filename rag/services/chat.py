@@ -196,16 +196,17 @@ async def stream_turn(
     Retrieval searches only ``collections`` (the transports pass what the asking user may
     read). Raises ``NotFound`` (before the first event) for an answer the owner may not see.
     """
-    answer, claimed = await _claim(owner=owner, answer_id=answer_id)
+    claimed = await _claim(owner=owner, answer_id=answer_id)
+    answer = claimed.answer
     key = str(answer.public_id)
     if last_event_id is not None:
         after = seq_after(last_event_id, key=key)
-    if claimed:
+    if claimed.question is not None:
         if answer.collection_id is not None:
             collections = _narrow(collections, answer.collection_id)
         await generate.start(
             answer,
-            prepare=lambda: _prompt(answer, chat=chat),
+            prepare=lambda: _prompt(claimed, chat=chat),
             chat=chat,
             embedder=embedder,
             collections=collections,
@@ -322,15 +323,32 @@ def _question(answer: Message) -> Message:
     return question
 
 
+@dataclass(frozen=True, slots=True)
+class _Claimed:
+    answer: Message
+    #: What the answer is generated from, for the caller that claimed it; None for a follower.
+    question: Message | None = None
+    history: list[dict[str, str]] | None = None
+
+
 @sync_to_async
-def _claim(*, owner: Owner, answer_id: int) -> tuple[Message, bool]:
-    """The answer, and whether this caller claimed it (one conditional UPDATE): one trip to
-    the thread for both, since every chat question pays it before its first token."""
+def _claim(*, owner: Owner, answer_id: int) -> _Claimed:
+    """The answer, claimed by this caller if nobody has (one conditional UPDATE), and then
+    its question and the conversation so far: one trip to the request's thread for all of
+    it, since every chat question pays it before its first token. (On the shared pool of
+    six threads instead, the question and history of 100 answers at once queued there.)"""
     try:
         answer = _answers(owner).get(pk=answer_id)
         now = timezone.now()
         claimed = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True).update(
             claimed_at=now
+        )
+        if not claimed:
+            return _Claimed(answer=answer)
+        answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
+        question = _question(answer)
+        return _Claimed(
+            answer=answer, question=question, history=_history(answer, question, settings.RAG_HISTORY_TOKENS)
         )
     except Message.DoesNotExist:
         raise NotFound(f"No answer {answer_id}.") from None
@@ -338,25 +356,11 @@ def _claim(*, owner: Owner, answer_id: int) -> tuple[Message, bool]:
         # The request's thread is done with the database until the answer ends: the
         # generation has its own, and a follower here reads memory or borrows one per read.
         release_connection()
-    if claimed:
-        answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
-    return answer, bool(claimed)
 
 
-async def _prompt(answer: Message, *, chat: ChatProvider | None) -> generate.Prompt:
+async def _prompt(claimed: _Claimed, *, chat: ChatProvider | None) -> generate.Prompt:
     """What the answer is generated from: the question, the conversation so far, and the
-    question condensed with it for the search (a short call to the LLM)."""
-    question, history = await _prepare(answer)
-    search_query = await condense(question=question.text, history=history, chat=chat or chat_provider())
-    return generate.Prompt(question=question.text, search_query=search_query, history=history)
-
-
-@sync_to_async(thread_sensitive=False)  # runs in the generation's task, which belongs to no request
-def _prepare(answer: Message) -> tuple[Message, list[dict[str, str]]]:
-    """The question and the conversation so far, in one trip to the thread, whose database
-    connection then goes back to the pool: the LLM may take a while."""
-    try:
-        question = _question(answer)
-        return question, _history(answer, question, settings.RAG_HISTORY_TOKENS)
-    finally:
-        release_connection()
+    question condensed with it for the search (a short call to the LLM, in the generation)."""
+    question, history = claimed.question.text, claimed.history or []
+    search_query = await condense(question=question, history=history, chat=chat or chat_provider())
+    return generate.Prompt(question=question, search_query=search_query, history=history)
