@@ -9,6 +9,7 @@ with its text, and its log ends with ``done``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -22,10 +23,14 @@ from rag.answers import live, notify
 from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN
 from rag.answers.follow import metrics_of
 from rag.models import Message, storable
-from rag.providers import ChatProvider, EmbeddingProvider, chat_provider
+from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.services import answering
 from rag.services.connections import release_connection
-from rag.services.retrieval import CollectionScope
+from rag.services.retrieval import CollectionScope, Source
+
+logger = logging.getLogger(__name__)
+
+SAVE_FAILED = "The answer could not be saved as it ended; the text it had so far was kept. Ask again."
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,7 @@ async def _run(
 
     started = time.perf_counter()
     chat = chat or chat_provider()
+    failed = False
     renewing = asyncio.create_task(_renew_claim_while(run, answer))
     try:
         prompt = await prepare()
@@ -116,13 +122,22 @@ async def _run(
         asyncio.current_task().uncancel()
         if saved:
             run.append(METRICS, metrics_of(answer))
+    except Exception:
+        # Saving the answer failed (the database went away, say): saved below as an error.
+        logger.exception("Generating answer %d failed", answer.pk)
+        failed = True
     finally:
         renewing.cancel()
         if not saved:
-            # Cancelled or failed before generate took over: never leave the
-            # answer claimed but streaming forever.
-            await save_once(_stopped_before_generation(chat=chat, started=started))
-            run.append(METRICS, metrics_of(answer))
+            # Cancelled, failed before generate took over, or its save failed: never leave
+            # the answer claimed but streaming forever, and keep what it had so far.
+            kept = _kept(run, chat=chat, started=started, failed=failed)
+            try:
+                await save_once(kept)
+            except Exception:
+                logger.exception("Saving what answer %d had failed too; its event log keeps the text", answer.pk)
+                _fill_in_memory(answer, kept)
+            run.append(ERROR if failed else METRICS, _failure(answer) if failed else metrics_of(answer))
         run.append(DONE, {"status": answer.status})
 
 
@@ -140,14 +155,28 @@ def as_log(event: answering.AnswerEvent) -> tuple[str, object]:
     raise TypeError(f"not an answer event: {event!r}")
 
 
-def _stopped_before_generation(*, chat: ChatProvider, started: float) -> answering.Outcome:
+def _kept(run: live.Live, *, chat: ChatProvider, started: float, failed: bool) -> answering.Outcome:
+    """The answer as far as it got, for a generation that ended before generate saved it."""
+    sources = next((e.data for e in run.events if e.kind == SOURCES), [])
     return answering.Outcome(
-        status=Message.Status.STOPPED,
+        status=Message.Status.ERROR if failed else Message.Status.STOPPED,
+        text=run.text(),
+        tokens=sum(e.kind == TOKEN for e in run.events),
+        error=ProviderError(SAVE_FAILED, code="internal") if failed else None,
         model=chat.model,
         total_ms=(time.perf_counter() - started) * 1000,
-        finish_reason="stopped",
-        sources=[],
+        finish_reason="error" if failed else "stopped",
+        sources=[Source.from_public(s, n) for n, s in enumerate(sources, start=1)],
     )
+
+
+def _fill_in_memory(answer: Message, outcome: answering.Outcome) -> None:
+    answer.status = outcome.status
+    answer.text = outcome.text
+
+
+def _failure(answer: Message) -> dict:
+    return {"message": SAVE_FAILED, "code": "internal", "message_id": answer.pk}
 
 
 async def _renew_claim_while(run: live.Live, answer: Message) -> None:

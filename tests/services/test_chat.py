@@ -421,3 +421,29 @@ async def test_the_claim_is_renewed_while_no_token_comes(fake_llm, settings):
 
                 await asyncio.to_thread(wait_until, renewed, what="a renewal of the claim")
                 assert live.get(answer.pk).text() == ""  # renewed while no token had come
+
+
+async def test_a_failed_final_save_keeps_the_text_the_answer_had(fake_llm, monkeypatch):
+    """Whatever fails at the end, the answer is not overwritten with an empty 'stopped'."""
+    from rag.services import answering
+
+    await add_corpus()
+    fake_llm.tokens = ["pgvector", " adds", " vectors"]
+    submit = answering._fills.submit
+    failures = []
+
+    async def fails_once(answer):
+        if not failures:
+            failures.append(answer.pk)
+            raise RuntimeError("the database went away")
+        return await submit(answer)
+
+    monkeypatch.setattr(answering._fills, "submit", fails_once)
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    events = await collect(ALICE_SESSION, answer.pk)
+
+    assert failures == [answer.pk]
+    assert kinds(events)[-2:] == ["error", "done"] and "text it had so far was kept" in events[-2].data["message"]
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert (saved.status, saved.text) == (Message.Status.ERROR, "pgvector adds vectors")
+    assert saved.sources and saved.tokens == 3
