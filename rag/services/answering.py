@@ -1,6 +1,10 @@
-"""Answering a question as a stream of events: the one service every transport uses.
+"""Answering a question as a stream of events: retrieve, prompt, stream the LLM, save.
 
     sources → token … token → metrics          (or → error)
+
+The streaming transports run it inside an answer's generation (rag.answers.generate),
+which puts its events in the answer's log; ``/rag/query``, ``manage.py ask`` and the
+Python API read it directly.
 
 Retrieval runs once, before generation. However the stream ends (completion,
 an upstream failure, or the consumer going away: ``aclose()``, a client
@@ -8,10 +12,11 @@ disconnect, task cancellation), the answer is saved with its final status,
 text, sources and metrics; on an early end the upstream LLM request is closed
 at once and the partial text kept as ``stopped``.
 
-Saving is one write at the end, off the path to the first token: for a
-one-shot question (``stream_answer``) the question and its answer are stored
-together; a transport that saved the question up front (``open_turn``, so that
-the answer has an id before it streams) passes ``answer=`` to ``generate``.
+Saving is one write at the end, batched with the answers that end at the same
+moment: for a question read directly (``stream_answer``) the question and its
+answer are stored together; an answer made up front (``open_turn``,
+``open_one_shot``, so that it has an id and a log before it streams) is filled
+in by the ``save`` that ``saver_for`` gives ``generate``.
 """
 
 from __future__ import annotations
