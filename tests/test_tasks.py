@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -18,30 +16,24 @@ from django.test import Client
 from django.urls import reverse
 
 from rag.models import Collection, Document
-from tests.conftest import ROOT, wait_until
+from tests.conftest import wait_until
 from tests.fake_openai import FakeOpenAI
 from tests.files import pdf_bytes
+from tests.processes import Process, app_env, start
 from tests.sse import SSEParser
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def worker(fake_server: FakeOpenAI) -> Iterator[subprocess.Popen]:
-    """``manage.py db_worker`` as `make run` starts it, on the test database."""
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "tests.settings",
-        "RAG_TEST_DATABASE_NAME": connection.settings_dict["NAME"],
-        "RAG_TEST_OPENAI_BASE_URL": fake_server.base_url,
-    }
+def worker(fake_server: FakeOpenAI) -> Iterator[Process]:
+    """``manage.py db_worker`` as `make run` starts it, on the test database; its output goes
+    to a file (a pipe nobody reads blocks the worker once it fills)."""
+    env = app_env(connection.settings_dict["NAME"], fake_server.base_url)
     args = ["db_worker", "--no-reload", "--no-startup-delay", "--interval", "0.1", "--queue-name", "*"]
-    proc = subprocess.Popen(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
+    proc = start("worker", [sys.executable, "manage.py", *args], env=env, port=0, ready=lambda: True)
     yield proc
-    proc.terminate()
-    proc.wait(10)
+    proc.stop()
 
 
 def test_admin_upload_is_ingested_by_the_worker_and_answers_on_the_stream(worker, live_server_url):
