@@ -133,10 +133,9 @@ async def _run(
             # the answer claimed but streaming forever, and keep what it had so far.
             kept = _kept(run, chat=chat, started=started, failed=failed)
             try:
-                await save_once(kept)
+                await save_once(kept)  # fills ``answer`` in memory before it writes
             except Exception:
                 logger.exception("Saving what answer %d had failed too; its event log keeps the text", answer.pk)
-                _fill_in_memory(answer, kept)
             run.append(ERROR if failed else METRICS, _failure(answer) if failed else metrics_of(answer))
         run.append(DONE, {"status": answer.status})
 
@@ -168,11 +167,6 @@ def _kept(run: live.Live, *, chat: ChatProvider, started: float, failed: bool) -
         finish_reason="error" if failed else "stopped",
         sources=[Source.from_public(s, n) for n, s in enumerate(sources, start=1)],
     )
-
-
-def _fill_in_memory(answer: Message, outcome: answering.Outcome) -> None:
-    answer.status = outcome.status
-    answer.text = outcome.text
 
 
 def _failure(answer: Message) -> dict:

@@ -79,8 +79,6 @@ def start(answer_id: int, key: str, run: Callable[[Live], Awaitable[None]]) -> L
             # own per answer cost its start-up on the event loop at every question.
             await run(live)
             await store.writer().flushed()  # followers elsewhere find the end before it leaves memory
-        except asyncio.CancelledError:
-            raise
         except Exception:
             logger.exception("The generation of answer %d failed", answer_id)
         finally:

@@ -34,8 +34,7 @@ _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, opena
 
 async def aclose_clients() -> None:
     """Close the clients made on the running loop (rag.providers.aclose)."""
-    for client in _clients.pop(asyncio.get_running_loop(), {}).values():
-        await client.close()
+    await _close_all(_clients.pop(asyncio.get_running_loop(), {}))
 
 
 @atexit.register
