@@ -349,7 +349,11 @@ _fills: Batcher[Message, Message] = Batcher(_save_fills, max_size=100, split=lam
 
 async def open_one_shot(*, question: str, user_id: int | None, model: str, k: int) -> Message:
     """``open_turn`` for a question of its own conversation, claimed by the caller: the
-    questions of a burst share one transaction."""
+    questions of a burst share one transaction.
+
+    The chat's ``open_turn`` is not batched on purpose: its request already holds a pooled
+    connection (the session's) while it waits, and a batch that needs one more starved the
+    pool (tried: 24 chat visitors at once, a pool of 20, and the POSTs failed)."""
     return await _opens.submit(_Open(question=question, user_id=user_id, model=model, k=k))
 
 
