@@ -25,19 +25,19 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from docs_section import write_section  # noqa: E402
+
+from tests.processes import answers, free_port  # noqa: E402
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 os.environ["RAG_CHAT_PROVIDER"] = "local"
@@ -69,24 +69,12 @@ def maps_llama(pid: int) -> bool:
     return "libllama" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_http(url: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+    while not answers(url):
         if time.monotonic() > deadline:
             raise RuntimeError(f"{url} did not answer")
-        time.sleep(0.1)
+        time.sleep(0.1)  # polling a server that is starting
 
 
 class InProcess:
@@ -149,9 +137,11 @@ async def ttft(provider, *, runs: int) -> dict:
 
 
 def embedder_rss() -> dict:
+    # The child imports this file by path (bench/ on sys.path) for rss_mb, as running it does.
     code = (
-        "import os, django, json; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'ragsite.settings'); "
-        "django.setup(); from bench.local_llm_bench import rss_mb; before = rss_mb(); "
+        "import os, sys, django, json; sys.path.insert(0, 'bench'); "
+        "os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'ragsite.settings'); "
+        "django.setup(); from local_llm_bench import rss_mb; before = rss_mb(); "
         "from rag.providers.local import LocalEmbeddings; e = LocalEmbeddings(); e.warm(); "
         "e.embed_sync(['warm up the model with one sentence']); print(json.dumps([before, rss_mb()]))"
     )
