@@ -783,7 +783,7 @@ def started_fake(processes: Processes) -> Iterator[tuple[str, int]]:
 
 
 def measure_server(
-    server: str, *, env: dict[str, str], fake_url: str, processes: Processes, quick: bool
+    server: str, *, env: dict[str, str], fake_url: str, processes: Processes, levels: Sequence[tuple[int, int]]
 ) -> dict[str, Any]:
     port = free_port()
     proc = processes.start(server, server_argv(server, port), env)
@@ -791,7 +791,7 @@ def measure_server(
         url = f"http://127.0.0.1:{port}"
         wait_http_ok(f"{url}/healthz", proc, server)
         log(f"{server} (pid {proc.pid}) is up on {url}")
-        bench = Bench(app_url=url, fake_url=fake_url, server_pid=proc.pid, levels=QUICK_LEVELS if quick else LEVELS)
+        bench = Bench(app_url=url, fake_url=fake_url, server_pid=proc.pid, levels=levels)
         with client_runner() as runner:
             result = runner.run(bench.run())
         if proc.poll() is not None:
@@ -809,14 +809,30 @@ def measure_server(
     }
 
 
+def _level(value: str) -> tuple[int, int]:
+    concurrency, _, n = value.partition(":")
+    try:
+        return int(concurrency), int(n or concurrency)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CONCURRENCY:REQUESTS, such as 100:200, not {value!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Streaming TTFT benchmark of the app against a fake LLM.")
     parser.add_argument("--server", choices=(*SERVERS, "both"), default="daphne")
     parser.add_argument("--docs", type=int, default=DOCUMENTS, help=f"documents to ingest (at most {len(topics())})")
     parser.add_argument("--quick", action="store_true", help="fewer requests, for a smoke run (never writes docs)")
+    parser.add_argument(
+        "--level",
+        action="append",
+        type=_level,
+        metavar="C:N",
+        help="measure only these levels (concurrency:requests; repeatable; never writes docs)",
+    )
     parser.add_argument("--no-docs", action="store_true", help=f"do not rewrite {DOCS_FILE.relative_to(ROOT)}")
     parser.add_argument("--keep-db", action="store_true", help="leave the var/bench Postgres running afterwards")
     args = parser.parse_args(argv)
+    levels = args.level or (QUICK_LEVELS if args.quick else LEVELS)
     raw_args = list(sys.argv[1:] if argv is None else argv)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -838,7 +854,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"database ready ({ingest[-1] if ingest else 'ingested'})")
             servers = SERVERS if args.server == "both" else (args.server,)
             results = [
-                measure_server(s, env=env, fake_url=fake_url, processes=processes, quick=args.quick) for s in servers
+                measure_server(s, env=env, fake_url=fake_url, processes=processes, levels=levels) for s in servers
             ]
     except KeyboardInterrupt as exc:
         log(f"interrupted ({str(exc) or 'SIGINT'}); stopping everything")
@@ -866,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "servers": results,
         "duration_s": round(time.monotonic() - began, 1),
     }
-    if not (args.quick or args.no_docs):
+    if not (args.quick or args.level or args.no_docs):
         update_docs(render_markdown(summary))
         log(f"updated {DOCS_FILE.relative_to(ROOT)}")
     print(json.dumps(summary, default=str))

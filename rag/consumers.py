@@ -84,9 +84,11 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
             return
         owner = await self.get_owner()
         try:
-            answer = await chat.ask(owner=owner, question=q.question, k=q.k, conversation_id=conversation_id)
             reader = Reader.of(self.scope.get("user"))
-            events = await chat.stream_turn(owner=owner, answer_id=answer.pk, collections=reader)
+            answer = await chat.ask(
+                owner=owner, question=q.question, k=q.k, conversation_id=conversation_id, collections=reader
+            )
+            events = await chat.stream_turn(owner=owner, answer_id=answer.pk)
         except chat.NotFound:
             await self.bad_request("No such conversation: leave out conversation_id to start a new one.")
             return

@@ -1,7 +1,7 @@
 """The chat page: server-rendered, driven by htmx and its SSE extension.
 
-A turn is a POST that saves the question and returns the fragment subscribing
-to the answer's stream; the stream is a GET on the answer's id whose events
+A turn is a POST that saves the question, starts the answer and returns the
+fragment subscribing to the answer's stream; the stream is a GET on the answer's id whose events
 carry HTML fragments rendered (and so escaped) by Django templates. Every view
 resolves the owner (user, else anonymous session) and lets rag.services.chat
 filter by it: someone else's conversation or answer is a 404.
@@ -76,11 +76,16 @@ async def ask(request: HttpRequest) -> HttpResponse:
     owner = await owner_of(request, create=True)
     try:
         answer = await chat.ask(
-            owner=owner, question=q.question, k=q.k, conversation_id=conversation_id, collection_id=collection_id
+            owner=owner,
+            question=q.question,
+            k=q.k,
+            conversation_id=conversation_id,
+            collection_id=collection_id,
+            collections=Reader.of(await request.auser()),
         )
     except chat.NotFound:
         raise Http404("No such conversation.") from None
-    return await _new_turn(request, owner=owner, answer=answer, question=q.question, new=conversation_id is None)
+    return await _new_turn(request, answer=answer, question=q.question, new=conversation_id is None)
 
 
 async def _readable_collection_id(request: HttpRequest, raw: str) -> int | None:
@@ -99,18 +104,19 @@ async def _readable_collection_id(request: HttpRequest, raw: str) -> int | None:
 async def regenerate(request: HttpRequest, answer_id: int) -> HttpResponse:
     owner = await owner_of(request)
     try:
-        answer = await chat.regenerate(owner=owner, answer_id=answer_id)
+        reader = Reader.of(await request.auser())
+        answer = await chat.regenerate(owner=owner, answer_id=answer_id, collections=reader)
         turn = await chat.get_turn(owner=owner, answer_id=answer.pk)
     except chat.NotFound:
         raise Http404("No such answer.") from None
-    return await _new_turn(request, owner=owner, answer=answer, question=turn.question.text, new=False)
+    return await _new_turn(request, answer=answer, question=turn.question.text, new=False)
 
 
 @require_GET
 async def answer_stream(request: HttpRequest, answer_id: int) -> StreamingHttpResponse:
     """GET /chat/answers/<id>/stream → text/event-stream of HTML fragments.
 
-    Only the first stream of an answer generates it; every stream follows its event log,
+    The POST that asked started the answer; every stream follows its event log,
     from the start or, for a reconnecting EventSource, after its ``Last-Event-ID``.
     """
     owner = await owner_of(request)
@@ -233,9 +239,7 @@ async def render_answer_fragment(answer: Message) -> str:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-async def _new_turn(
-    request: HttpRequest, *, owner: chat.Owner, answer: Message, question: str, new: bool
-) -> HttpResponse:
+async def _new_turn(request: HttpRequest, *, answer: Message, question: str, new: bool) -> HttpResponse:
     conversation_url = reverse("chat:conversation", args=[answer.conversation_id])
     if not request.headers.get("HX-Request"):
         return HttpResponseRedirect(conversation_url, status=303)  # a form posted without JavaScript
@@ -243,7 +247,8 @@ async def _new_turn(
         "question": question,
         "answer": answer,
         "conversation_id": answer.conversation_id,
-        "conversations": await chat.list_conversations(owner=owner),
+        # A new conversation goes on top of the sidebar; the rest of it is as it was.
+        "new_conversation": answer.conversation if new else None,  # made in memory with the answer
         "oob": True,
     }
     response = HttpResponse(render_to_string("rag/_new_turn.html", context, request=request))

@@ -101,6 +101,13 @@ def llm_server(django_db_setup, django_db_blocker, fake_server: FakeOpenAI) -> I
     server.stop()
 
 
+async def answer_ended(answer_id: int) -> None:
+    """Until this process's generation of the answer has ended and its events are stored."""
+    running = live.get(answer_id)
+    if running is not None and running.task is not None:
+        await running.task
+
+
 def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, what: str = "condition") -> object:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -12,6 +12,7 @@ from django.contrib.auth.models import User
 from django.test import AsyncClient
 
 from rag.models import Feedback, Message
+from tests.conftest import answer_ended
 from tests.factories import add_corpus
 from tests.sse import parse_sse
 
@@ -141,9 +142,9 @@ async def test_another_session_gets_404_for_everything_of_a_conversation(fake_ll
     assert (await bob.post(f"/chat/answers/{answer_id}/feedback", {"value": "down"})).status_code == 404
     response = await post_question(bob, "continue it", conversation=str(conversation_id))
     assert response.status_code == 404
-    # Bob's stream request did not start Alice's answer either.
-    assert (await Message.objects.aget(pk=answer_id)).claimed_at is None
-    assert fake_llm.records == []
+    # Alice's question asked the LLM once, and Bob's stream request did not ask it again.
+    await answer_ended(answer_id)
+    assert len(fake_llm.records) == 1
     assert "Alice&#x27;s private question" in (await alice.get("/")).content.decode()
 
 
@@ -182,15 +183,18 @@ async def test_a_bad_question_is_a_422_fragment_for_the_form(fake_llm):
     assert await Message.objects.acount() == 0
 
 
-async def test_stop_before_the_stream_connects_means_it_never_generates(fake_llm):
+async def test_stop_before_the_stream_connects_stops_the_answer_the_post_started(fake_llm):
     await add_corpus()
+    fake_llm.first_token_ms = 2000  # the LLM is still thinking when Stop comes
     client = AsyncClient()
     answer_id = answer_id_in((await post_question(client, "pgvector?")).content.decode())
     assert (await client.post(f"/chat/answers/{answer_id}/stop")).status_code == 204
     _, events = await read_stream(client, answer_id)
-    assert [e.type for e in events] == ["metrics", "done"]
-    assert "stopped" in events[-1].data
-    assert fake_llm.records == []
+    assert [e.type for e in events][-2:] == ["metrics", "done"]
+    assert "token" not in [e.type for e in events] and "stopped" in events[-1].data
+    assert (await Message.objects.aget(pk=answer_id)).status == Message.Status.STOPPED
+    # The LLM was asked at most once, and no request to it is left open.
+    assert len(fake_llm.records) <= 1 and all(r.closed_by_client for r in fake_llm.records)
 
 
 async def test_feedback_is_stored_with_chunk_ids_and_shown_pressed(fake_llm):

@@ -39,6 +39,8 @@ class Listener:
         self._followers: dict[int, set[asyncio.Event]] = defaultdict(set)
         self._ready = asyncio.Event()
         self._task: asyncio.Task | None = None
+        #: The Postgres backend of the listening connection (diagnostics, and tests that kill it).
+        self.backend_pid: int | None = None
 
     async def start(self) -> None:
         if self._task is None or self._task.done():
@@ -65,6 +67,7 @@ class Listener:
                 async with await psycopg.AsyncConnection.connect(**connection_params(), autocommit=True) as conn:
                     await conn.execute(f"LISTEN {EVENTS_CHANNEL}")
                     await conn.execute(f"LISTEN {STOP_CHANNEL}")
+                    self.backend_pid = conn.info.backend_pid
                     self._ready.set()
                     self._wake_all()  # whatever was stored while this connection was down
                     async for note in conn.notifies():

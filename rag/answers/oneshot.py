@@ -30,7 +30,7 @@ async def start(
     embedder: EmbeddingProvider | None = None,
 ) -> Message:
     """Save the question and its answer, claimed, and start generating it in this process."""
-    answer = await answering.open_one_shot(
+    answer = await answering.open_new_turn(
         question=question, user_id=user_id, model=(chat or chat_provider()).model, k=k
     )
 

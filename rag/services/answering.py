@@ -262,7 +262,6 @@ async def generate(
         yield outcome.metrics(message)
 
 
-@sync_to_async
 def open_turn(
     *,
     question: str,
@@ -272,16 +271,18 @@ def open_turn(
     model: str,
     k: int | None = None,
     collection_id: int | None = None,
-) -> Message:
-    """Save a question and the placeholder of its answer (status ``streaming``),
-    for transports that need the answer's id before it streams."""
+    claimed: bool = False,
+) -> tuple[Message, Message]:
+    """Save a question and the placeholder of its answer (status ``streaming``; claimed by
+    the caller if ``claimed``), for transports that need the answer's id before it streams.
+    Sync: the chat service calls it within its own trip to the database."""
     with transaction.atomic():
         if conversation is None:
             conversation = _new_conversation(question, user_id=user_id, session_key=session_key)
         else:
             # The sidebar lists conversations by their latest activity.
             Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
-        _question, answer = Message.objects.bulk_create(
+        asked, answer = Message.objects.bulk_create(
             [
                 Message(conversation=conversation, role=Message.Role.USER, text=question),
                 Message(
@@ -291,11 +292,11 @@ def open_turn(
                     model=model,
                     k=k,
                     collection_id=collection_id,
+                    claimed_at=timezone.now() if claimed else None,
                 ),
             ]
         )
-    release_connection()
-    return answer
+    return asked, answer
 
 
 def saver_for(answer: Message) -> SaveAnswer:
@@ -347,22 +348,42 @@ def _save_fills(answers: list[Message]) -> list[Message]:
 _fills: Batcher[Message, Message] = Batcher(_save_fills, max_size=100, split=lambda exc: True, keep_abandoned=True)
 
 
-async def open_one_shot(*, question: str, user_id: int | None, model: str, k: int) -> Message:
-    """``open_turn`` for a question of its own conversation, claimed by the caller: the
-    questions of a burst share one transaction.
+async def open_new_turn(
+    *,
+    question: str,
+    user_id: int | None,
+    session_key: str = "",
+    model: str,
+    k: int,
+    collection_id: int | None = None,
+) -> Message:
+    """``open_turn`` for a question that starts a conversation, its answer claimed by the
+    caller: the questions of a burst share one transaction (/rag/stream's and the chat's;
+    at c=100 that is one statement of each kind instead of four round trips per question).
 
-    The chat's ``open_turn`` is not batched on purpose: its request already holds a pooled
-    connection (the session's) while it waits, and a batch that needs one more starved the
-    pool (tried: 24 chat visitors at once, a pool of 20, and the POSTs failed)."""
-    return await _opens.submit(_Open(question=question, user_id=user_id, model=model, k=k))
+    The caller must not hold a pooled connection while it waits (``arelease_connection``):
+    a request that kept its session's connection meanwhile starved the pool (tried: 24
+    chat visitors at once, a pool of 20, and the POSTs failed)."""
+    return await _opens.submit(
+        _Open(
+            question=question,
+            user_id=user_id,
+            session_key="" if user_id is not None else session_key,
+            model=model,
+            k=k,
+            collection_id=collection_id,
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class _Open:
     question: str
     user_id: int | None
+    session_key: str
     model: str
     k: int
+    collection_id: int | None
 
 
 @sync_to_async(thread_sensitive=False)  # a batch belongs to no request
@@ -371,7 +392,7 @@ def _open_turns(opens: list[_Open]) -> list[Message]:
     try:
         with transaction.atomic():
             conversations = Conversation.objects.bulk_create(
-                [Conversation(user_id=o.user_id, session_key="", title=_title(o.question)) for o in opens]
+                [Conversation(user_id=o.user_id, session_key=o.session_key, title=_title(o.question)) for o in opens]
             )
             messages: list[Message] = []
             for o, conversation in zip(opens, conversations, strict=True):
@@ -383,6 +404,7 @@ def _open_turns(opens: list[_Open]) -> list[Message]:
                         status=Message.Status.STREAMING,
                         model=o.model,
                         k=o.k,
+                        collection_id=o.collection_id,
                         claimed_at=now,
                     ),
                 ]

@@ -3,12 +3,14 @@
 The chat page (SSE) and the WebSocket consumer are thin transports over this
 module. A turn has two steps so that the answer has an id before it streams:
 
-1. ``ask`` saves the question and a placeholder answer (status ``streaming``).
-2. ``stream_turn`` returns the answer's events (rag.answers.follow). The first caller
-   claims the answer in the database (one conditional UPDATE) and starts its
-   generation in a task of this process (rag.answers.live); every caller, the first
-   included, then follows the answer's event log: a reconnect, a reload or a second tab
-   gets the events after the last one it saw, live, from any process.
+1. ``ask`` saves the question and a placeholder answer (status ``streaming``), and
+   ``start`` claims it in the database (one conditional UPDATE) and starts its generation
+   in a task of this process (rag.answers.live): the LLM is already working while the
+   client opens the answer's stream.
+2. ``stream_turn`` returns the answer's events (rag.answers.follow): a first stream,
+   a reconnect, a reload or a second tab gets the events after the last one it saw,
+   live, from any process. (An answer nobody started is claimed and started by its first
+   stream.)
 
 The generation belongs to no request: closing the tab does not stop it. ``stop`` does,
 from any process (a NOTIFY reaches the one generating), and so does the LLM timeout.
@@ -39,7 +41,7 @@ from rag.models import Conversation, Feedback, Message, Reader
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.providers.base import estimate_tokens
 from rag.services import answering
-from rag.services.connections import release_connection
+from rag.services.connections import arelease_connection, release_connection
 from rag.services.retrieval import CollectionScope
 from rag.sessions import anonymous_owner
 
@@ -145,29 +147,47 @@ async def ask(
     k: int,
     conversation_id: uuid.UUID | None = None,
     collection_id: int | None = None,
+    start: bool = True,
+    chat: ChatProvider | None = None,
+    embedder: EmbeddingProvider | None = None,
+    collections: CollectionScope = None,
 ) -> Message:
-    """Save ``question`` (in a new conversation unless one is given) and its placeholder answer.
+    """Save ``question`` (in a new conversation unless one is given) and its answer, and start
+    generating the answer in this process: the LLM is at work while the client opens the
+    answer's stream. ``start=False`` leaves that to the answer's first stream.
 
-    ``collection_id`` narrows the search to one collection; the stream still
-    searches only what the asking user may read, so naming another one finds nothing.
+    ``collection_id`` narrows the search to one collection, within ``collections`` (the
+    transports pass what the asking user may read), so naming another one finds nothing.
     """
     if owner.user_id is None and not owner.session_key:
         raise ValueError("An anonymous owner needs a session key.")
-    conversation = None
-    if conversation_id is not None:
-        conversation = await get_conversation(owner=owner, conversation_id=conversation_id)
-    return await answering.open_turn(
-        question=question,
-        conversation=conversation,
-        user_id=owner.user_id,
-        session_key="" if owner.user_id is not None else owner.session_key,
-        model=chat_provider().model,
-        k=k,
-        collection_id=collection_id,
-    )
+    model = (chat or chat_provider()).model
+    if conversation_id is None and start:
+        await arelease_connection()  # the session's; the batch has its own
+        answer = await answering.open_new_turn(
+            question=question,
+            user_id=owner.user_id,
+            session_key=owner.session_key,
+            model=model,
+            k=k,
+            collection_id=collection_id,
+        )
+        claimed = _Claimed(answer=answer, question=question, history=[])
+    else:
+        claimed = await _open(
+            owner=owner,
+            question=question,
+            k=k,
+            conversation_id=conversation_id,
+            collection_id=collection_id,
+            model=model,
+            claim=start,
+        )
+    await _generate(claimed, chat=chat, embedder=embedder, collections=collections)
+    return claimed.answer
 
 
-async def regenerate(*, owner: Owner, answer_id: int) -> Message:
+async def regenerate(*, owner: Owner, answer_id: int, collections: CollectionScope = None) -> Message:
     """Ask the question of ``answer_id`` again, as a new turn of the same conversation."""
     answer = await get_answer(owner=owner, answer_id=answer_id)
     question = await _question_of(answer)
@@ -177,6 +197,7 @@ async def regenerate(*, owner: Owner, answer_id: int) -> Message:
         k=answer.k or settings.RAG_DEFAULT_K,
         conversation_id=answer.conversation_id,
         collection_id=answer.collection_id,
+        collections=collections,
     )
 
 
@@ -191,7 +212,7 @@ async def stream_turn(
     collections: CollectionScope = None,
 ) -> AsyncIterator[LogEvent]:
     """The events of one answer after sequence number ``after`` (or after the event
-    ``last_event_id``), to its end: generated by the first caller, followed by every caller.
+    ``last_event_id``), to its end; generated here if nobody has begun it (``ask`` begins it).
 
     Retrieval searches only ``collections`` (the transports pass what the asking user may
     read). Raises ``NotFound`` (before the first event) for an answer the owner may not see.
@@ -201,17 +222,32 @@ async def stream_turn(
     key = str(answer.public_id)
     if last_event_id is not None:
         after = seq_after(last_event_id, key=key)
-    if claimed.question is not None:
-        if answer.collection_id is not None:
-            collections = _narrow(collections, answer.collection_id)
-        await generate.start(
-            answer,
-            prepare=lambda: _prompt(claimed, chat=chat),
-            chat=chat,
-            embedder=embedder,
-            collections=collections,
-        )
+    await _generate(claimed, chat=chat, embedder=embedder, collections=collections)
     return follow(answer.pk, key=key, after=after)
+
+
+async def _generate(
+    claimed: _Claimed,
+    *,
+    chat: ChatProvider | None,
+    embedder: EmbeddingProvider | None,
+    collections: CollectionScope,
+) -> None:
+    """Start the generation of an answer this caller claimed (a follower's claim is empty)."""
+    if claimed.question is None:
+        return
+    # The generation fills in its own copy as it ends: the caller's answer stays as it was
+    # asked, so that the page it renders subscribes to the stream, however fast the LLM.
+    answer = _copy(claimed.answer)
+    if answer.collection_id is not None:
+        collections = _narrow(collections, answer.collection_id)
+    await generate.start(
+        answer,
+        prepare=lambda: _prompt(claimed, chat=chat),
+        chat=chat,
+        embedder=embedder,
+        collections=collections,
+    )
 
 
 async def find_answer(*, owner: Owner, key: str) -> Message:
@@ -220,6 +256,11 @@ async def find_answer(*, owner: Owner, key: str) -> Message:
         return await _answers(owner).aget(public_id=key)
     except (Message.DoesNotExist, ValidationError):
         raise NotFound(f"No answer {key}.") from None
+
+
+def _copy(message: Message) -> Message:
+    fields = [f.attname for f in Message._meta.concrete_fields]
+    return Message.from_db(message._state.db, fields, [getattr(message, name) for name in fields])
 
 
 def _narrow(collections: CollectionScope, collection_id: int) -> CollectionScope:
@@ -262,11 +303,14 @@ async def give_feedback(*, owner: Owner, answer_id: int, value: str) -> Feedback
 async def build_history(*, answer: Message, budget_tokens: int) -> list[dict[str, str]]:
     """The complete turns before ``answer``, as chat messages, newest kept first within the
     token budget, returned oldest first."""
-    return await sync_to_async(lambda: _history(answer, _question(answer), budget_tokens))()
+    return await sync_to_async(lambda: _history(answer.conversation_id, _question(answer).pk, budget_tokens))()
 
 
-def _history(answer: Message, question: Message, budget_tokens: int) -> list[dict[str, str]]:
-    earlier = Message.objects.filter(conversation_id=answer.conversation_id, pk__lt=question.pk).order_by("-id")
+def _history(conversation_id: uuid.UUID, before: int | None, budget_tokens: int) -> list[dict[str, str]]:
+    """``build_history`` of the messages before the one with id ``before`` (None: all of them)."""
+    earlier = Message.objects.filter(conversation_id=conversation_id).order_by("-id")
+    if before is not None:
+        earlier = earlier.filter(pk__lt=before)
     history: list[dict[str, str]] = []
     used = 0
     pending_answer: Message | None = None
@@ -327,40 +371,86 @@ def _question(answer: Message) -> Message:
 class _Claimed:
     answer: Message
     #: What the answer is generated from, for the caller that claimed it; None for a follower.
-    question: Message | None = None
+    question: str | None = None
     history: list[dict[str, str]] | None = None
 
 
 @sync_to_async
 def _claim(*, owner: Owner, answer_id: int) -> _Claimed:
-    """The answer, claimed by this caller if nobody has (one conditional UPDATE), and then
-    its question and the conversation so far: one trip to the request's thread for all of
-    it, since every chat question pays it before its first token. (On the shared pool of
-    six threads instead, the question and history of 100 answers at once queued there.)"""
+    """The owner's answer, claimed by this caller if nobody has: one trip to the request's
+    thread for the lookup, the claim, the question and the history (every chat question
+    pays it before its first token; on the shared pool of six threads instead, those of
+    100 answers at once queued there)."""
     try:
-        answer = _answers(owner).get(pk=answer_id)
+        # No select_related: a stream needs the answer's own columns only.
+        answer = Message.objects.filter(owner.messages(), role=Message.Role.ASSISTANT).get(pk=answer_id)
+    except Message.DoesNotExist:
+        release_connection()
+        raise NotFound(f"No answer {answer_id}.") from None
+    return _claim_sync(answer)
+
+
+def _claim_sync(answer: Message) -> _Claimed:
+    """``answer`` claimed by this caller (one conditional UPDATE), with what it is generated
+    from; a follower's claim (someone else's, or an answer that ended) carries neither."""
+    try:
+        if answer.claimed_at is not None or answer.status != Message.Status.STREAMING:
+            return _Claimed(answer=answer)
         now = timezone.now()
-        claimed = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True).update(
-            claimed_at=now
-        )
-        if not claimed:
+        unclaimed = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True)
+        if not unclaimed.update(claimed_at=now):
             return _Claimed(answer=answer)
         answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
         question = _question(answer)
-        return _Claimed(
-            answer=answer, question=question, history=_history(answer, question, settings.RAG_HISTORY_TOKENS)
-        )
-    except Message.DoesNotExist:
-        raise NotFound(f"No answer {answer_id}.") from None
+        history = _history(answer.conversation_id, question.pk, settings.RAG_HISTORY_TOKENS)
+        return _Claimed(answer=answer, question=question.text, history=history)
     finally:
         # The request's thread is done with the database until the answer ends: the
         # generation has its own, and a follower here reads memory or borrows one per read.
         release_connection()
 
 
+@sync_to_async
+def _open(
+    *,
+    owner: Owner,
+    question: str,
+    k: int,
+    conversation_id: uuid.UUID | None,
+    collection_id: int | None,
+    model: str,
+    claim: bool,
+) -> _Claimed:
+    """``ask``'s trip to the database for a follow-up (or an answer left to its stream): the
+    owner's conversation, what was said in it, and the new turn, its answer claimed by this
+    caller when ``claim``: one trip to the request's thread instead of four."""
+    try:
+        conversation, history = None, []
+        if conversation_id is not None:
+            try:
+                conversation = Conversation.objects.filter(owner.conversations()).get(pk=conversation_id)
+            except Conversation.DoesNotExist:
+                raise NotFound(f"No conversation {conversation_id}.") from None
+            if claim:
+                history = _history(conversation.pk, None, settings.RAG_HISTORY_TOKENS)
+        asked, answer = answering.open_turn(
+            question=question,
+            conversation=conversation,
+            user_id=owner.user_id,
+            session_key="" if owner.user_id is not None else owner.session_key,
+            model=model,
+            k=k,
+            collection_id=collection_id,
+            claimed=claim,
+        )
+        return _Claimed(answer=answer, question=asked.text if claim else None, history=history)
+    finally:
+        release_connection()
+
+
 async def _prompt(claimed: _Claimed, *, chat: ChatProvider | None) -> generate.Prompt:
     """What the answer is generated from: the question, the conversation so far, and the
     question condensed with it for the search (a short call to the LLM, in the generation)."""
-    question, history = claimed.question.text, claimed.history or []
+    question, history = claimed.question, claimed.history or []
     search_query = await condense(question=question, history=history, chat=chat or chat_provider())
     return generate.Prompt(question=question, search_query=search_query, history=history)

@@ -21,11 +21,12 @@ OWNER = chat.Owner(user_id=None, session_key="notify-session")
 
 
 @sync_to_async
-def kill_the_listening_connection() -> int:
+def kill_the_listening_connection(listener: notify.Listener) -> int:
+    """Terminate this process's LISTEN connection (a daphne of another test may listen too)."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND query LIKE 'LISTEN %%' AND pid <> pg_backend_pid()"
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s AND query LIKE 'LISTEN %%'",
+            [listener.backend_pid],
         )
         return len(cursor.fetchall())
 
@@ -45,14 +46,14 @@ async def test_followers_are_woken_after_the_listening_connection_comes_back(fak
     monkeypatch.setattr(follow, "check_s", lambda: 600)
     monkeypatch.setattr(notify, "RECONNECT_S", 0.05)
     await add_corpus()
-    answer = await chat.ask(owner=OWNER, question="pgvector?", k=1)
+    answer = await chat.ask(owner=OWNER, question="pgvector?", k=1, start=False)
     # Claimed by a process that is alive elsewhere: this one only follows.
     await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=timezone.now())
     listener = await notify.listener()  # connected and listening
     events = await chat.stream_turn(owner=OWNER, answer_id=answer.pk)
     first = asyncio.ensure_future(anext(events))
     await asyncio.to_thread(wait_until, lambda: listener._followers.get(answer.pk), what="the follower to subscribe")
-    assert await kill_the_listening_connection() == 1
+    assert await kill_the_listening_connection(listener) == 1
 
     await another_process_writes(await Message.objects.aget(pk=answer.pk))
 

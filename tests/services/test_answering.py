@@ -5,6 +5,7 @@ import itertools
 import random
 
 import pytest
+from asgiref.sync import sync_to_async
 
 from rag.models import Message
 from rag.pipeline import RAG
@@ -97,10 +98,11 @@ async def test_embedding_failure_is_an_error_before_sources(fake_llm):
 async def test_open_turn_then_generate_fills_the_placeholder(fake_llm):
     await add_corpus()
     fake_llm.tokens = ["Bananas", " [1]"]
-    answer = await answering.open_turn(
+    question, answer = await sync_to_async(answering.open_turn)(
         question="Bananas?", conversation=None, user_id=None, session_key="s1", model="fake-chat"
     )
     assert (await Message.objects.aget(pk=answer.pk)).status == Message.Status.STREAMING
+    assert question.text == "Bananas?" and answer.claimed_at is None
     events = [e async for e in answering.generate(question="Bananas?", k=1, save=answering.saver_for(answer))]
     assert events[-1].message_id == answer.pk
     saved = await Message.objects.aget(pk=answer.pk)

@@ -12,7 +12,7 @@ from django.utils import timezone
 from rag.answers import follow, live
 from rag.models import AnswerEvents, Feedback, Message
 from rag.services import chat
-from tests.conftest import wait_until
+from tests.conftest import answer_ended, wait_until
 from tests.factories import add_corpus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -32,13 +32,6 @@ def kinds(events: list) -> list[str]:
 
 def text(events: list) -> str:
     return "".join(e.data for e in events if e.kind == "token")
-
-
-async def ended(answer_id: int) -> None:
-    """Until this process's generation of the answer has ended and its events are stored."""
-    running = live.get(answer_id)
-    if running is not None and running.task is not None:
-        await running.task
 
 
 async def test_ask_then_stream_generates_and_saves_the_answer(fake_llm):
@@ -65,7 +58,7 @@ async def test_the_log_is_written_in_batches_and_replays_exactly_what_was_stream
     fake_llm.tokens = [f"w{i} " for i in range(40)]
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
     streamed = await collect(ALICE_SESSION, answer.pk)
-    await ended(answer.pk)
+    await answer_ended(answer.pk)
     assert live.get(answer.pk) is None  # from now on it is read from Postgres
 
     replayed = await collect(ALICE_SESSION, answer.pk)
@@ -80,7 +73,7 @@ async def test_resuming_after_an_event_gets_exactly_the_ones_after_it(fake_llm):
     fake_llm.tokens = [f"w{i} " for i in range(10)]
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
     everything = await collect(ALICE_SESSION, answer.pk)
-    await ended(answer.pk)
+    await answer_ended(answer.pk)
 
     for after in (0, 1, 5, len(everything) - 1):
         rest = await collect(ALICE_SESSION, answer.pk, after=after)
@@ -99,7 +92,7 @@ async def test_a_reader_that_leaves_does_not_stop_the_answer(fake_llm):
         async for event in events:
             if event.kind == "token":
                 break  # the tab is closed after the first token
-    await ended(answer.pk)
+    await answer_ended(answer.pk)
 
     saved = await Message.objects.aget(pk=answer.pk)
     assert (saved.status, saved.text) == (Message.Status.COMPLETE, "".join(fake_llm.tokens))
@@ -125,7 +118,7 @@ async def test_a_replay_reports_the_metrics_the_live_stream_reported(fake_llm):
     fake_llm.inter_token_ms = 5
     answer = await chat.ask(owner=ALICE_SESSION, question="Bananas?", k=1)
     [streamed] = [e.data for e in await collect(ALICE_SESSION, answer.pk) if e.kind == "metrics"]
-    await ended(answer.pk)
+    await answer_ended(answer.pk)
     [replayed] = [e.data for e in await collect(ALICE_SESSION, answer.pk) if e.kind == "metrics"]
     assert streamed["gap_p50_ms"] is not None and streamed["tokens_per_s"] is not None
     assert replayed == streamed  # read back from the log
@@ -150,7 +143,7 @@ async def test_two_streams_at_once_make_one_llm_request(fake_llm):
 
 
 async def test_anonymous_sessions_never_see_each_others_conversations(fake_llm):
-    answer = await chat.ask(owner=ALICE_SESSION, question="Alice's secret question", k=1)
+    answer = await chat.ask(owner=ALICE_SESSION, question="Alice's secret question", k=1, start=False)
     conversation_id = answer.conversation_id
 
     assert [c.pk for c in await chat.list_conversations(owner=ALICE_SESSION)] == [conversation_id]
@@ -273,7 +266,7 @@ async def test_stop_cancels_the_generation_closes_upstream_and_keeps_the_partial
     saved = await Message.objects.aget(pk=answer.pk)
     assert saved.status == Message.Status.STOPPED and saved.finish_reason == "stopped"
     assert saved.text == text(seen)
-    await ended(answer.pk)
+    await answer_ended(answer.pk)
     assert live.running() == {}
 
 
@@ -340,7 +333,7 @@ async def test_a_conversation_lists_its_turns_in_order(fake_llm):
 
 async def test_an_answer_left_claimed_by_a_dead_process_is_replayed_as_interrupted(fake_llm):
     await add_corpus()
-    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
     # What a process that died mid-answer leaves: claimed, streaming, the text of its last renewal.
     long_ago = timezone.now() - dt.timedelta(seconds=follow.claim_stale_s() + 1)
     await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=long_ago, text="pgvector adds")
@@ -368,7 +361,7 @@ async def test_a_follower_of_a_live_claim_elsewhere_wakes_when_it_dies(fake_llm,
 
     monkeypatch.setattr(follow, "_interrupt_if_abandoned", counted)
     await add_corpus()
-    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
     await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=timezone.now(), text="half")
     events = await chat.stream_turn(owner=ALICE_SESSION, answer_id=answer.pk)
     reading = asyncio.ensure_future(anext(events))
@@ -398,7 +391,7 @@ async def test_a_long_generation_renews_its_claim_and_saves_its_text_so_far(fake
     assert later.status == Message.Status.STREAMING
     assert later.claimed_at > at_start.claimed_at  # renewed while generating
     assert later.text.startswith("t0 t1 t2") and len(later.text) < len("".join(fake_llm.tokens))
-    await ended(answer.pk)
+    await answer_ended(answer.pk)
     saved = await Message.objects.aget(pk=answer.pk)
     assert (saved.status, saved.text) == (Message.Status.COMPLETE, "".join(fake_llm.tokens))
 
