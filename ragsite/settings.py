@@ -58,6 +58,7 @@ MIDDLEWARE = [
 SILENCED_SYSTEM_CHECKS = ["security.W001", "security.W002", "security.W003"]
 
 ROOT_URLCONF = "ragsite.urls"
+SESSION_ENGINE = "ragsite.session_store"  # database sessions, one statement fewer to start one
 ASGI_APPLICATION = "ragsite.asgi.application"
 
 TEMPLATES = [

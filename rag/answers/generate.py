@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -50,14 +50,16 @@ async def start(
     chat: ChatProvider | None = None,
     embedder: EmbeddingProvider | None = None,
     collections: CollectionScope = None,
+    asker: Hashable | None = None,
 ) -> live.Live:
     """Generate the claimed ``answer`` in a task of this process; ``prepare`` runs first,
-    inside that task (it may ask the LLM to condense a follow-up)."""
+    inside that task (it may ask the LLM to condense a follow-up). ``asker``: see live.Live."""
     await notify.listener()  # listening, so that Stop pressed in another process reaches it
     return live.start(
         answer.pk,
         str(answer.public_id),
         lambda run: _run(run, answer, prepare=prepare, chat=chat, embedder=embedder, collections=collections),
+        asker=asker,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any
 
 from rag.answers import store
@@ -21,9 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class Live:
-    def __init__(self, answer_id: int, key: str) -> None:
+    def __init__(self, answer_id: int, key: str, asker: Hashable | None = None) -> None:
         self.answer_id = answer_id
         self.key = key
+        #: Who asked, as the transport that started it knows them: its own streams may
+        #: then skip the database to check who is reading.
+        self.asker = asker
         self.events: list[LogEvent] = []
         self.task: asyncio.Task | None = None
         #: Set when Stop cancelled the task (rather than the process shutting down).
@@ -67,9 +70,9 @@ def get(answer_id: int) -> Live | None:
     return _running.get(answer_id)
 
 
-def start(answer_id: int, key: str, run: Callable[[Live], Awaitable[None]]) -> Live:
+def start(answer_id: int, key: str, run: Callable[[Live], Awaitable[None]], *, asker: Hashable | None = None) -> Live:
     """Run ``run(live)`` as this process's generation of ``answer_id`` (public id ``key``)."""
-    live = Live(answer_id, key)
+    live = Live(answer_id, key, asker)
     _running[answer_id] = live
 
     async def main() -> None:

@@ -34,7 +34,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from rag.answers import generate
+from rag.answers import generate, live
 from rag.answers.events import LogEvent, seq_after
 from rag.answers.follow import follow
 from rag.models import Conversation, Feedback, Message, Reader
@@ -183,7 +183,7 @@ async def ask(
             model=model,
             claim=start,
         )
-    await _generate(claimed, chat=chat, embedder=embedder, collections=collections)
+    await _generate(claimed, owner=owner, chat=chat, embedder=embedder, collections=collections)
     return claimed.answer
 
 
@@ -217,18 +217,27 @@ async def stream_turn(
     Retrieval searches only ``collections`` (the transports pass what the asking user may
     read). Raises ``NotFound`` (before the first event) for an answer the owner may not see.
     """
-    claimed = await _claim(owner=owner, answer_id=answer_id)
-    answer = claimed.answer
-    key = str(answer.public_id)
+    running = live.get(answer_id)
+    if running is not None and running.asker == owner:
+        # Asked by this owner in this process (the usual stream right after its POST): no
+        # query to check who is reading (5% of the chat's CPU at c=100). The connection that
+        # looked up the session goes back to the pool all the same: the stream may be long.
+        claimed, key = None, running.key
+        await arelease_connection()
+    else:
+        claimed = await _claim(owner=owner, answer_id=answer_id)
+        key = str(claimed.answer.public_id)
     if last_event_id is not None:
         after = seq_after(last_event_id, key=key)
-    await _generate(claimed, chat=chat, embedder=embedder, collections=collections)
-    return follow(answer.pk, key=key, after=after)
+    if claimed is not None:
+        await _generate(claimed, owner=owner, chat=chat, embedder=embedder, collections=collections)
+    return follow(answer_id, key=key, after=after)
 
 
 async def _generate(
     claimed: _Claimed,
     *,
+    owner: Owner,
     chat: ChatProvider | None,
     embedder: EmbeddingProvider | None,
     collections: CollectionScope,
@@ -247,6 +256,7 @@ async def _generate(
         chat=chat,
         embedder=embedder,
         collections=collections,
+        asker=owner,
     )
 
 
