@@ -30,6 +30,7 @@ from contextlib import aclosing, suppress
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from rag.answers import events
+from rag.answers.access import Owner, scope_owner
 from rag.answers.events import LogEvent, parse_id
 from rag.forms import BadQuestion, parse_question
 from rag.models import Reader
@@ -40,7 +41,7 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.task: asyncio.Task | None = None
         self.answer_id: int | None = None
-        self.owner: chat.Owner | None = None
+        self.owner: Owner | None = None
         await self.accept()
 
     async def disconnect(self, code: int) -> None:
@@ -133,16 +134,9 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
     async def bad_request(self, message: str) -> None:
         await self.send_json({"type": "error", "code": "bad_request", "message": message})
 
-    async def get_owner(self) -> chat.Owner:
+    async def get_owner(self) -> Owner:
         if self.owner is None:
-            session = self.scope.get("session")
-            if session is None:
-                from django.contrib.sessions.backends.db import SessionStore
-
-                # A socket without a session still owns what it asks, through a session
-                # made for it (its conversations are not listed on a page).
-                session = SessionStore()
-            self.owner = await chat.owner_for(user=self.scope.get("user"), session=session, create=True)
+            self.owner = await scope_owner(self.scope)
         return self.owner
 
 

@@ -14,12 +14,12 @@ from django.views.decorators.http import require_GET
 
 from rag import sse, warmup
 from rag.answers import generate, live, oneshot
+from rag.answers.access import asking_user
 from rag.answers.events import LogEvent, parse_id
 from rag.answers.follow import follow
 from rag.forms import BadQuestion, parse_question
 from rag.models import Message, Reader
 from rag.pipeline import RAG
-from rag.services.connections import arelease_connection
 
 FORMATS = ("text", "json")
 
@@ -43,15 +43,6 @@ def api_method(method: str):
         return wrapper
 
     return decorator
-
-
-async def asking_user(request: HttpRequest):
-    """The user asking. Looking them up used a database connection only if the request
-    carried a session cookie; that one goes back to the pool, as the answer may take a while."""
-    user = await request.auser()
-    if settings.SESSION_COOKIE_NAME in request.COOKIES:
-        await arelease_connection()
-    return user
 
 
 def reader(user, *, collection: str | None = None) -> Reader:

@@ -22,20 +22,15 @@ from django.views.decorators.http import require_GET, require_POST
 
 from rag import sse
 from rag.answers import events
+from rag.answers.access import request_owner
 from rag.answers.events import LogEvent
 from rag.forms import BadQuestion, parse_question
 from rag.models import Collection, Document, Message, Reader
 from rag.providers import ProviderError, chat_provider
 from rag.services import chat
 
-# Marks an anonymous session as owning conversations (a session must hold
-# something to be saved and to get a cookie).
+# The passages-per-answer choices offered by the chat form.
 K_CHOICES = (1, 2, 3, 4, 6, 8, 10)
-
-
-async def owner_of(request: HttpRequest, *, create: bool = False) -> chat.Owner:
-    """The owner of what this request may see; ``create`` starts an anonymous session."""
-    return await chat.owner_for(user=await request.auser(), session=request.session, create=create)
 
 
 # --- pages and fragments --------------------------------------------------------------------------
@@ -44,7 +39,7 @@ async def owner_of(request: HttpRequest, *, create: bool = False) -> chat.Owner:
 @require_GET
 async def page(request: HttpRequest, conversation_id: uuid.UUID | None = None) -> HttpResponse:
     """GET / (a new conversation) and GET /c/<id> (an existing one)."""
-    owner = await owner_of(request)
+    owner = await request_owner(request)
     conversation, turns = None, []
     if conversation_id is not None:
         try:
@@ -73,7 +68,7 @@ async def ask(request: HttpRequest) -> HttpResponse:
         return _form_error(str(exc))
     conversation_id = _uuid_or_404(request.POST.get("conversation", ""))
     collection_id = await _readable_collection_id(request, request.POST.get("collection", ""))
-    owner = await owner_of(request, create=True)
+    owner = await request_owner(request, create=True)
     try:
         answer = await chat.ask(
             owner=owner,
@@ -102,7 +97,7 @@ async def _readable_collection_id(request: HttpRequest, raw: str) -> int | None:
 
 @require_POST
 async def regenerate(request: HttpRequest, answer_id: int) -> HttpResponse:
-    owner = await owner_of(request)
+    owner = await request_owner(request)
     try:
         reader = Reader.of(await request.auser())
         answer = await chat.regenerate(owner=owner, answer_id=answer_id, collections=reader)
@@ -119,7 +114,7 @@ async def answer_stream(request: HttpRequest, answer_id: int) -> StreamingHttpRe
     The POST that asked started the answer; every stream follows its event log,
     from the start or, for a reconnecting EventSource, after its ``Last-Event-ID``.
     """
-    owner = await owner_of(request)
+    owner = await request_owner(request)
     reader = Reader.of(await request.auser())
     last_event_id = request.headers.get("Last-Event-ID")
     try:
@@ -141,7 +136,7 @@ async def answer_stream(request: HttpRequest, answer_id: int) -> StreamingHttpRe
 async def stop(request: HttpRequest, answer_id: int) -> HttpResponse:
     """POST /chat/answers/<id>/stop: the stream itself then reports the stopped answer."""
     try:
-        await chat.stop(owner=await owner_of(request), answer_id=answer_id)
+        await chat.stop(owner=await request_owner(request), answer_id=answer_id)
     except chat.NotFound:
         raise Http404("No such answer.") from None
     return HttpResponse(status=204)
@@ -149,7 +144,7 @@ async def stop(request: HttpRequest, answer_id: int) -> HttpResponse:
 
 @require_POST
 async def feedback(request: HttpRequest, answer_id: int) -> HttpResponse:
-    owner = await owner_of(request)
+    owner = await request_owner(request)
     value = request.POST.get("value", "")
     try:
         await chat.give_feedback(owner=owner, answer_id=answer_id, value=value)
@@ -165,7 +160,7 @@ async def feedback(request: HttpRequest, answer_id: int) -> HttpResponse:
 async def answer_detail(request: HttpRequest, answer_id: int) -> HttpResponse:
     """GET /chat/answers/<id>: the answer's fragment as it stands."""
     try:
-        answer = await chat.get_answer(owner=await owner_of(request), answer_id=answer_id)
+        answer = await chat.get_answer(owner=await request_owner(request), answer_id=answer_id)
     except chat.NotFound:
         raise Http404("No such answer.") from None
     return HttpResponse(await render_answer_fragment(answer))

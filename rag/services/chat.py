@@ -15,8 +15,8 @@ module. A turn has two steps so that the answer has an id before it streams:
 The generation belongs to no request: closing the tab does not stop it. ``stop`` does,
 from any process (a NOTIFY reaches the one generating), and so does the LLM timeout.
 
-Every lookup is filtered by the owner (the user, or the anonymous session), so a
-conversation or answer of someone else is indistinguishable from a missing one.
+Every lookup is filtered by the owner (rag.answers.access: the user, or the anonymous
+session), so a conversation or answer of someone else is indistinguishable from a missing one.
 """
 
 from __future__ import annotations
@@ -25,16 +25,15 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.sessions.backends.base import SessionBase
 from django.core.exceptions import ValidationError
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from rag.answers import generate, live
+from rag.answers.access import Owner
 from rag.answers.events import LogEvent, seq_after
 from rag.answers.follow import follow
 from rag.models import Conversation, Feedback, Message, Reader
@@ -43,7 +42,6 @@ from rag.providers.base import estimate_tokens
 from rag.services import answering
 from rag.services.connections import arelease_connection, release_connection
 from rag.services.retrieval import CollectionScope
-from rag.sessions import anonymous_owner
 
 logger = logging.getLogger(__name__)
 
@@ -57,36 +55,6 @@ CONDENSE_MAX_TOKENS = 64
 
 class NotFound(LookupError):
     """No such conversation or answer for this owner (it may belong to someone else)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Owner:
-    """Who a conversation belongs to: a signed-in user, else an anonymous session."""
-
-    user_id: int | None
-    session_key: str = ""
-
-    def conversations(self) -> Q:
-        if self.user_id is not None:
-            return Q(user_id=self.user_id)
-        if not self.session_key:
-            return Q(pk__in=[])  # an anonymous visitor without a session owns nothing
-        return Q(user__isnull=True, session_key=self.session_key)
-
-    def messages(self) -> Q:
-        if self.user_id is not None:
-            return Q(conversation__user_id=self.user_id)
-        if not self.session_key:
-            return Q(pk__in=[])
-        return Q(conversation__user__isnull=True, conversation__session_key=self.session_key)
-
-
-async def owner_for(*, user: Any, session: SessionBase, create: bool = False) -> Owner:
-    """Who owns what a visitor asks, for every transport: a signed-in user, else the
-    anonymous session (``create`` starts one for a visitor about to ask something)."""
-    if user is not None and user.is_authenticated:
-        return Owner(user_id=user.pk)
-    return Owner(user_id=None, session_key=await anonymous_owner(session, create=create))
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,13 +11,14 @@ from django.db import connection
 from django.utils import timezone
 
 from rag.answers import follow, notify
+from rag.answers.access import Owner
 from rag.models import AnswerEvents, Message
 from rag.services import chat
 from tests.conftest import wait_until
 from tests.factories import add_corpus
 
 pytestmark = pytest.mark.django_db(transaction=True)
-OWNER = chat.Owner(user_id=None, session_key="notify-session")
+OWNER = Owner(user_id=None, session_key="notify-session")
 
 
 @sync_to_async

@@ -10,6 +10,7 @@ from django.contrib.auth.models import User
 from django.utils import timezone
 
 from rag.answers import follow, live
+from rag.answers.access import Owner
 from rag.models import AnswerEvents, Feedback, Message
 from rag.services import chat
 from tests.conftest import answer_ended, wait_until
@@ -17,11 +18,11 @@ from tests.factories import add_corpus
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ALICE_SESSION = chat.Owner(user_id=None, session_key="alice-session")
-BOB_SESSION = chat.Owner(user_id=None, session_key="bob-session")
+ALICE_SESSION = Owner(user_id=None, session_key="alice-session")
+BOB_SESSION = Owner(user_id=None, session_key="bob-session")
 
 
-async def collect(owner: chat.Owner, answer_id: int, *, after: int = 0) -> list:
+async def collect(owner: Owner, answer_id: int, *, after: int = 0) -> list:
     events = await chat.stream_turn(owner=owner, answer_id=answer_id, after=after)
     return [e async for e in events]
 
@@ -159,7 +160,7 @@ async def test_anonymous_sessions_never_see_each_others_conversations(fake_llm):
     with pytest.raises(chat.NotFound):
         await chat.give_feedback(owner=BOB_SESSION, answer_id=answer.pk, value="down")
     # An owner with no session owns nothing, not "every conversation without a session".
-    assert await chat.list_conversations(owner=chat.Owner(user_id=None, session_key="")) == []
+    assert await chat.list_conversations(owner=Owner(user_id=None, session_key="")) == []
     # Bob's failed attempts changed nothing.
     assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2
     assert (await Message.objects.aget(pk=answer.pk)).status == Message.Status.STREAMING
@@ -168,7 +169,7 @@ async def test_anonymous_sessions_never_see_each_others_conversations(fake_llm):
 async def test_users_never_see_each_others_conversations_nor_anonymous_ones(fake_llm):
     alice = await User.objects.acreate(username="alice")
     bob = await User.objects.acreate(username="bob")
-    alice_owner, bob_owner = chat.Owner(user_id=alice.pk), chat.Owner(user_id=bob.pk)
+    alice_owner, bob_owner = Owner(user_id=alice.pk), Owner(user_id=bob.pk)
     answer = await chat.ask(owner=alice_owner, question="mine", k=1)
     anonymous = await chat.ask(owner=ALICE_SESSION, question="anonymous", k=1)
 
@@ -270,9 +271,9 @@ async def test_stop_cancels_the_generation_closes_upstream_and_keeps_the_partial
     assert live.running() == {}
 
 
-async def test_stop_before_the_stream_starts_means_it_never_generates(fake_llm):
+async def test_an_answer_left_to_its_stream_and_stopped_first_never_generates(fake_llm):
     await add_corpus()
-    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
     assert await chat.stop(owner=ALICE_SESSION, answer_id=answer.pk) is True
 
     events = await collect(ALICE_SESSION, answer.pk)
