@@ -136,13 +136,4 @@ async def _interrupt_if_abandoned(answer: Message) -> bool:
     """Mark an answer whose claim went stale (its process died) as interrupted; True if so."""
     if answer.claimed_at is None or timezone.now() - answer.claimed_at < dt.timedelta(seconds=claim_stale_s()):
         return False
-    return await _interrupt(answer)
-
-
-@sync_to_async
-def _interrupt(answer: Message) -> bool:
-    try:
-        stale = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at=answer.claimed_at)
-        return bool(stale.update(status=Message.Status.ERROR, finish_reason="interrupted", error=INTERRUPTED))
-    finally:
-        release_connection()
+    return await store.interrupt(answer, message=INTERRUPTED)

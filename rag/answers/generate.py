@@ -15,17 +15,14 @@ from collections.abc import Awaitable, Callable, Hashable
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.utils import timezone
 
-from rag.answers import live, notify
+from rag.answers import live, notify, store
 from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN
 from rag.answers.follow import metrics_of
-from rag.models import Message, storable
+from rag.models import Message
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.services import answering
-from rag.services.connections import release_connection
 from rag.services.retrieval import CollectionScope, Source
 
 logger = logging.getLogger(__name__)
@@ -68,12 +65,8 @@ async def stop(answer: Message) -> bool:
     partial text is kept as ``stopped``. False when it had already ended."""
     if live.stop(answer.pk):
         return True
-    # Stopped before any stream claimed it: it must never start.
-    unclaimed = await Message.objects.filter(
-        pk=answer.pk, status=Message.Status.STREAMING, claimed_at__isnull=True
-    ).aupdate(status=Message.Status.STOPPED, finish_reason="stopped", claimed_at=timezone.now())
-    if unclaimed:
-        return True
+    if await store.stop_unclaimed(answer.pk):
+        return True  # nobody had begun it: it never will
     if answer.status != Message.Status.STREAMING:
         return False
     await notify.publish_stop(answer.pk)  # the process generating it cancels it
@@ -180,14 +173,4 @@ async def _renew_claim_while(run: live.Live, answer: Message) -> None:
     a fresh claim every RAG_CLAIM_RENEW_S, with the text so far in case this process dies."""
     while True:
         await asyncio.sleep(settings.RAG_CLAIM_RENEW_S)
-        await _renew_claim(answer, text=run.text())
-
-
-@sync_to_async(thread_sensitive=False)  # the generation's task belongs to no request
-def _renew_claim(answer: Message, *, text: str) -> None:
-    try:
-        Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING).update(
-            claimed_at=timezone.now(), text=storable(text)
-        )
-    finally:
-        release_connection()  # the answer goes on streaming
+        await store.renew_claim(answer.pk, text=run.text())

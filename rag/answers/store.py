@@ -1,4 +1,7 @@
-"""Writing an answer's events to Postgres in batches, and reading them back.
+"""Writing an answer's events to Postgres in batches, and reading them back; and the
+changes to an answer's row while it lives (claim renewals, Stop before it began, the
+interruption of an answer whose process died). The final save of a finished answer,
+text, status and metrics at once, is rag.services.answering's, batched with the others.
 
 At 1,000 answers streaming at once, one INSERT per token would be 50,000 statements a
 second. Instead each process buffers the events of all the answers it generates and
@@ -21,9 +24,10 @@ import weakref
 import psycopg
 from asgiref.sync import sync_to_async
 from django.db import connection as django_connection
+from django.utils import timezone
 
 from rag.answers.events import LogEvent
-from rag.models import AnswerEvents
+from rag.models import AnswerEvents, Message, storable
 from rag.services.connections import release_connection
 
 logger = logging.getLogger(__name__)
@@ -168,5 +172,38 @@ def read_after(answer_id: int, key: str, seq: int) -> list[LogEvent]:
             for i, (kind, data) in enumerate(json.loads(events))
             if first + i > seq
         ]
+    finally:
+        release_connection()
+
+
+# --- the answer's row, while it lives ---------------------------------------------------------
+
+
+@sync_to_async(thread_sensitive=False)  # a generation's task belongs to no request
+def renew_claim(answer_id: int, *, text: str) -> None:
+    """A live generation says so, with its text so far in case its process dies."""
+    try:
+        Message.objects.filter(pk=answer_id, status=Message.Status.STREAMING).update(
+            claimed_at=timezone.now(), text=storable(text)
+        )
+    finally:
+        release_connection()  # the answer goes on streaming
+
+
+async def stop_unclaimed(answer_id: int) -> bool:
+    """Stop an answer nobody has begun, so that it never begins; False if someone had."""
+    unclaimed = Message.objects.filter(pk=answer_id, status=Message.Status.STREAMING, claimed_at__isnull=True)
+    return bool(
+        await unclaimed.aupdate(status=Message.Status.STOPPED, finish_reason="stopped", claimed_at=timezone.now())
+    )
+
+
+@sync_to_async
+def interrupt(answer: Message, *, message: str) -> bool:
+    """End an answer whose claim went stale as interrupted, keeping the text of its last
+    renewal; False if its claim moved meanwhile (it is alive) or it ended."""
+    try:
+        stale = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at=answer.claimed_at)
+        return bool(stale.update(status=Message.Status.ERROR, finish_reason="interrupted", error=message))
     finally:
         release_connection()
