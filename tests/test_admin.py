@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import re
 
+import aiohttp
 import pytest
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
 from django.contrib.auth.models import Group, User
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
@@ -12,7 +16,10 @@ from django.urls import reverse
 
 from rag.models import Chunk, Collection, Conversation, Document, Feedback, Message
 from rag.services import ingestion
+from ragsite.session_store import SessionStore
+from tests.factories import add_corpus
 from tests.files import encrypted_pdf_bytes, pdf_bytes
+from tests.sse import SSEParser
 from tests.worker import pending_tasks, run_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -315,3 +322,46 @@ def test_staff_do_not_see_answers_that_quote_a_collection_they_may_not_read(kb):
     assert "1234" in member.get("/admin/rag/message/").content.decode()
     root = staff_client()
     assert "deleted document" in root.get("/admin/rag/message/").content.decode()
+
+
+@sync_to_async
+def signed_in_cookie(user: User) -> str:
+    """A session for ``user``, as logging in makes one: its key, for a cookie."""
+    session = SessionStore()
+    session[SESSION_KEY] = str(user.pk)
+    session[BACKEND_SESSION_KEY] = "django.contrib.auth.backends.ModelBackend"
+    session[HASH_SESSION_KEY] = user.get_session_auth_hash()
+    session.save()
+    return session.session_key
+
+
+async def test_try_a_query_leaves_the_answers_streaming_meanwhile_alone(live_server_url, fake_llm):
+    """Under daphne the admin's sync view ran its search on the server's own event loop, then
+    closed that loop's HTTP clients: every answer streaming at that moment broke."""
+    await add_corpus()
+    admin = await User.objects.acreate(username="admin", is_staff=True, is_superuser=True)
+    cookie = await signed_in_cookie(admin)
+    fake_llm.tokens = [f"t{i} " for i in range(30)]
+    fake_llm.inter_token_ms = 30
+    jar = aiohttp.CookieJar(unsafe=True)  # the server is an IP address
+    cookies = {settings.SESSION_COOKIE_NAME: cookie}
+    async with (
+        aiohttp.ClientSession(cookie_jar=jar, cookies=cookies) as http,
+        http.get(f"{live_server_url}/rag/stream", params={"question": "pgvector?"}) as stream,
+    ):
+        parser, events = SSEParser(), []
+        async for chunk in stream.content.iter_any():
+            events += parser.feed(chunk)
+            if sum(e.type == "message" for e in events) >= 3:
+                break
+        form = await (await http.get(f"{live_server_url}{TRY}")).text()
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form).group(1)
+        data = {"question": "pgvector?", "k": "2", "csrfmiddlewaretoken": token}
+        async with http.post(f"{live_server_url}{TRY}", data=data) as tried:
+            assert tried.status == 200 and "pgvector" in await tried.text()
+        async for chunk in stream.content.iter_any():
+            events += parser.feed(chunk)
+
+    tokens = [e.data for e in events if e.type == "message"]
+    assert tokens[-1] == "[DONE]" and "".join(tokens[:-1]) == "".join(fake_llm.tokens)
+    assert [e.type for e in events if e.type not in ("message", "sources")] == ["metrics"]  # no error
