@@ -164,6 +164,10 @@ RAG_LOCAL_LLM_URL = env_str("RAG_LOCAL_LLM_URL", "http://127.0.0.1:8001/v1")
 RAG_LOCAL_CONTEXT = env_int("RAG_LOCAL_CONTEXT", 2048, min_value=256)
 RAG_LOCAL_THREADS = env_int("RAG_LOCAL_THREADS", 0, min_value=0)  # 0 = llama.cpp's default
 
+# The context window of an OpenAI-compatible model (prompt and reply), if small enough to
+# matter (a local vLLM or Ollama model, say); 0 = large or unknown. The prompt is then
+# fitted to it. The local model's is RAG_LOCAL_CONTEXT.
+RAG_LLM_CONTEXT = env_int("RAG_LLM_CONTEXT", 0, min_value=0)
 RAG_MAX_TOKENS = env_int("RAG_MAX_TOKENS", 512, min_value=1)
 RAG_TEMPERATURE = env_float("RAG_TEMPERATURE", 0.2, min_value=0.0, max_value=2.0)
 RAG_LLM_TIMEOUT = env_float("RAG_LLM_TIMEOUT", 60.0, min_value=0.1)

@@ -26,6 +26,9 @@ def test_openai_providers(settings, fake_llm):
     assert chat.model == "some-chat" and embedder.model == "some-embed"
     assert chat.config.where == fake_llm.base_url
     assert fake_llm.base_url in chat.description and fake_llm.base_url in embedder.description
+    assert chat.context_tokens is None  # unknown: the prompt is bounded by characters only
+    settings.RAG_LLM_CONTEXT = 8192
+    assert chat_provider().context_tokens == 8192
 
 
 def test_openai_embedding_dimensions_are_part_of_the_model_id(settings):
@@ -48,6 +51,7 @@ def test_local_providers(settings):
     # The chat model is reached by URL, through the same client as any OpenAI-compatible server.
     assert chat.config.where == "http://127.0.0.1:8123/v1" and chat.model == "SmolLM2-135M-Instruct.Q4_1"
     assert embedder.model == "all-MiniLM-L6-v2"
+    assert chat.context_tokens == 2048  # RAG_LOCAL_CONTEXT: the window the model's process opens
 
 
 def test_naming_the_bundled_model_does_not_load_llama_cpp():

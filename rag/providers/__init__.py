@@ -78,6 +78,8 @@ def chat_provider() -> ChatProvider:
         settings.RAG_LLM_MAX_RETRIES,
         settings.RAG_LLM_GGUF,
         settings.RAG_LOCAL_LLM_URL,
+        settings.RAG_LOCAL_CONTEXT,
+        settings.RAG_LLM_CONTEXT,
     )
 
 
@@ -98,7 +100,7 @@ def _chat(kind: str, model: str, *_config: object) -> ChatProvider:
     if kind == "openai":
         from rag.providers.openai_compat import OpenAIChat
 
-        return OpenAIChat(config=_openai_config(), model=model)
+        return OpenAIChat(config=_openai_config(), model=model, context_tokens=settings.RAG_LLM_CONTEXT or None)
     if kind == "local":
         from rag.providers.local import LocalChat
 
@@ -107,6 +109,7 @@ def _chat(kind: str, model: str, *_config: object) -> ChatProvider:
             model_path=settings.RAG_LLM_GGUF,
             timeout=settings.RAG_LLM_TIMEOUT,
             max_retries=settings.RAG_LLM_MAX_RETRIES,
+            context_tokens=settings.RAG_LOCAL_CONTEXT,
         )
     if kind == "fake":
         from rag.providers.fake import FakeChat

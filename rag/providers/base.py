@@ -102,6 +102,14 @@ class ChatProvider(ABC):
     description: str
     #: True for the small bundled model, so the UI can suggest a stronger one.
     is_bundled: bool = False
+    #: The model's context window in tokens, prompt and reply together; None when it is
+    #: large or unknown: the prompt is then bounded by RAG_CONTEXT_CHARS and
+    #: RAG_HISTORY_TOKENS only (rag.services.prompting).
+    context_tokens: int | None = None
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """The tokens of each text as this model counts them (an estimate by default)."""
+        return [estimate_tokens(text) for text in texts]
 
     def warm(self) -> bool:
         """Load or reach the model now rather than on the first question (blocking: call it

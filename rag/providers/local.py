@@ -11,14 +11,17 @@ import asyncio
 import importlib.util
 import logging
 import os
+import re
 import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import openai
+
 from rag.providers.base import EmbeddingProvider, ProviderError
-from rag.providers.openai_compat import OpenAIChat, OpenAIConfig
+from rag.providers.openai_compat import OpenAIChat, OpenAIConfig, httpx
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +113,29 @@ class LocalChat(OpenAIChat):
     # llama.cpp's server takes it beside OpenAI's fields; small models loop without it.
     extra_body = {"repeat_penalty": 1.15}
 
-    def __init__(self, *, url: str, model_path: str = "", timeout: float, max_retries: int) -> None:
+    def __init__(
+        self, *, url: str, model_path: str = "", timeout: float, max_retries: int, context_tokens: int = 2048
+    ) -> None:
         path = gguf_path(model_path)
         super().__init__(
             config=LocalModelConfig(api_key="", base_url=url, timeout=timeout, max_retries=max_retries),
             model=path.stem,
+            context_tokens=context_tokens,  # the --n_ctx the model's process was started with
         )
         self.path = path
         self.is_bundled = not model_path
         self.description = f"local llama.cpp '{path.name}' served at {url}"
+
+    async def count_tokens(self, texts: list[str]) -> list[int]:
+        """Counted by the model's own tokenizer, in its process (llama-cpp-python's server
+        has /extras/tokenize/count); estimated if that server cannot count."""
+        url = re.sub(r"/v1/?$", "", self.config.where.rstrip("/")) + "/extras/tokenize/count"
+        try:
+            responses = await asyncio.gather(*(self.config.post(url, {"input": text}) for text in texts))
+            return [int(response.json()["count"]) for response in responses]
+        except (openai.OpenAIError, httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("The local model could not count tokens (%s); estimating them", exc)
+            return await super().count_tokens(texts)
 
     def warm(self, *, wait: float = 120.0) -> bool:
         """Wait until the model's process answers (it may be loading); False if it never did."""

@@ -220,9 +220,10 @@ class OpenAIChat(ChatProvider):
     #: Fields added to every chat request, beyond OpenAI's own.
     extra_body: dict[str, Any] = {}
 
-    def __init__(self, *, config: OpenAIConfig, model: str) -> None:
+    def __init__(self, *, config: OpenAIConfig, model: str, context_tokens: int | None = None) -> None:
         self.config = config
         self.model = model
+        self.context_tokens = context_tokens
         self.description = f"OpenAI-compatible chat '{model}' at {config.where}"
 
     async def stream(

@@ -45,7 +45,7 @@ from rag.providers import (
     embedding_provider,
 )
 from rag.services.connections import release_connection
-from rag.services.prompting import build_messages
+from rag.services.prompting import build_prompt
 from rag.services.retrieval import CollectionScope, Source, asearch
 
 logger = logging.getLogger(__name__)
@@ -222,8 +222,12 @@ async def generate(
         outcome.retrieval_ms = elapsed_ms()
         yield Sources(outcome.sources)
 
-        messages = build_messages(
-            question=question, sources=outcome.sources, context_chars=settings.RAG_CONTEXT_CHARS, history=history
+        messages = await build_prompt(
+            chat=chat,
+            question=question,
+            sources=outcome.sources,
+            history=history or [],
+            max_tokens=settings.RAG_MAX_TOKENS,
         )
         stream = chat.stream(messages, max_tokens=settings.RAG_MAX_TOKENS, temperature=settings.RAG_TEMPERATURE)
         async with aclosing(stream):

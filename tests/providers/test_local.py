@@ -16,8 +16,10 @@ import pytest
 from rag import providers as rag_providers
 from rag.models import Chunk
 from rag.pipeline import RAG
-from rag.providers.base import ChatChunk
+from rag.providers.base import ChatChunk, ProviderError, estimate_tokens
 from rag.providers.local import LocalChat, LocalEmbeddings
+from rag.services.prompting import build_messages, build_prompt
+from rag.services.retrieval import Source
 from tests.conftest import wait_until
 from tests.processes import Process
 
@@ -151,3 +153,31 @@ async def test_whole_pipeline_on_the_local_models(settings, llm_server):
         # The next tests' settings build their own providers.
         rag_providers._chat.cache_clear()
         rag_providers._embeddings.cache_clear()
+
+
+async def test_a_prompt_of_k_20_and_a_long_conversation_is_fitted_to_the_model_window(chat, settings):
+    """The local model's window is 2,048 tokens, the reply's 512 included: counted by the
+    model's own tokenizer, the prompt is cut to fit; sent uncut, the model refuses it."""
+    settings.RAG_CONTEXT_CHARS = 100_000
+    text = "pgvector stores embeddings beside the rows they describe and searches them with an HNSW index. " * 12
+    sources = [
+        Source(n=n, chunk_id=n, document_id=n, title=f"Doc {n}", source="", heading="", text=text, score=0.5)
+        for n in range(1, 21)
+    ]
+    history = [{"role": role, "content": text} for _ in range(6) for role in ("user", "assistant")]
+    # The tokenizer's counts, not the word estimate: "pgvector" is several tokens to it.
+    [one_word, sentence] = await chat.count_tokens(["pgvector", text])
+    assert one_word > estimate_tokens("pgvector") and sentence > 12 * 15
+
+    unfitted = build_messages(question="How do indexes work?", sources=sources, context_chars=100_000, history=history)
+    with pytest.raises(ProviderError):
+        await anext(aiter(chat.stream(unfitted, max_tokens=512, temperature=0)))
+
+    fitted = await build_prompt(
+        chat=chat, question="How do indexes work?", sources=sources, history=history, max_tokens=512
+    )
+    assert "[1] Doc 1" in fitted[0]["content"] and len(fitted) < len(unfitted)
+    stream = chat.stream(fitted, max_tokens=512, temperature=0)
+    first = await anext(aiter(stream))  # accepted: the prompt and the reply fit the window
+    await stream.aclose()
+    assert isinstance(first, ChatChunk)
