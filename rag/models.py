@@ -131,6 +131,9 @@ class Document(models.Model):
     chunk_count = models.PositiveIntegerField(default=0)
     embedding_model = models.CharField(max_length=200, blank=True)
     timings = models.JSONField(default=dict, blank=True, help_text="Milliseconds per step of the last run.")
+    attempts = models.PositiveSmallIntegerField(
+        default=0, help_text="Runs started since the last one that ended: runs a stopped worker left unfinished."
+    )
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -42,7 +42,7 @@ DEFAULT_TOKENS = ("Hello", " world", "!")
 _MARKER = re.compile(r"(?<!\w)fault=([a-z0-9_]+)(?:=(\d+))?")
 _WORD = re.compile(r"\w+")
 _CHAT_FAULTS = {"http500", "http429", "hang", "drop_after", "malformed_after", "length"}
-_EMBED_FAULTS = {"embed500"}
+_EMBED_FAULTS = {"embed500", "embed_hang"}
 _CHUNK_ID = "chatcmpl-fake"
 _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 QUESTION_TAIL = 80  # characters of the last user message kept in /_records, enough for a "rid=" marker
@@ -403,6 +403,8 @@ class FakeOpenAI:
         with self._lock:
             self.embedding_requests.append(texts)
             fault = _pick_fault(texts, self.fault, _EMBED_FAULTS)
+        if fault == "embed_hang":
+            await asyncio.Event().wait()  # until the client leaves (a worker killed mid-run, say)
         if fault is not None:
             return _error(500, "The server had an error (fake fault=embed500)", "server_error", None)
         dimensions = int(body.get("dimensions") or self.dimensions)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import urllib.parse
@@ -69,3 +70,41 @@ def test_admin_upload_is_ingested_by_the_worker_and_answers_on_the_stream(worker
     [sources] = [json.loads(e.data) for e in events if e.type == "sources"]
     assert [s["title"] for s in sources] == ["zebras"]
     assert events[-1].data == "[DONE]"
+
+
+def test_a_document_that_keeps_stopping_the_worker_is_failed_after_three_runs(fake_server):
+    """A worker killed mid-document (out of memory, say) used to find it queued again at
+    every start, forever. Each run is counted; after three unfinished ones the document is
+    failed with its reason, and the task rows the dead worker left "running" are failed too."""
+    from django.core.management import call_command
+    from django_tasks_db.models import DBTaskResult
+
+    from rag.services import ingestion
+
+    collection = Collection.objects.get_or_create(name="default")[0]
+    # Its embedding request never returns: the worker is always mid-run when it is killed.
+    poison = ingestion.submit_file(collection=collection, name="poison.md", data=b"Stops the worker. fault=embed_hang")
+    for run in range(1, ingestion.MAX_ATTEMPTS + 1):
+        if run > 1:
+            call_command("requeue_interrupted", "--older-than", "0", stdout=io.StringIO())
+        env = app_env(connection.settings_dict["NAME"], fake_server.base_url, RAG_TEST_LLM_TIMEOUT="120")
+        args = ["db_worker", "--no-reload", "--no-startup-delay", "--interval", "0.1", "--queue-name", "*"]
+        worker = start("worker", [sys.executable, "manage.py", *args], env=env, port=0, ready=lambda: True)
+
+        def embedding(run: int = run) -> bool:
+            document = Document.objects.get(pk=poison.document_id)
+            return document.status in ("chunking", "embedding") and document.attempts == run
+
+        wait_until(embedding, timeout=30, what=f"run {run} to be waiting on its embeddings")
+        worker.proc.kill()  # SIGKILL: nothing of the run is cleaned up
+        worker.proc.wait()
+
+    out = io.StringIO()
+    call_command("requeue_interrupted", "--older-than", "0", stdout=out)
+
+    document = Document.objects.get(pk=poison.document_id)
+    assert document.status == "failed" and "stopped 3 times" in document.error
+    assert "Marked 1 document(s) failed" in out.getvalue()
+    assert not DBTaskResult.objects.filter(status="RUNNING").exists()
+    assert DBTaskResult.objects.filter(status="FAILED").count() == ingestion.MAX_ATTEMPTS
+    assert not DBTaskResult.objects.filter(status="READY").exists()  # not queued a fourth time

@@ -13,13 +13,13 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import PurePath
 
 from asgiref.sync import sync_to_async
 from django.core.files import File
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from rag.models import Collection, Document, DocumentFile
@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 #: A run whose document has not been updated for this long is taken for dead.
 STALE_AFTER = timedelta(minutes=15)
+#: Runs a worker may leave unfinished (killed, out of memory) before the document is taken
+#: for what kills it and marked failed instead of being queued again.
+MAX_ATTEMPTS = 3
+GAVE_UP = (
+    "The worker stopped {n} times while processing this document (killed, out of memory or crashed): "
+    "the file is probably what stops it. Fix or replace it, then re-ingest it."
+)
 
 
 @dataclass(frozen=True)
@@ -80,39 +87,77 @@ def submit_text(*, collection: Collection, title: str, text: str) -> Submission:
     return submit_file(collection=collection, name=f"{title}.md", data=data, content_type="text/markdown")
 
 
-def requeue(*, documents: QuerySet[Document], reembed: bool = False, stale_after: timedelta = STALE_AFTER) -> int:
+def requeue(
+    *, documents: QuerySet[Document], reembed: bool = False, stale_after: timedelta = STALE_AFTER, fresh: bool = True
+) -> int:
     """Queue re-ingestion (parse again) or re-embedding (same text, current model) of documents.
 
     Documents still being processed are skipped: their run will finish first. A run
     saves its progress at least once per embedding batch, so one that has not moved for
     ``stale_after`` is taken for dead (a worker killed mid-run) and may be queued again.
+    ``fresh`` (someone asked) starts the count of unfinished runs again.
     """
     from rag import tasks
 
     task = tasks.reembed_document if reembed else tasks.ingest_document
     stale = timezone.now() - stale_after
     eligible = documents.filter(Q(status__in=Document.SETTLED) | Q(updated_at__lt=stale))
+    reset = {"attempts": 0} if fresh else {}
     count = 0
     for pk in list(eligible.values_list("pk", flat=True)):
         with transaction.atomic():
             Document.objects.filter(pk=pk).update(
-                status=Document.Status.QUEUED, progress=0.0, error="", updated_at=timezone.now()
+                status=Document.Status.QUEUED, progress=0.0, error="", updated_at=timezone.now(), **reset
             )
             task.enqueue(document_id=pk)
         count += 1
     return count
 
 
-def requeue_interrupted(*, stale_after: timedelta = STALE_AFTER) -> int:
-    """Queue again the documents a worker stopped in the middle of (killed, restarted).
+def requeue_interrupted(*, stale_after: timedelta = STALE_AFTER) -> tuple[int, int]:
+    """Queue again the documents a worker stopped in the middle of (killed, restarted);
+    (queued again, given up on).
 
     The task queue does not notice a worker that died: its task stays "running" and
     the document stays parsing, chunking or embedding for good. With several
     workers, only a run that has not moved for ``stale_after`` can be told dead; a
-    worker starting when no other runs (``make run``) may pass zero.
+    worker starting when no other runs (``make run``) may pass zero. A document whose
+    runs were left unfinished MAX_ATTEMPTS times is marked failed rather than queued
+    again: a file that kills the worker would otherwise kill it at every start. The task
+    rows of those dead runs are marked failed too.
     """
+    stale = timezone.now() - stale_after
     interrupted = Document.objects.exclude(status__in=(*Document.SETTLED, Document.Status.QUEUED))
-    return requeue(documents=interrupted, stale_after=stale_after)
+    poison = interrupted.filter(attempts__gte=MAX_ATTEMPTS, updated_at__lte=stale)
+    given_up = 0
+    for document in poison.only("pk", "attempts"):
+        given_up += Document.objects.filter(pk=document.pk).update(
+            status=Document.Status.FAILED,
+            error=GAVE_UP.format(n=document.attempts),
+            finished_at=timezone.now(),
+            updated_at=timezone.now(),
+        )
+    _reap_dead_runs(stale=stale)
+    return requeue(documents=interrupted, stale_after=stale_after, fresh=False), given_up
+
+
+def _reap_dead_runs(*, stale: datetime) -> int:
+    """Mark failed the task rows that a stopped worker left "running" (ingestion's, not
+    started since ``stale``), so that the queue shows what happened to them."""
+    from django_tasks.base import TaskResultStatus
+    from django_tasks_db.models import DBTaskResult
+
+    from rag import tasks
+
+    paths = [t.module_path for t in (tasks.ingest_document, tasks.reembed_document)]
+    return DBTaskResult.objects.filter(
+        status=TaskResultStatus.RUNNING, task_path__in=paths, started_at__lte=stale
+    ).update(
+        status=TaskResultStatus.FAILED,
+        finished_at=timezone.now(),
+        exception_class_path="rag.services.ingestion.WorkerStopped",
+        traceback="The worker running this task stopped before it ended (killed or restarted).",
+    )
 
 
 def _duplicate(*, collection: Collection, name: str, data: bytes, digest: str) -> Document | None:
@@ -205,6 +250,8 @@ async def _run(*, document_id: int, embedder: EmbeddingProvider | None, reembed:
     started = time.perf_counter()
     timings: dict[str, float] = {}
     await _mark(document, status=Document.Status.PARSING, progress=0.0, started_at=timezone.now(), error="")
+    # Counted in the database at once: if this run kills the worker, the count says so.
+    await Document.objects.filter(pk=document.pk).aupdate(attempts=F("attempts") + 1)
     try:
         embedder = embedder or embedding_provider()
 
@@ -230,7 +277,7 @@ async def _run(*, document_id: int, embedder: EmbeddingProvider | None, reembed:
         message = f"Ingestion failed unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); see the worker log."
         return await _fail(document, message=message, had_chunks=had_chunks)
     timings["total_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    await Document.objects.filter(pk=document.pk).aupdate(timings=timings, metadata=document.metadata)
+    await Document.objects.filter(pk=document.pk).aupdate(timings=timings, metadata=document.metadata, attempts=0)
     return Document.Status.READY
 
 
@@ -255,7 +302,7 @@ async def _mark(document: Document, **fields: object) -> None:
 async def _fail(document: Document, *, message: str, had_chunks: bool) -> str:
     if had_chunks:
         message += " The previous version is still searchable."
-    await _mark(document, status=Document.Status.FAILED, error=message, finished_at=timezone.now())
+    await _mark(document, status=Document.Status.FAILED, error=message, finished_at=timezone.now(), attempts=0)
     return Document.Status.FAILED
 
 

@@ -243,3 +243,13 @@ def test_documents_a_dead_worker_left_half_done_are_queued_again_at_startup(kb):
     run_worker()
     statuses = dict(Document.objects.values_list("pk", "status"))
     assert statuses == {done.document_id: "ready", cut.document_id: "ready", waiting.document_id: "ready"}
+
+
+def test_runs_are_counted_until_one_ends_and_asking_again_starts_the_count_again(kb):
+    result = ingestion.submit_file(collection=kb, name="a.md", data=b"Apples are red.")
+    run_worker()
+    assert Document.objects.get(pk=result.document_id).attempts == 0  # it ended: nothing is left unfinished
+    # Two runs a killed worker left unfinished, then someone re-ingests it from the admin.
+    Document.objects.filter(pk=result.document_id).update(status="failed", attempts=2)
+    assert ingestion.requeue(documents=Document.objects.all()) == 1
+    assert Document.objects.get(pk=result.document_id).attempts == 0

@@ -27,6 +27,11 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, older_than: int, **options) -> None:
-        count = ingestion.requeue_interrupted(stale_after=timedelta(seconds=max(older_than, 0)))
+        count, given_up = ingestion.requeue_interrupted(stale_after=timedelta(seconds=max(older_than, 0)))
         if count or options.get("verbosity", 1) > 1:
             self.stdout.write(f"Queued {count} interrupted document(s) again.")
+        if given_up:
+            self.stdout.write(
+                f"Marked {given_up} document(s) failed: the worker stopped {ingestion.MAX_ATTEMPTS} times "
+                "while processing each (see their error in the admin)."
+            )
