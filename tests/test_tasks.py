@@ -108,3 +108,46 @@ def test_a_document_that_keeps_stopping_the_worker_is_failed_after_three_runs(fa
     assert not DBTaskResult.objects.filter(status="RUNNING").exists()
     assert DBTaskResult.objects.filter(status="FAILED").count() == ingestion.MAX_ATTEMPTS
     assert not DBTaskResult.objects.filter(status="READY").exists()  # not queued a fourth time
+
+
+def test_one_file_uploaded_twice_at_the_same_moment_becomes_one_document(fake_server):
+    """Both submissions used to find no duplicate and make a document each; with two
+    workers, the second then failed as a duplicate of the first."""
+    import threading
+
+    from rag.services import ingestion
+
+    collection = Collection.objects.get_or_create(name="default")[0]
+    data = b"# Okapis\n\nOkapis are related to giraffes."
+    together = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def upload(name: str) -> None:
+        try:
+            together.wait()
+            outcomes.append(ingestion.submit_file(collection=collection, name=name, data=data).outcome)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=upload, args=(name,)) for name in ("okapis.md", "okapis (1).md")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    env = app_env(connection.settings_dict["NAME"], fake_server.base_url)
+    args = ["db_worker", "--no-reload", "--no-startup-delay", "--interval", "0.1", "--queue-name", "*"]
+    workers = [
+        start(f"worker{i}", [sys.executable, "manage.py", *args], env=env, port=0, ready=lambda: True) for i in (1, 2)
+    ]
+    try:
+        wait_until(
+            lambda: not Document.objects.exclude(status__in=Document.SETTLED).exists(),
+            timeout=30,
+            what="the workers to settle every document",
+        )
+    finally:
+        for worker in workers:
+            worker.stop()
+
+    assert sorted(outcomes) == ["duplicate", "queued"]
+    assert list(Document.objects.values_list("status", flat=True)) == ["ready"]

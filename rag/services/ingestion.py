@@ -18,7 +18,7 @@ from pathlib import PurePath
 
 from asgiref.sync import sync_to_async
 from django.core.files import File
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 #: A run whose document has not been updated for this long is taken for dead.
 STALE_AFTER = timedelta(minutes=15)
+#: The first key of the advisory lock that serializes submissions to a collection.
+SUBMIT_LOCK = 0x5241_4701
 #: Runs a worker may leave unfinished (killed, out of memory) before the document is taken
 #: for what kills it and marked failed instead of being queued again.
 MAX_ATTEMPTS = 3
@@ -58,12 +60,21 @@ def submit_file(*, collection: Collection, name: str, data: bytes, content_type:
         document = _failed_document(collection=collection, name=name, error=exc.message)
         return Submission(name, "failed", f"Failed: {exc.message}", document.pk)
     digest = hashlib.sha256(data).hexdigest()
-    existing = _duplicate(collection=collection, name=name, data=data, digest=digest)
-    if existing is not None:
-        return Submission(
-            name, "duplicate", f"Not added: {name} already exists in “{collection}” as “{existing.title}”.", existing.pk
-        )
-    return _queue(collection=collection, name=name, data=data, digest=digest, content_type=content_type)
+    with transaction.atomic():
+        # One submission to a collection at a time, to its commit: two uploads of one file
+        # at the same moment both found no duplicate and made two documents, the second
+        # failing later as a duplicate (and two of one name made two documents of it).
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s, %s)", [SUBMIT_LOCK, collection.pk])
+        existing = _duplicate(collection=collection, name=name, data=data, digest=digest)
+        if existing is not None:
+            return Submission(
+                name,
+                "duplicate",
+                f"Not added: {name} already exists in “{collection}” as “{existing.title}”.",
+                existing.pk,
+            )
+        return _queue(collection=collection, name=name, data=data, digest=digest, content_type=content_type)
 
 
 def submit_upload(*, collection: Collection, upload: File) -> Submission:
