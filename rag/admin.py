@@ -17,6 +17,7 @@ from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
+from django.template.defaultfilters import filesizeformat
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
@@ -59,10 +60,19 @@ class CollectionAdmin(admin.ModelAdmin):
 
 @admin.register(Document)
 class DocumentAdmin(admin.ModelAdmin):
-    list_display = ("title", "collection", "status_cell", "chunks_cell", "model_cell", "took", "updated_at")
+    list_display = (
+        "title",
+        "collection",
+        "status_cell",
+        "chunks_cell",
+        "model_cell",
+        "upload_cell",
+        "took",
+        "updated_at",
+    )
     list_filter = ("status", "collection", "embedding_model")
     search_fields = ("title", "source")
-    list_select_related = ("collection",)
+    list_select_related = ("collection", "file")
     fields = (
         "title",
         "collection",
@@ -90,7 +100,8 @@ class DocumentAdmin(admin.ModelAdmin):
         css = {"all": ["rag/admin/document_status.css"]}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Document]:
-        return super().get_queryset(request).filter(collection__in=readable(request).values("pk")).defer("content")
+        documents = super().get_queryset(request).filter(collection__in=readable(request).values("pk"))
+        return documents.defer("content", "file__data")  # the list shows sizes, never the bytes
 
     def get_urls(self):
         view = self.admin_site.admin_view
@@ -131,6 +142,11 @@ class DocumentAdmin(admin.ModelAdmin):
         return format_html(
             '<span data-document="{}" data-field="embedding_model">{}</span>', obj.pk, obj.embedding_model
         )
+
+    @admin.display(description="upload", ordering="file__size")
+    def upload_cell(self, obj: Document) -> str:
+        size = getattr(getattr(obj, "file", None), "size", None)
+        return filesizeformat(size) if size is not None else "–"
 
     @admin.display(description="took")
     def took(self, obj: Document) -> str:
@@ -179,8 +195,17 @@ class DocumentAdmin(admin.ModelAdmin):
 
     def changelist_view(self, request: HttpRequest, extra_context=None) -> HttpResponse:
         model = embedding_provider().model
-        done, total = ingestion.embedding_coverage(documents=self.get_queryset(request), embedding_model=model)
-        context = {"embedding_model": model, "embedded": done, "embeddable": total, **(extra_context or {})}
+        documents = self.get_queryset(request)
+        done, total = ingestion.embedding_coverage(documents=documents, embedding_model=model)
+        files, size = ingestion.upload_bytes(documents=documents)
+        context = {
+            "embedding_model": model,
+            "embedded": done,
+            "embeddable": total,
+            "upload_files": files,
+            "upload_size": size,
+            **(extra_context or {}),
+        }
         return super().changelist_view(request, extra_context=context)
 
     # --- actions ---

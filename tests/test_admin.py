@@ -365,3 +365,13 @@ async def test_try_a_query_leaves_the_answers_streaming_meanwhile_alone(live_ser
     tokens = [e.data for e in events if e.type == "message"]
     assert tokens[-1] == "[DONE]" and "".join(tokens[:-1]) == "".join(fake_llm.tokens)
     assert [e.type for e in events if e.type not in ("message", "sources")] == ["metrics"]  # no error
+
+
+def test_the_document_list_shows_what_the_uploads_take():
+    client = staff_client()
+    collection = Collection.objects.create(name="kb")
+    ingestion.submit_file(collection=collection, name="a.md", data=b"A" * 2048)
+    ingestion.submit_file(collection=collection, name="b.md", data=b"B" * 1024)
+    page = client.get(CHANGELIST).content.decode()
+    assert "Uploaded files kept in the database: 2, 3.0\xa0KB" in page
+    assert "2.0\xa0KB" in page and "1.0\xa0KB" in page  # each document's own

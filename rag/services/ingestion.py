@@ -19,7 +19,7 @@ from pathlib import PurePath
 from asgiref.sync import sync_to_async
 from django.core.files import File
 from django.db import connection, transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet, Sum
 from django.utils import timezone
 
 from rag.models import Collection, Document, DocumentFile
@@ -142,6 +142,7 @@ def requeue_interrupted(*, stale_after: timedelta = STALE_AFTER) -> tuple[int, i
     poison = interrupted.filter(attempts__gte=MAX_ATTEMPTS, updated_at__lte=stale)
     given_up = 0
     for document in poison.only("pk", "attempts"):
+        DocumentFile.objects.filter(document=document).delete()  # what stops the worker, most likely
         given_up += Document.objects.filter(pk=document.pk).update(
             status=Document.Status.FAILED,
             error=GAVE_UP.format(n=document.attempts),
@@ -281,8 +282,12 @@ async def _run(*, document_id: int, embedder: EmbeddingProvider | None, reembed:
             )
             if title and not document.metadata.get("title"):
                 document.metadata["title"] = title
-    except (ParseError, ProviderError, docs.EmptyDocumentError, docs.DuplicateDocumentError) as exc:
+    except (ParseError, docs.EmptyDocumentError, docs.DuplicateDocumentError) as exc:
+        # The file itself is the problem: its bytes would only take room. A fixed file is a new upload.
+        await DocumentFile.objects.filter(document=document).adelete()
         return await _fail(document, message=getattr(exc, "message", str(exc)), had_chunks=had_chunks)
+    except ProviderError as exc:  # the file is fine: kept, to re-ingest once the provider is back
+        return await _fail(document, message=exc.message, had_chunks=had_chunks)
     except Exception as exc:
         logger.exception("Ingestion of document %s failed", document_id)
         message = f"Ingestion failed unexpectedly ({type(exc).__name__}: {str(exc)[:200]}); see the worker log."
@@ -324,6 +329,12 @@ def status_of(*, documents: QuerySet[Document]) -> list[dict[str, object]]:
     """The live fields of documents, for the change list's poller."""
     fields = ("pk", "status", "progress", "error", "chunk_count", "embedding_model")
     return [dict(zip(fields, row, strict=True)) for row in documents.values_list(*fields)]
+
+
+def upload_bytes(*, documents: QuerySet[Document]) -> tuple[int, int]:
+    """(uploaded files kept, their bytes): what the uploads of ``documents`` hold in the database."""
+    kept = DocumentFile.objects.filter(document__in=documents).aggregate(files=Count("pk"), size=Sum("size"))
+    return kept["files"], kept["size"] or 0
 
 
 def embedding_coverage(*, documents: QuerySet[Document], embedding_model: str) -> tuple[int, int]:

@@ -253,3 +253,18 @@ def test_runs_are_counted_until_one_ends_and_asking_again_starts_the_count_again
     Document.objects.filter(pk=result.document_id).update(status="failed", attempts=2)
     assert ingestion.requeue(documents=Document.objects.all()) == 1
     assert Document.objects.get(pk=result.document_id).attempts == 0
+
+
+def test_an_upload_that_fails_on_its_own_content_gives_its_bytes_back_and_one_failing_on_the_provider_keeps_them(
+    kb, fake_llm
+):
+    broken = ingestion.submit_file(collection=kb, name="broken.pdf", data=b"%PDF-1.4 truncated")
+    fine = ingestion.submit_file(collection=kb, name="fine.md", data=b"Figs are sweet. fault=embed500")
+    assert ingestion.upload_bytes(documents=Document.objects.all()) == (2, 18 + 30)
+    run_worker()
+
+    assert Document.objects.get(pk=broken.document_id).status == "failed"
+    assert Document.objects.get(pk=fine.document_id).status == "failed"  # the embedding server failed
+    assert not DocumentFile.objects.filter(document_id=broken.document_id).exists()
+    assert DocumentFile.objects.filter(document_id=fine.document_id).exists()  # re-ingested once it is back
+    assert ingestion.upload_bytes(documents=Document.objects.all()) == (1, 30)
