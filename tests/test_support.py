@@ -21,6 +21,10 @@ from tests.sse import Event, SSEParser, parse_sse
 
 # --- SSE parser ---------------------------------------------------------------------------------
 
+#: How soon the upstream must see a client that left: at once, but a busy 2-core machine may
+#: take a few hundred ms to schedule it; the rest of the answer would take a second or more.
+PROMPTLY_S = 0.5
+
 
 def feed_all(chunks: list[bytes | str]) -> tuple[SSEParser, list[Event]]:
     parser = SSEParser()
@@ -294,7 +298,7 @@ def test_client_disconnect_detected_promptly(fake: FakeOpenAI, client: openai.Op
     # The handler is asleep between tokens here, so only handler cancellation can notice this fast.
     record = fake.wait_for_close(timeout=2)
     assert record.closed_by_client and not record.finished
-    assert record.ended_at is not None and record.ended_at - close_time < 0.1
+    assert record.ended_at is not None and record.ended_at - close_time < PROMPTLY_S
     assert record.tokens_sent == 2
 
 
@@ -316,4 +320,4 @@ async def test_async_client_disconnect_during_long_sleep(fake: FakeOpenAI) -> No
         resp.close()
     record = fake.wait_for_close(timeout=2)
     assert record.closed_by_client and record.tokens_sent == 1
-    assert record.ended_at is not None and record.ended_at - close_time < 0.1
+    assert record.ended_at is not None and record.ended_at - close_time < PROMPTLY_S

@@ -32,6 +32,10 @@ live = pytest.mark.django_db(transaction=True)
 STREAM_TIMEOUT = 20  # seconds; a stream that does not end by then is a hang, and fails the test
 OPENING = " stream open"
 
+#: How soon the upstream must see a client that left: at once, but a busy 2-core machine may
+#: take a few hundred ms to schedule it; the rest of the answer would take a second or more.
+PROMPTLY_S = 0.5
+
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -307,7 +311,7 @@ async def test_client_disconnect_closes_the_upstream_request_and_keeps_the_parti
     assert not record.finished
     assert record.tokens_sent < 40
     assert record.ended_at is not None
-    assert record.ended_at - close_time < 0.1
+    assert record.ended_at - close_time < PROMPTLY_S
 
     message = await wait_for_final_message()
     assert message.status == Message.Status.STOPPED
@@ -334,7 +338,7 @@ async def test_client_disconnect_while_the_llm_hangs(live_server_url, http, fake
         resp.close()
     record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=3)
     assert record.closed_by_client
-    assert record.ended_at - close_time < 0.1
+    assert record.ended_at - close_time < PROMPTLY_S
     message = await wait_for_final_message()
     assert message.status == Message.Status.STOPPED
     assert message.text == ""
