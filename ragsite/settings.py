@@ -183,6 +183,10 @@ RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 64, min_value=1)
 # Ingestion: the largest file accepted, and the most a DOCX (a zip) may expand to.
 RAG_MAX_UPLOAD_MB = env_float("RAG_MAX_UPLOAD_MB", 20.0, min_value=0.001)
 RAG_MAX_UNZIPPED_MB = env_float("RAG_MAX_UNZIPPED_MB", 200.0, min_value=0.001)
+# The worker parses each upload in a child process with these limits (CPU seconds, MB of
+# memory): a file built to hang or exhaust a parser fails instead of wedging the worker.
+RAG_PARSE_TIMEOUT_S = env_float("RAG_PARSE_TIMEOUT_S", 60.0, min_value=0.1)
+RAG_PARSE_MEMORY_MB = env_int("RAG_PARSE_MEMORY_MB", 1024, min_value=64)
 RAG_SSE_HEARTBEAT = env_float("RAG_SSE_HEARTBEAT", 10.0, min_value=0.05)
 # A generating process renews its claim on an answer this often; a claim three times as
 # old belongs to a process that died, and its answer is ended as interrupted.

@@ -25,7 +25,8 @@ from django.utils import timezone
 from rag.models import Collection, Document, DocumentFile
 from rag.providers import EmbeddingProvider, ProviderError, embedding_provider
 from rag.services import documents as docs
-from rag.services.parsing import ParseError, check_upload, decode_text, kind_of, parse_document
+from rag.services import parse_sandbox
+from rag.services.parsing import ParseError, check_upload, decode_text, kind_of
 
 logger = logging.getLogger(__name__)
 
@@ -303,8 +304,9 @@ async def _parse(document: Document, timings: dict[str, float]) -> tuple[str, st
     if upload is None:
         # Added from the command line or the API: the stored text is the source.
         return document.content, ""
-    # Parsers are CPU-bound and synchronous: off the loop.
-    parsed = await sync_to_async(parse_document, thread_sensitive=False)(name=upload.name, data=bytes(upload.data))
+    # In a child process with a time and memory limit (rag.services.parse_sandbox); a thread
+    # waits for it, off the loop.
+    parsed = await sync_to_async(parse_sandbox.parse, thread_sensitive=False)(name=upload.name, data=bytes(upload.data))
     timings["parse_ms"] = round((time.perf_counter() - started) * 1000, 1)
     return parsed.text, parsed.title
 

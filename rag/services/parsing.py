@@ -184,7 +184,9 @@ def _docx(name: str, data: bytes) -> ParsedDocument:
             f"{name} is not a readable Word file ({exc}). Open it in Word or LibreOffice and save it as .docx again.",
             code="corrupt",
         ) from exc
-    except Exception as exc:  # lxml raises its own XML errors on damaged parts
+    except MemoryError:
+        raise
+    except Exception as exc:  # lxml raises its own XML errors on damaged parts (and when out of memory)
         raise ParseError(
             f"{name} could not be read as a Word file ({type(exc).__name__}). Save it as .docx again.",
             code="corrupt",
