@@ -14,6 +14,7 @@ from tqdm import tqdm
 from rag import providers
 from rag.models import Collection, Document
 from rag.providers import EmbeddingProvider, ProviderError, embedding_provider
+from rag.services import parse_sandbox
 from rag.services.documents import (
     DocumentInput,
     DuplicateDocumentError,
@@ -22,7 +23,7 @@ from rag.services.documents import (
     aplan_document,
     default_collection,
 )
-from rag.services.parsing import SUFFIXES, ParseError, parse_document
+from rag.services.parsing import SUFFIXES, ParseError
 from rag.services.vector_index import deferred_vector_indexes
 
 OUTCOMES = ("added", "unchanged", "replaced", "failed")
@@ -128,5 +129,5 @@ class Command(BaseCommand):
 def _read(source: str, title: str) -> DocumentInput:
     if source == "-":
         return DocumentInput(text=sys.stdin.read(), title=title, source="stdin")
-    parsed = parse_document(name=source, data=Path(source).read_bytes())
+    parsed = parse_sandbox.parse(name=source, data=Path(source).read_bytes())  # limits, as in the worker
     return DocumentInput(text=parsed.text, title=parsed.title, source=source)
