@@ -8,6 +8,7 @@ from django.db import connection
 
 from rag import providers
 from rag.answers import live
+from tests import processes
 from tests.fake_openai import FakeOpenAI
 from tests.processes import ROOT, Process, app_env, start_daphne, start_llm_server
 
@@ -43,6 +44,27 @@ async def _close_provider_clients() -> AsyncIterator[None]:
     """The async tests share one event loop; close its HTTP clients before it ends."""
     yield
     await providers.aclose()
+
+
+@pytest.fixture(autouse=True)
+def _process_logs_at_start(request: pytest.FixtureRequest) -> None:
+    """Where each server process's log stood when the test began (see pytest_runtest_makereport)."""
+    request.node.rag_log_starts = {p.log_path: p.log_size() for p in processes.STARTED}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test shows what the server processes (daphne, the worker, the model's) logged
+    while it ran: their output goes to files, which nobody would read otherwise."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    starts = getattr(item, "rag_log_starts", {})
+    for process in processes.STARTED:
+        text = process.log(start=starts.get(process.log_path, 0)) if process.log_path.exists() else ""
+        if text.strip():
+            report.sections.append((f"{process.name} (pid {process.pid}) logged", text[-8000:]))
 
 
 @pytest.fixture(autouse=True)

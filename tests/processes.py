@@ -43,6 +43,10 @@ def port_open(port: int) -> bool:
         return False
 
 
+#: Every process the tests started, so that a failing test shows what they logged meanwhile.
+STARTED: list[Process] = []
+
+
 @dataclass
 class Process:
     name: str
@@ -58,8 +62,14 @@ class Process:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+    def log(self, *, start: int = 0) -> str:
+        """Its output so far (from byte ``start``)."""
+        with self.log_path.open("rb") as log:
+            log.seek(start)
+            return log.read().decode(errors="replace")
+
+    def log_size(self) -> int:
+        return self.log_path.stat().st_size
 
     def children(self) -> list[int]:
         """The pids this process started and that still run."""
@@ -87,6 +97,7 @@ def start(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     process = Process(name=name, proc=proc, port=port, log_path=log_path)
+    STARTED.append(process)
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None or time.monotonic() > deadline:

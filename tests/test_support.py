@@ -19,11 +19,11 @@ import pytest
 from tests.fake_openai import FakeOpenAI, embed_text
 from tests.sse import Event, SSEParser, parse_sse
 
-# --- SSE parser ---------------------------------------------------------------------------------
-
 #: How soon the upstream must see a client that left: at once, but a busy 2-core machine may
 #: take a few hundred ms to schedule it; the rest of the answer would take a second or more.
 PROMPTLY_S = 0.5
+
+# --- SSE parser ---------------------------------------------------------------------------------
 
 
 def feed_all(chunks: list[bytes | str]) -> tuple[SSEParser, list[Event]]:
@@ -321,3 +321,33 @@ async def test_async_client_disconnect_during_long_sleep(fake: FakeOpenAI) -> No
     record = fake.wait_for_close(timeout=2)
     assert record.closed_by_client and record.tokens_sent == 1
     assert record.ended_at is not None and record.ended_at - close_time < PROMPTLY_S
+
+
+# --- server logs in failure reports -------------------------------------------------------------
+
+
+def test_a_failing_test_shows_what_the_server_processes_logged_while_it_ran(tmp_path):
+    from types import SimpleNamespace
+
+    from tests import conftest, processes
+
+    log = tmp_path / "web.log"
+    log.write_text("an earlier test's requests\n")
+    web = processes.Process(name="web", proc=SimpleNamespace(pid=4242), port=0, log_path=log)
+    processes.STARTED.append(web)
+    try:
+        item = SimpleNamespace(rag_log_starts={log: log.stat().st_size})
+        log.write_text("an earlier test's requests\nTraceback: the error behind the failure\n")
+        reports = {
+            outcome: SimpleNamespace(when="call", failed=outcome == "failed", sections=[])
+            for outcome in ("failed", "passed")
+        }
+        for report in reports.values():
+            hook = conftest.pytest_runtest_makereport(item, None)
+            next(hook)
+            with pytest.raises(StopIteration):
+                hook.send(SimpleNamespace(get_result=lambda report=report: report))
+    finally:
+        processes.STARTED.remove(web)
+    assert reports["failed"].sections == [("web (pid 4242) logged", "Traceback: the error behind the failure\n")]
+    assert reports["passed"].sections == []
