@@ -211,6 +211,36 @@ def test_staff_outside_the_group_see_nothing_of_a_restricted_collection(kb):
     assert "1234" in page
 
 
+def test_staff_outside_the_group_cannot_change_a_restricted_collection_either(kb):
+    """The write paths, not only the views: actions, uploads and the collection admin."""
+    members = Group.objects.create(name="members")
+    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
+    secret.groups.add(members)
+    ingestion.submit_text(collection=secret, title="Secret", text="The vault code is 1234.")
+    run_worker()
+    secret_doc = Document.objects.get(collection=secret)
+    outsider = staff_client(superuser=False)
+
+    for action in ("reingest", "reembed", "delete_selected"):
+        token = csrf_token(outsider, CHANGELIST)
+        data = {"csrfmiddlewaretoken": token, "action": action, "_selected_action": [secret_doc.pk], "post": "yes"}
+        outsider.post(CHANGELIST, data)
+        assert Document.objects.get(pk=secret_doc.pk).status == "ready"  # neither queued nor deleted
+    assert pending_tasks() == 0
+
+    response = upload(outsider, collection=secret, files=[("planted.md", b"Planted text.")])
+    assert "Select a valid choice" in response.content.decode()
+    assert not Document.objects.filter(source="planted.md").exists()
+
+    collections = reverse("admin:rag_collection_changelist")
+    assert "secret" not in outsider.get(collections).content.decode()
+    assert outsider.get(reverse("admin:rag_collection_change", args=[secret.pk]), follow=True).redirect_chain
+    token = csrf_token(outsider, collections)
+    data = {"csrfmiddlewaretoken": token, "action": "reembed_all", "_selected_action": [secret.pk]}
+    outsider.post(collections, data)
+    assert pending_tasks() == 0 and Document.objects.get(pk=secret_doc.pk).status == "ready"
+
+
 def test_collection_admin_restricts_and_reembeds_a_whole_collection(kb):
     client = staff_client()
     members = Group.objects.create(name="members")
