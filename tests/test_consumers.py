@@ -213,3 +213,38 @@ async def test_an_anonymous_socket_gets_no_chunk_of_a_restricted_collection(fake
     assert sources and all("4711" not in s["snippet"] for s in sources)
     assert "4711" not in str(fake_llm.records[-1].request["messages"])
     await communicator.disconnect()
+
+
+async def test_a_signed_in_group_member_gets_the_group_collection_and_nobody_elses_conversation(fake_llm):
+    from django.contrib.auth.models import Group
+
+    from rag.models import Collection
+    from rag.services.documents import aadd_documents
+
+    await add_corpus()
+    members = await Group.objects.acreate(name="members")
+    secret = await Collection.objects.acreate(name="secret", visibility=Collection.Visibility.GROUPS)
+    await secret.groups.aadd(members)
+    await aadd_documents(documents=["The vault code is 4711."], collection=secret)
+    member_session = await signed_in_session("member")
+    member = await User.objects.aget(username="member")
+    await member.groups.aadd(members)
+    outsider_session = await signed_in_session("outsider")
+
+    communicator = await connect(member_session)
+    await communicator.send_json_to({"type": "ask", "question": "What is the vault code?", "k": 5})
+    messages = await receive_until_done(communicator)
+    await communicator.disconnect()
+    [sources] = [m["sources"] for m in messages if m["type"] == "sources"]
+    assert any("4711" in s["snippet"] for s in sources)  # the member reads the group's collection
+    conversation_id = messages[0]["conversation_id"]
+
+    outsider = await connect(outsider_session)
+    await outsider.send_json_to({"type": "ask", "question": "And the code?", "conversation_id": conversation_id})
+    refused = await outsider.receive_json_from(timeout=5)
+    await outsider.send_json_to({"type": "resume", "last_event_id": messages[-1]["id"]})
+    not_resumed = await outsider.receive_json_from(timeout=5)
+    await outsider.disconnect()
+    assert refused["code"] == "bad_request" and "No such conversation" in refused["message"]
+    assert not_resumed["code"] == "bad_request" and "No such answer" in not_resumed["message"]
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2  # nothing added to it
