@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 from rag.models import Document
+from rag.providers.fake import FakeEmbeddings
 from rag.services.documents import DocumentInput, aadd_documents
 
 CORPUS = {
@@ -18,3 +21,14 @@ async def add_corpus(corpus: dict[str, str] | None = None) -> list[Document]:
         documents=[DocumentInput(text=text, title=title) for title, text in (corpus or CORPUS).items()]
     )
     return [await Document.objects.aget(pk=r.document_id) for r in results]
+
+
+class BrokenVectors(FakeEmbeddings):
+    """Embeds fine, except that the vector of a text holding "LAST" is NaN, which pgvector
+    refuses to store: a failure in the middle of storing a document's chunks."""
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        vectors = await super().embed(texts)
+        if "LAST" in texts[-1]:
+            vectors[-1] = [math.nan] * self.dimensions
+        return vectors

@@ -11,6 +11,7 @@ from rag.providers import ProviderError, embedding_provider
 from rag.providers.base import estimate_tokens
 from rag.providers.fake import FakeEmbeddings
 from rag.services.documents import DocumentInput, EmptyDocumentError, aadd_documents, content_hash
+from tests.factories import BrokenVectors
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -90,16 +91,6 @@ async def test_failure_in_a_later_batch_stores_nothing(fake_llm, settings):
         await aadd_documents(documents=[text])
     assert len(fake_llm.embedding_requests) >= 2  # some batches did succeed first
     assert await counts() == (0, 0)
-
-
-class BrokenVectors(FakeEmbeddings):
-    """Embeds fine, except that the last vector is NaN, which pgvector refuses to store."""
-
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        vectors = await super().embed(texts)
-        if "LAST" in texts[-1]:
-            vectors[-1] = [math.nan] * self.dimensions
-        return vectors
 
 
 async def test_database_failure_while_storing_chunks_leaves_no_document(settings):

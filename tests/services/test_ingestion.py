@@ -10,6 +10,7 @@ from rag.providers import embedding_provider
 from rag.providers.fake import FakeEmbeddings
 from rag.services import ingestion
 from rag.services.retrieval import search
+from tests.factories import BrokenVectors
 from tests.files import HTML_PAGE, docx_bytes, encrypted_pdf_bytes, pdf_bytes, zip_bomb_docx_bytes
 from tests.worker import pending_tasks, run_worker
 
@@ -268,3 +269,92 @@ def test_an_upload_that_fails_on_its_own_content_gives_its_bytes_back_and_one_fa
     assert not DocumentFile.objects.filter(document_id=broken.document_id).exists()
     assert DocumentFile.objects.filter(document_id=fine.document_id).exists()  # re-ingested once it is back
     assert ingestion.upload_bytes(documents=Document.objects.all()) == (1, 30)
+
+
+# --- re-ingestion: the swap of a document's chunks --------------------------------------------
+
+
+def ingest_now(document_id: int, embedder: FakeEmbeddings) -> str:
+    return providers.run(ingestion.aingest(document_id=document_id, embedder=embedder))
+
+
+OLD = b"# Apples\n\nApples are crunchy and grow on trees in orchards."
+NEW = b"# Apples\n\nApples are sweet.\n\nLAST paragraph of the new version."
+
+
+def test_a_failure_inside_the_swap_keeps_the_old_chunks_and_text(kb, settings):
+    settings.RAG_CHUNK_TOKENS, settings.RAG_CHUNK_OVERLAP = 16, 0
+    embedder = FakeEmbeddings(model="swap")
+    first = ingestion.submit_file(collection=kb, name="apples.md", data=OLD)
+    assert ingest_now(first.document_id, embedder) == "ready"
+    old_chunks = sorted(Chunk.objects.filter(document_id=first.document_id).values_list("text", flat=True))
+
+    again = ingestion.submit_file(collection=kb, name="apples.md", data=NEW)
+    assert again.outcome == "replacing"
+    # Its new chunks fail to store half way: pgvector refuses the last one's vector.
+    assert ingest_now(again.document_id, BrokenVectors(model="swap")) == "failed"
+
+    document = Document.objects.get(pk=first.document_id)
+    assert document.status == "failed" and "previous version is still searchable" in document.error
+    assert document.content.startswith("# Apples\n\nApples are crunchy")  # the old text, not the new one
+    assert sorted(Chunk.objects.filter(document_id=document.pk).values_list("text", flat=True)) == old_chunks
+
+
+def test_a_search_during_the_swap_sees_the_old_chunks_whole(kb, monkeypatch):
+    """The old chunks are deleted and the new ones copied in one transaction: until it
+    commits, a search finds the old version, never a document with half its chunks."""
+    import threading
+
+    from django.db import connection
+
+    from rag.services import documents
+
+    embedder = FakeEmbeddings(model="swap")
+    first = ingestion.submit_file(collection=kb, name="apples.md", data=OLD)
+    ingest_now(first.document_id, embedder)
+    ingestion.submit_file(collection=kb, name="apples.md", data=b"# Apples\n\nApples are sweet and red.")
+    inside, go_on = threading.Event(), threading.Event()
+    copy = documents._copy_chunks
+
+    def copy_then_wait(document, **kwargs):
+        copy(document, **kwargs)  # old chunks deleted, new ones copied: not committed yet
+        inside.set()
+        assert go_on.wait(10)
+
+    monkeypatch.setattr(documents, "_copy_chunks", copy_then_wait)
+
+    def reingest() -> None:
+        try:
+            ingest_now(first.document_id, embedder)
+        finally:
+            connection.close()
+
+    def found() -> list[str]:
+        vector = providers.run(embedder.embed_query("apples"))
+        return [s.text for s in search(vector, embedding_model=embedder.model, k=5, collections=[kb.pk])]
+
+    swapping = threading.Thread(target=reingest)
+    swapping.start()
+    try:
+        assert inside.wait(10)
+        during = found()
+    finally:
+        go_on.set()
+        swapping.join(10)
+    after = found()
+    assert during and all("crunchy" in text for text in during)
+    assert after and all("sweet and red" in text for text in after)
+
+
+def test_a_document_deleted_mid_run_stays_deleted(kb):
+    first = ingestion.submit_file(collection=kb, name="apples.md", data=OLD)
+
+    class DeletesItMidway(FakeEmbeddings):
+        async def embed(self, texts: list[str]) -> list[list[float]]:
+            await Document.objects.filter(pk=first.document_id).adelete()  # someone deletes it in the admin
+            return await super().embed(texts)
+
+    ingest_now(first.document_id, DeletesItMidway(model="swap"))
+
+    assert not Document.objects.filter(pk=first.document_id).exists()
+    assert not Chunk.objects.exists()
