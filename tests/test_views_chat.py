@@ -14,7 +14,7 @@ from django.test import AsyncClient
 from rag.models import Feedback, Message
 from tests.conftest import answer_ended
 from tests.factories import add_corpus
-from tests.sse import parse_sse
+from tests.sse import SSEParser, parse_sse
 
 pytestmark = pytest.mark.django_db(transaction=True)
 HTMX = {"HX-Request": "true"}
@@ -358,3 +358,34 @@ async def test_more_chat_streams_than_pooled_connections_all_answer(live_server_
     results = await asyncio.gather(*(visit(i) for i in range(24)))
     assert [status for status, _ in results] == [200] * 24
     assert all("event: done" in body and "event: error" not in body for _, body in results)
+
+
+async def test_the_chat_stream_dropped_mid_answer_over_http_resumes_where_it_broke(live_server_url, fake_llm):
+    """A real connection to daphne, cut after a few tokens: the answer goes on, and the
+    EventSource's reconnect (Last-Event-ID, same URL) gets exactly the rest."""
+    await add_corpus()
+    fake_llm.tokens = [f"w{i} " for i in range(30)]
+    fake_llm.inter_token_ms = 20
+    jar = aiohttp.CookieJar(unsafe=True)  # the server is an IP address
+    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+        page = await (await http.get(f"{live_server_url}/")).text()
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
+        form = {"question": "What does pgvector add?", "csrfmiddlewaretoken": token}
+        async with http.post(f"{live_server_url}/chat/ask", data=form, headers=HTMX) as asked:
+            stream_url = f"{live_server_url}/chat/answers/{answer_id_in(await asked.text())}/stream"
+        parser, before = SSEParser(), []
+        response = await http.get(stream_url)
+        async for chunk in response.content.iter_any():
+            before += parser.feed(chunk)
+            if sum(e.type == "token" for e in before) >= 3:
+                break
+        response.close()  # the connection drops mid-answer
+        last_id = [e.id for e in before if e.id][-1]
+        async with http.get(stream_url, headers={"Last-Event-ID": last_id}) as again:
+            after = SSEParser().feed(await again.read())
+
+    tokens = [e.data for e in before + after if e.type == "token"]
+    assert "".join(tokens) == "".join(fake_llm.tokens)  # no gap, no duplicate
+    ids = [e.id for e in before + after if e.id]
+    assert len(ids) == len(set(ids)) and after[-1].type == "done"
+    assert len(fake_llm.records) == 1 and not fake_llm.records[0].closed_by_client
