@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
-from rag.models import Document
+from django.contrib.auth.models import Group
+
+from rag.models import Collection, Document
 from rag.providers.fake import FakeEmbeddings
 from rag.services.documents import DocumentInput, aadd_documents
 
@@ -21,6 +23,21 @@ async def add_corpus(corpus: dict[str, str] | None = None) -> list[Document]:
         documents=[DocumentInput(text=text, title=title) for title, text in (corpus or CORPUS).items()]
     )
     return [await Document.objects.aget(pk=r.document_id) for r in results]
+
+
+def group_collection(name: str = "secret", *, group: str = "members") -> tuple[Collection, Group]:
+    """A collection only the members of a group (made here) may read."""
+    members = Group.objects.create(name=group)
+    collection = Collection.objects.create(name=name, visibility=Collection.Visibility.GROUPS)
+    collection.groups.add(members)
+    return collection, members
+
+
+async def agroup_collection(name: str = "secret", *, group: str = "members") -> tuple[Collection, Group]:
+    members = await Group.objects.acreate(name=group)
+    collection = await Collection.objects.acreate(name=name, visibility=Collection.Visibility.GROUPS)
+    await collection.groups.aadd(members)
+    return collection, members
 
 
 class BrokenVectors(FakeEmbeddings):

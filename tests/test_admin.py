@@ -17,7 +17,7 @@ from django.urls import reverse
 from rag.models import Chunk, Collection, Conversation, Document, Feedback, Message
 from rag.services import ingestion
 from ragsite.session_store import SessionStore
-from tests.factories import add_corpus
+from tests.factories import add_corpus, group_collection
 from tests.files import encrypted_pdf_bytes, pdf_bytes
 from tests.sse import SSEParser
 from tests.worker import pending_tasks, run_worker
@@ -184,9 +184,7 @@ def test_chunks_view_and_try_a_query(kb):
 
 
 def test_staff_outside_the_group_see_nothing_of_a_restricted_collection(kb):
-    members = Group.objects.create(name="members")
-    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
-    secret.groups.add(members)
+    secret, members = group_collection()
     ingestion.submit_text(collection=secret, title="Secret", text="The vault code is 1234.")
     ingestion.submit_text(collection=kb, title="Public", text="The shop opens at nine.")
     run_worker()
@@ -213,9 +211,7 @@ def test_staff_outside_the_group_see_nothing_of_a_restricted_collection(kb):
 
 def test_staff_outside_the_group_cannot_change_a_restricted_collection_either(kb):
     """The write paths, not only the views: actions, uploads and the collection admin."""
-    members = Group.objects.create(name="members")
-    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
-    secret.groups.add(members)
+    secret, _members = group_collection()
     ingestion.submit_text(collection=secret, title="Secret", text="The vault code is 1234.")
     run_worker()
     secret_doc = Document.objects.get(collection=secret)
@@ -317,9 +313,7 @@ def test_the_admin_is_staff_only(client, answer):
 
 
 def test_staff_do_not_see_answers_that_quote_a_collection_they_may_not_read(kb):
-    members = Group.objects.create(name="members")
-    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
-    secret.groups.add(members)
+    secret, members = group_collection()
     secret_doc = Document.objects.create(collection=secret, title="Vault", content="x", content_hash="v")
     public_doc = Document.objects.create(collection=kb, title="Shop", content="y", content_hash="s")
 

@@ -12,7 +12,7 @@ from django.test import AsyncClient
 
 from rag.models import Message
 from ragsite.asgi import application
-from tests.factories import add_corpus
+from tests.factories import add_corpus, agroup_collection
 
 pytestmark = pytest.mark.django_db(transaction=True)
 ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
@@ -216,15 +216,11 @@ async def test_an_anonymous_socket_gets_no_chunk_of_a_restricted_collection(fake
 
 
 async def test_a_signed_in_group_member_gets_the_group_collection_and_nobody_elses_conversation(fake_llm):
-    from django.contrib.auth.models import Group
 
-    from rag.models import Collection
     from rag.services.documents import aadd_documents
 
     await add_corpus()
-    members = await Group.objects.acreate(name="members")
-    secret = await Collection.objects.acreate(name="secret", visibility=Collection.Visibility.GROUPS)
-    await secret.groups.aadd(members)
+    secret, members = await agroup_collection()
     await aadd_documents(documents=["The vault code is 4711."], collection=secret)
     member_session = await signed_in_session("member")
     member = await User.objects.aget(username="member")

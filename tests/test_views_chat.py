@@ -13,7 +13,7 @@ from django.test import AsyncClient
 
 from rag.models import Feedback, Message
 from tests.conftest import answer_ended
-from tests.factories import add_corpus
+from tests.factories import add_corpus, group_collection
 from tests.sse import SSEParser, parse_sse
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -246,13 +246,7 @@ async def test_methods_are_enforced(fake_llm):
 
 @sync_to_async
 def secret_collection_and_member() -> User:
-    from django.contrib.auth.models import Group
-
-    from rag.models import Collection
-
-    members = Group.objects.create(name="members")
-    secret = Collection.objects.create(name="secret", visibility=Collection.Visibility.GROUPS)
-    secret.groups.add(members)
+    _secret, members = group_collection()
     member = User.objects.create_user("member")
     member.groups.add(members)
     return member
