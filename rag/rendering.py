@@ -4,39 +4,67 @@ A model's answer (and the documents it quotes) is untrusted text. Raw HTML in it
 is shown as text, never interpreted: Python-Markdown's raw-HTML passes are
 removed, so ``<script>`` becomes ``&lt;script&gt;``. nh3 then keeps only the
 tags Markdown itself produces, as a second line of defence.
+
+Citations (``[1]``) become links inside Markdown, as elements of its tree, before
+sanitizing: nothing is added to the HTML afterwards. (They were once linked by a
+regex over the sanitized HTML, which was safe only because nh3 0.3 escapes ``>``
+inside attribute values: with nh3 0.2.18, a link title holding ``[1]`` made a
+live ``<img onerror>``.)
 """
 
 from __future__ import annotations
 
 import re
+from xml.etree.ElementTree import Element
 
 import markdown
 import nh3
 from django.utils.safestring import SafeString, mark_safe
+from markdown.inlinepatterns import InlineProcessor
 
 ALLOWED_TAGS = {
     *("p", "br", "hr", "blockquote", "pre", "code", "strong", "em", "b", "i", "del", "sup", "sub"),
     *("h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "a"),
     *("table", "thead", "tbody", "tr", "th", "td"),
 }
-ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "ol": {"start"}, "th": {"align"}, "td": {"align"}}
+ALLOWED_ATTRIBUTES = {"a": {"href", "title", "class", "aria-label"}, "ol": {"start"}, "th": {"align"}, "td": {"align"}}
 _SAFE_HREF = re.compile(r"^(https?://|mailto:|#)", re.IGNORECASE)
-# Text outside tags and outside code: only there does "[n]" mean a citation.
-_SEGMENTS = re.compile(r"(<pre\b.*?</pre>|<code\b.*?</code>|<[^>]*>)", re.DOTALL)
-_CITATION = re.compile(r"\[(\d{1,3})\]")
+_CITATION = r"\[(\d{1,3})\]"
 
 
-def _markdown() -> markdown.Markdown:
+class _Citations(InlineProcessor):
+    """``[n]`` (1 ≤ n ≤ count) in text: a link to source n (``#{prefix}{n}``). Code spans and
+    links are taken by Markdown's own patterns first (they run before this one), so a ``[1]``
+    in code or in a link's text or title stays as it is."""
+
+    def __init__(self, *, prefix: str, count: int) -> None:
+        super().__init__(_CITATION)
+        self.prefix, self.count = prefix, count
+
+    def handleMatch(self, m: re.Match[str], data: str) -> tuple[Element | None, int | None, int | None]:
+        n = int(m.group(1))
+        if not 1 <= n <= self.count:
+            return None, None, None
+        link = Element("a", {"class": "cite", "href": f"#{self.prefix}{n}", "aria-label": f"source {n}"})
+        link.text = f"[{n}]"
+        return link, m.start(0), m.end(0)
+
+
+def _markdown(*, prefix: str, count: int) -> markdown.Markdown:
     md = markdown.Markdown(extensions=["fenced_code", "tables", "sane_lists"], output_format="html")
     # Without these two passes raw HTML is escaped like any other text.
     md.preprocessors.deregister("html_block")
     md.inlinePatterns.deregister("html")
+    # Lower priority than links (160) and references (170): they run first.
+    md.inlinePatterns.register(_Citations(prefix=prefix, count=count), "citation", 150)
     return md
 
 
 def _keep_attribute(tag: str, attribute: str, value: str) -> str | None:
     if tag == "a" and attribute == "href" and not _SAFE_HREF.match(value):
         return None  # relative paths and every other scheme (javascript:, data:, ...)
+    if tag == "a" and attribute == "class" and value != "cite":
+        return None  # the only class is the citation's own
     return value
 
 
@@ -51,21 +79,5 @@ def sanitize(html: str) -> str:
     )
 
 
-def link_citations(html: str, *, prefix: str, count: int) -> str:
-    """Turn ``[n]`` (1 ≤ n ≤ count) in text into a link to source n (``#{prefix}{n}``)."""
-
-    def cite(match: re.Match[str]) -> str:
-        n = int(match.group(1))
-        if not 1 <= n <= count:
-            return match.group(0)
-        return f'<a class="cite" href="#{prefix}{n}" aria-label="source {n}">[{n}]</a>'
-
-    parts = _SEGMENTS.split(html)
-    # Even indexes are text between tags; odd ones are tags or code, left alone.
-    return "".join(_CITATION.sub(cite, part) if i % 2 == 0 else part for i, part in enumerate(parts))
-
-
 def render_answer(text: str, *, source_prefix: str, source_count: int) -> SafeString:
-    html = sanitize(_markdown().convert(text))
-    # Only fixed markup with integers is added after sanitizing.
-    return mark_safe(link_citations(html, prefix=source_prefix, count=source_count))
+    return mark_safe(sanitize(_markdown(prefix=source_prefix, count=source_count).convert(text)))
