@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET
 
 from rag import sse, warmup
 from rag.answers import generate, live, oneshot
-from rag.answers.access import asking_user
+from rag.answers.access import CrossSite, asking_user
 from rag.answers.events import LogEvent, parse_id
 from rag.answers.follow import follow
 from rag.forms import BadQuestion, parse_question
@@ -29,7 +29,8 @@ def bad_request(message: str, status: int = 400) -> JsonResponse:
 
 
 def api_method(method: str):
-    """Like require_GET/require_POST, but the 405 is JSON that says what to use."""
+    """Like require_GET/require_POST, but the 405 is JSON that says what to use; a signed-in
+    user's request from another site is a 403 that says why (access.CrossSite)."""
 
     def decorator(view):
         @functools.wraps(view)
@@ -38,7 +39,10 @@ def api_method(method: str):
                 response = bad_request(f"Use {method} for {request.path}.", status=405)
                 response["Allow"] = method
                 return response
-            return await view(request, *args, **kwargs)
+            try:
+                return await view(request, *args, **kwargs)
+            except CrossSite as exc:
+                return bad_request(str(exc), status=403)
 
         return wrapper
 

@@ -852,3 +852,48 @@ async def test_an_api_client_stops_its_detached_answer(live_server_url, http, fa
 async def test_detach_must_be_0_or_1(live_server_url, http, fake_llm):
     async with http.get(f"{live_server_url}/rag/stream", params={"question": "q", "detach": "yes"}) as resp:
         assert resp.status == 400 and "'detach' must be 0 or 1" in (await resp.json())["error"]
+
+
+# --- requests from other sites ----------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("headers", "allowed"),
+    [
+        ({"Sec-Fetch-Site": "cross-site"}, False),  # a link or a page on another site
+        ({"Sec-Fetch-Site": "same-site"}, False),  # another subdomain is another site's pages too
+        ({"Origin": "https://evil.example"}, False),  # an older browser, from another site
+        ({"Sec-Fetch-Site": "same-origin"}, True),  # this site's own pages
+        ({"Sec-Fetch-Site": "none"}, True),  # typed in the address bar
+        ({}, True),  # a program: no cookie of anybody's to abuse
+    ],
+)
+async def test_a_signed_in_users_stream_from_another_site_plants_nothing(headers, allowed, fake_llm):
+    from django.contrib.auth.models import User
+
+    from rag.models import Conversation
+
+    await add_corpus()
+    client = AsyncClient()
+    await client.aforce_login(await User.objects.acreate(username="victim"))
+    response = await client.get("/rag/stream", {"question": "Planted question?"}, headers=headers)
+    if allowed:
+        assert response.status_code == 200
+        [_ async for _ in response.streaming_content]
+    else:
+        assert response.status_code == 403 and "another site" in json.loads(response.content)["error"]
+        query = await client.post(
+            "/rag/query", {"question": "Planted?"}, content_type="application/json", headers=headers
+        )
+        assert query.status_code == 403
+    planted = await Conversation.objects.filter(user__username="victim").aexists()
+    assert planted == allowed
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_anonymous_stream_from_another_site_is_answered(fake_llm):
+    await add_corpus()
+    response = await AsyncClient().get("/rag/stream", {"question": "Public?"}, headers={"Sec-Fetch-Site": "cross-site"})
+    assert response.status_code == 200
+    assert b"[DONE]" in b"".join([chunk async for chunk in response.streaming_content])

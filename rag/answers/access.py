@@ -69,11 +69,36 @@ async def scope_owner(scope: dict) -> Owner:
     return await owner_for(user=scope.get("user"), session=session, create=True)
 
 
+class CrossSite(PermissionError):
+    """A signed-in user's browser sent this from another site: a link or a page there, not
+    the user, is asking in their name."""
+
+    message = (
+        "This request came from another site, so it may not act as your signed-in account: "
+        "ask from this site's own pages, or from a program (which sends no cookie)."
+    )
+
+
+def same_origin(request: HttpRequest) -> bool:
+    """Whether a browser sent ``request`` from this site's own pages (or the user typed the
+    URL). Browsers say so in Sec-Fetch-Site; older ones send Origin on cross-site requests;
+    a program sends neither, and no cookie to abuse either."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = request.headers.get("Origin")
+    return origin is None or origin == f"{request.scheme}://{request.get_host()}"
+
+
 async def asking_user(request: HttpRequest) -> Any:
-    """The user asking the API. Looking them up used a database connection only if the
-    request carried a session cookie; that one goes back to the pool, as the answer may
-    take a while."""
+    """The user asking the API. A signed-in user's request from another site raises
+    ``CrossSite``: a link elsewhere must not plant questions in someone's history.
+
+    Looking the user up used a database connection only if the request carried a session
+    cookie; that one goes back to the pool, as the answer may take a while."""
     user = await request.auser()
     if settings.SESSION_COOKIE_NAME in request.COOKIES:
         await arelease_connection()
+    if user.is_authenticated and not same_origin(request):
+        raise CrossSite(CrossSite.message)
     return user
