@@ -134,12 +134,14 @@ def test_every_format_globs_collection_and_dry_run(tmp_path):
     (tmp_path / "b.docx").write_bytes(docx_bytes([("h1", "Plums"), ("p", "Plums are purple.")]))
     (tmp_path / "c.html").write_bytes(HTML_PAGE)
     (tmp_path / "d.md").write_text("# Pears\n\nPears are sweet.", encoding="utf-8")
-    dry = ingest(str(tmp_path / "*.*"), "--collection", "fruit", "--dry-run")
+    dry = ingest(str(tmp_path / "*.*"), "--collection", "fruit", "--create", "--dry-run")
     assert "Dry run: Added 4, unchanged 0, replaced 0, failed 0." in dry
     assert not Collection.objects.filter(name="fruit").exists() and not Document.objects.exists()
 
-    assert "Added 4, unchanged 0, replaced 0, failed 0." in ingest(str(tmp_path / "*.*"), "--collection", "fruit")
+    added = ingest(str(tmp_path / "*.*"), "--collection", "fruit", "--create")
+    assert "Added 4, unchanged 0, replaced 0, failed 0." in added
     fruit = Collection.objects.get(name="fruit")
+    assert fruit.visibility == Collection.Visibility.STAFF and "staff only" in added
     assert Document.objects.filter(collection=fruit).count() == 4
     assert Chunk.objects.filter(document__source=str(tmp_path / "b.docx"), heading="Plums").exists()
     assert Document.objects.get(source=str(tmp_path / "c.html")).title == "Gardening guide"
@@ -152,7 +154,20 @@ def test_every_format_globs_collection_and_dry_run(tmp_path):
     assert "Added 0, unchanged 3, replaced 1, failed 0." in ingest(str(tmp_path), "--collection", "fruit")
     assert Chunk.objects.filter(document__source=str(tmp_path / "d.md")).get().text == "Pears are juicy."
     assert Document.objects.filter(collection=fruit).count() == 4
-    assert "Added 4," in ingest(str(tmp_path), "--collection", "other")
+    assert "Added 4," in ingest(str(tmp_path), "--collection", "other", "--create", "--public")
+    assert Collection.objects.get(name="other").visibility == Collection.Visibility.PUBLIC
+
+
+def test_a_collection_name_with_a_typo_creates_nothing(tmp_path):
+    from rag.models import Collection
+
+    Collection.objects.create(name="handbook")
+    (tmp_path / "a.md").write_text("# Pears\n\nPears are sweet.", encoding="utf-8")
+    with pytest.raises(CommandError, match=r"no collection named “handbok” .*handbook.*--create"):
+        ingest(str(tmp_path), "--collection", "handbok")
+    with pytest.raises(CommandError, match="--public only applies with --create"):
+        ingest(str(tmp_path), "--collection", "handbook", "--public")
+    assert not Collection.objects.filter(name="handbok").exists() and not Document.objects.exists()
 
 
 def test_glob_without_matches_is_a_command_error(tmp_path):

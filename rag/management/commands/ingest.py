@@ -45,17 +45,43 @@ class Command(BaseCommand):
         parser.add_argument(
             "--if-empty", action="store_true", help="Do nothing if the collection already has documents."
         )
+        parser.add_argument(
+            "--create", action="store_true", help="Create the collection if there is none of that name (staff only)."
+        )
+        parser.add_argument(
+            "--public", action="store_true", help="With --create: everyone may read it, signed in or not."
+        )
 
     def handle(
-        self, *args, paths: list[str], collection: str, title: str, dry_run: bool, if_empty: bool, **options
+        self,
+        *args,
+        paths: list[str],
+        collection: str,
+        title: str,
+        dry_run: bool,
+        if_empty: bool,
+        create: bool,
+        public: bool,
+        **options,
     ) -> None:
         verbose = options.get("verbosity", 1) > 1
+        if public and not create:
+            raise CommandError("--public only applies with --create, to a collection this command creates.")
         target = Collection.objects.filter(name=collection).first()
         if target is None and collection == Collection.DEFAULT_NAME:
             target = default_collection()
+        elif target is None and not create:
+            # A typo must not make a new collection, let alone a public one.
+            names = ", ".join(sorted(Collection.objects.values_list("name", flat=True))) or "none yet"
+            raise CommandError(
+                f"There is no collection named “{collection}” (there are: {names}). "
+                "Add --create to create it (staff only; --public to let everyone read it)."
+            )
         elif target is None and not dry_run:
-            target = Collection.objects.create(name=collection)
-            self.stdout.write(f"Created the collection “{collection}” (public; restrict it in the admin).")
+            visibility = Collection.Visibility.PUBLIC if public else Collection.Visibility.STAFF
+            target = Collection.objects.create(name=collection, visibility=visibility)
+            who = "everyone may read it" if public else "staff only; open it to groups or everyone in the admin"
+            self.stdout.write(f"Created the collection “{collection}” ({who}).")
         if if_empty and target is not None and Document.objects.filter(collection=target).exists():
             self.stdout.write("The knowledge base has documents already; nothing to do.")
             return
