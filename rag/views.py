@@ -43,16 +43,35 @@ def api_method(method: str):
                 return await view(request, *args, **kwargs)
             except CrossSite as exc:
                 return bad_request(str(exc), status=403)
+            except NoSuchCollection as exc:
+                hint = "Leave 'collection' out to search every collection you may read."
+                return bad_request(f"{exc} {hint}", exc.status)
 
         return wrapper
 
     return decorator
 
 
-def reader(user, *, collection: str | None = None) -> Reader:
+class NoSuchCollection(LookupError):
+    status = 404
+
+
+class BadCollection(NoSuchCollection):
+    status = 400
+
+
+async def reader(user, *, collection: str | None = None) -> Reader:
     """Who is asking, for the search: what they may read, optionally narrowed to one
-    collection by name (one they may not read is simply empty for them)."""
-    return Reader.of(user).only(name=collection)
+    collection by name. A name they may not read raises NoSuchCollection, in the same
+    words whether it does not exist or is not theirs to read."""
+    who = Reader.of(user)
+    if collection is None or collection == "":
+        return who
+    if "\x00" in collection or len(collection) > 100:
+        raise BadCollection("'collection' must be a collection's name: at most 100 characters, no NUL.")
+    if not await who.collections().filter(name=collection).aexists():
+        raise NoSuchCollection(f"There is no collection named {collection!r} that you may read.")
+    return who.only(name=collection)
 
 
 @api_method("GET")
@@ -82,7 +101,7 @@ async def stream(request: HttpRequest):
         question=q.question,
         k=q.k,
         user_id=user.pk if user.is_authenticated else None,
-        collections=reader(user, collection=request.GET.get("collection")),
+        collections=await reader(user, collection=request.GET.get("collection")),
     )
     events = follow(answer.pk, key=str(answer.public_id))
     if detach == "0":
@@ -181,7 +200,7 @@ async def query(request: HttpRequest):
         q.question,
         k=q.k,
         user_id=user.pk if user.is_authenticated else None,
-        collections=reader(user, collection=collection),
+        collections=await reader(user, collection=collection),
     )
     payload = {
         "answer": answer.text,

@@ -732,9 +732,19 @@ async def test_naming_a_collection_narrows_the_search_but_never_widens_it(live_s
     await add_to("public", "The shop opens at nine in the morning.")
     await add_to("secret", "The vault code is 4711 and opens the vault.")
     params = {"question": "what opens?", "k": "5", "collection": "secret"}
-    outsider = await stream(http, live_server_url, params, headers=cookie(cookies["outsider"]))
-    [sources] = [json.loads(e.data) for e in outsider.events if e.type == "sources"]
-    assert sources == []
+    # Not readable and not there read the same: a 404 that says what to do, never an empty answer.
+    for name in ("secret", "nope"):
+        async with http.get(
+            f"{live_server_url}/rag/stream", params={**params, "collection": name}, headers=cookie(cookies["outsider"])
+        ) as refused:
+            error = (await refused.json())["error"]
+        assert refused.status == 404 and f"no collection named '{name}' that you may read" in error
+    async with http.get(f"{live_server_url}/rag/stream", params={**params, "collection": "a\x00b"}) as nul:
+        assert nul.status == 400 and "no NUL" in (await nul.json())["error"]
+    async with http.post(
+        f"{live_server_url}/rag/query", json={"question": "what opens?", "collection": "nope"}, headers=cookie(None)
+    ) as query:
+        assert query.status == 404 and "no collection named 'nope'" in (await query.json())["error"]
     member = await stream(http, live_server_url, params, headers=cookie(cookies["member"]))
     [sources] = [json.loads(e.data) for e in member.events if e.type == "sources"]
     assert [s["snippet"] for s in sources] == ["The vault code is 4711 and opens the vault."]
