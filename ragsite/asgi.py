@@ -57,6 +57,10 @@ def _http_app():
 
 http_application = _http_app()
 
+from ragsite import long_urls  # noqa: E402
+
+long_urls.install()  # daphne: a 414 for a URL over 16 KiB, not a dropped connection
+
 from rag import warmup  # noqa: E402  (needs Django set up)
 
 # Load the models now, in the background: the process accepts connections at once and

@@ -907,3 +907,24 @@ async def test_an_anonymous_stream_from_another_site_is_answered(fake_llm):
     response = await AsyncClient().get("/rag/stream", {"question": "Public?"}, headers={"Sec-Fetch-Site": "cross-site"})
     assert response.status_code == 200
     assert b"[DONE]" in b"".join([chunk async for chunk in response.streaming_content])
+
+
+@live
+def test_a_question_too_long_for_a_url_gets_a_414_that_says_what_to_do(live_server_url):
+    """daphne's HTTP layer reads request lines of at most 16 KiB and used to drop the
+    connection on a longer one, with no response at all."""
+    import socket
+    import urllib.parse
+
+    host, port = urllib.parse.urlsplit(live_server_url).netloc.split(":")
+    # Just over the limit: with much more, the bytes still unread when the server closes make
+    # its kernel reset the connection, which can discard the response before the client reads it.
+    request = f"GET /rag/stream?question={'a' * 17_000} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        response = b""
+        while chunk := sock.recv(65536):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 414 ")
+    assert "POST to /rag/query" in json.loads(body)["error"]
