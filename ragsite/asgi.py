@@ -57,9 +57,9 @@ def _http_app():
 
 http_application = _http_app()
 
-from ragsite import long_urls  # noqa: E402
+from ragsite import daphne_http  # noqa: E402
 
-long_urls.install()  # daphne: a 414 for a URL over 16 KiB, not a dropped connection
+daphne_http.install()  # daphne: a 414 for a URL over 16 KiB; an access log without questions
 
 from rag import warmup  # noqa: E402  (needs Django set up)
 

@@ -928,3 +928,22 @@ def test_a_question_too_long_for_a_url_gets_a_414_that_says_what_to_do(live_serv
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 414 ")
     assert "POST to /rag/query" in json.loads(body)["error"]
+
+
+@live
+def test_the_access_log_keeps_the_route_and_not_the_question(fake_llm):
+    import urllib.request
+
+    from django.db import connection
+
+    from tests.processes import app_env, start_daphne
+
+    web = start_daphne(app_env(connection.settings_dict["NAME"], fake_llm.base_url), name="daphne-log")
+    try:
+        with urllib.request.urlopen(f"{web.url}/rag/stream?question=my+salary+is+secret", timeout=20) as response:
+            assert b"[DONE]" in response.read()
+    finally:
+        web.stop()
+    log = web.log()
+    assert '"GET /rag/stream?<28 chars>" 200' in log  # "question=my+salary+is+secret"
+    assert "salary" not in log
