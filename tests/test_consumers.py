@@ -15,7 +15,7 @@ from ragsite.asgi import application
 from tests.factories import add_corpus, agroup_collection
 
 pytestmark = pytest.mark.django_db(transaction=True)
-ORIGIN = [(b"origin", b"http://127.0.0.1:8000")]
+ORIGIN = [(b"origin", b"http://127.0.0.1:8000"), (b"host", b"127.0.0.1:8000")]
 
 
 async def connect(session: str | None = None) -> WebsocketCommunicator:
@@ -193,8 +193,27 @@ async def test_resume_needs_an_event_id_of_ones_own_answer(fake_llm):
     await mine.disconnect()
 
 
-async def test_a_foreign_origin_is_refused(fake_llm):
-    communicator = WebsocketCommunicator(application, "/ws/rag/", headers=[(b"origin", b"https://evil.example")])
+@pytest.mark.parametrize(
+    "origin",
+    [
+        b"https://evil.example",  # another site
+        b"http://127.0.0.1:9999",  # another port of this host: browsers send it the same cookies
+        b"http://evil.example:8000",  # another host on this port
+        b"null",  # a sandboxed frame or a file
+        None,  # no Origin: not a browser's handshake
+    ],
+)
+async def test_a_socket_from_anywhere_but_this_sites_pages_is_refused(fake_llm, origin):
+    headers = [(b"host", b"127.0.0.1:8000")] + ([(b"origin", origin)] if origin else [])
+    communicator = WebsocketCommunicator(application, "/ws/rag/", headers=headers)
+    connected, _ = await communicator.connect()
+    assert not connected
+
+
+async def test_a_secure_socket_needs_a_secure_page(fake_llm):
+    headers = [(b"host", b"127.0.0.1:8000"), (b"origin", b"http://127.0.0.1:8000")]
+    communicator = WebsocketCommunicator(application, "/ws/rag/", headers=headers)
+    communicator.scope["scheme"] = "wss"
     connected, _ = await communicator.connect()
     assert not connected
 
