@@ -43,6 +43,8 @@ def test_the_proxy_balances_over_every_web_process_and_passes_streams_through(se
     assert "sticky" not in directives and "ip_hash" not in directives  # any process serves any request
     assert re.search(r"proxy_buffering off;", nginx)  # tokens as they come
     assert re.search(r"proxy_set_header Upgrade \$http_upgrade;", nginx)  # the WebSocket
+    # Its origin check needs the Host with the port the browser used ($host drops it).
+    assert re.search(r"proxy_set_header Host \$http_host;", directives)
     assert re.search(r"proxy_read_timeout \d+h;", nginx)
     assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in services["proxy"]["volumes"]
 
