@@ -326,7 +326,7 @@ async def test_async_client_disconnect_during_long_sleep(fake: FakeOpenAI) -> No
 # --- server logs in failure reports -------------------------------------------------------------
 
 
-def test_a_failing_test_shows_what_the_server_processes_logged_while_it_ran(tmp_path):
+def test_a_failing_test_shows_what_the_server_processes_logged_while_it_ran(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from tests import conftest, processes
@@ -334,20 +334,17 @@ def test_a_failing_test_shows_what_the_server_processes_logged_while_it_ran(tmp_
     log = tmp_path / "web.log"
     log.write_text("an earlier test's requests\n")
     web = processes.Process(name="web", proc=SimpleNamespace(pid=4242), port=0, log_path=log)
-    processes.STARTED.append(web)
-    try:
-        item = SimpleNamespace(rag_log_starts={log: log.stat().st_size})
-        log.write_text("an earlier test's requests\nTraceback: the error behind the failure\n")
-        reports = {
-            outcome: SimpleNamespace(when="call", failed=outcome == "failed", sections=[])
-            for outcome in ("failed", "passed")
-        }
-        for report in reports.values():
-            hook = conftest.pytest_runtest_makereport(item, None)
-            next(hook)
-            with pytest.raises(StopIteration):
-                hook.send(SimpleNamespace(get_result=lambda report=report: report))
-    finally:
-        processes.STARTED.remove(web)
+    monkeypatch.setattr(processes, "STARTED", [web])  # not the servers other tests started
+    item = SimpleNamespace(rag_log_starts={log: log.stat().st_size})
+    log.write_text("an earlier test's requests\nTraceback: the error behind the failure\n")
+    reports = {
+        outcome: SimpleNamespace(when="call", failed=outcome == "failed", sections=[])
+        for outcome in ("failed", "passed")
+    }
+    for report in reports.values():
+        hook = conftest.pytest_runtest_makereport(item, None)
+        next(hook)
+        with pytest.raises(StopIteration):
+            hook.send(SimpleNamespace(get_result=lambda report=report: report))
     assert reports["failed"].sections == [("web (pid 4242) logged", "Traceback: the error behind the failure\n")]
     assert reports["passed"].sections == []
