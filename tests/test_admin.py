@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import aiohttp
@@ -17,6 +18,7 @@ from django.urls import reverse
 from rag.models import Chunk, Collection, Conversation, Document, Feedback, Message
 from rag.services import ingestion
 from ragsite.session_store import SessionStore
+from tests.conftest import wait_until
 from tests.factories import add_corpus, group_collection
 from tests.files import encrypted_pdf_bytes, pdf_bytes
 from tests.sse import SSEParser
@@ -399,3 +401,41 @@ def test_the_document_list_shows_what_the_uploads_take():
     page = client.get(CHANGELIST).content.decode()
     assert "Uploaded files kept in the database: 2, 3.0\xa0KB" in page
     assert "2.0\xa0KB" in page and "1.0\xa0KB" in page  # each document's own
+
+
+async def test_an_answer_still_being_written_is_hidden_from_staff_who_may_not_read_its_sources(fake_llm, settings):
+    """Its sources go on its row as soon as they are known, so the admin's filter applies
+    while it streams, not only once it is saved."""
+    from django.utils import timezone
+
+    from rag.answers.access import Owner
+    from rag.models import Reader
+    from rag.services import chat
+    from rag.services.documents import aadd_documents
+
+    secret, members = await sync_to_async(group_collection)()
+    await aadd_documents(documents=["The vault code is 4711."], collection=secret)
+    asker = await User.objects.acreate(username="asker")
+    await asker.groups.aadd(members)
+    fake_llm.first_token_ms = 30_000  # it is still being written while staff look
+    settings.RAG_LLM_TIMEOUT = 60
+    answer = await chat.ask(
+        owner=Owner(user_id=asker.pk), question="Which code opens the vault?", k=2, collections=Reader.of(asker)
+    )
+    await asyncio.to_thread(
+        wait_until, lambda: Message.objects.get(pk=answer.pk).sources, what="the answer's sources on its row"
+    )
+    # What the claim renewal writes while it streams: the text so far.
+    await Message.objects.filter(pk=answer.pk).aupdate(text="The vault code is", claimed_at=timezone.now())
+
+    def admin_pages(client: Client) -> tuple[str, str]:
+        return tuple(client.get(f"/admin/rag/{page}/").content.decode() for page in ("message", "conversation"))
+
+    try:
+        assert (await Message.objects.aget(pk=answer.pk)).status == Message.Status.STREAMING
+        messages, conversations = await sync_to_async(lambda: admin_pages(staff_client(superuser=False)))()
+        member = await sync_to_async(lambda: admin_pages(staff_client(superuser=False, groups=[members])))()
+    finally:
+        await chat.stop(owner=Owner(user_id=asker.pk), answer_id=answer.pk)
+    assert "The vault code is" not in messages and "Which code opens the vault?" not in conversations
+    assert "The vault code is" in member[0] and "Which code opens the vault?" in member[1]

@@ -1,6 +1,6 @@
 """Writing an answer's events to Postgres in batches, and reading them back; and the
-changes to an answer's row while it lives (claim renewals, Stop before it began, the
-interruption of an answer whose process died). The final save of a finished answer,
+changes to an answer's row while it lives (its sources once known, claim renewals, Stop
+before it began, the interruption of an answer whose process died). The final save of a finished answer,
 text, status and metrics at once, is rag.services.answering's, batched with the others.
 
 At 1,000 answers streaming at once, one INSERT per token would be 50,000 statements a
@@ -26,7 +26,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection as django_connection
 from django.utils import timezone
 
-from rag.answers.events import LogEvent
+from rag.answers.events import SOURCES, LogEvent
 from rag.models import AnswerEvents, Message, storable
 from rag.services.connections import release_connection
 
@@ -119,6 +119,13 @@ _INSERT = (
     f"INSERT INTO {AnswerEvents._meta.db_table} (message_id, first_seq, last_seq, events) "
     "SELECT * FROM unnest(%s::bigint[], %s::int[], %s::int[], %s::text[])"
 )
+# The sources go on the answer's row as soon as they are known, not only with the final
+# save: the admin hides answers that quote a collection the staff user may not read
+# (Message.objects.citing_unreadable), the ones still being written included.
+_SOURCES = (
+    f"UPDATE {Message._meta.db_table} AS m SET sources = s.sources::jsonb "
+    "FROM unnest(%s::bigint[], %s::text[]) AS s(id, sources) WHERE m.id = s.id AND m.status = 'streaming'"
+)
 
 
 async def _insert(conn: psycopg.AsyncConnection, batch: dict[int, list[LogEvent]]) -> None:
@@ -128,13 +135,19 @@ async def _insert(conn: psycopg.AsyncConnection, batch: dict[int, list[LogEvent]
     was 62 ms of server CPU per 50-token answer, against 49-54 ms now (docs/benchmarks.md).
     """
     ids, firsts, lasts, texts = [], [], [], []
+    sourced: dict[int, str] = {}
     for answer_id, events in batch.items():
         ids.append(answer_id)
         firsts.append(events[0].seq)
         lasts.append(events[-1].seq)
         texts.append(json.dumps([[e.kind, e.data] for e in events], ensure_ascii=False))
+        for event in events:
+            if event.kind == SOURCES:
+                sourced[answer_id] = json.dumps(event.data, ensure_ascii=False)
     async with conn.transaction():
         await conn.execute(_INSERT, [ids, firsts, lasts, texts])
+        if sourced:
+            await conn.execute(_SOURCES, [list(sourced), list(sourced.values())])
         for payload in _payloads(f"{answer_id}:{last}" for answer_id, last in zip(ids, lasts, strict=True)):
             await conn.execute("SELECT pg_notify(%s, %s)", [EVENTS_CHANNEL, payload])
 
