@@ -947,3 +947,27 @@ def test_the_access_log_keeps_the_route_and_not_the_question(fake_llm):
     log = web.log()
     assert '"GET /rag/stream?<28 chars>" 200' in log  # "question=my+salary+is+secret"
     assert "salary" not in log
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_healthz_keeps_the_databases_own_words_for_staff_and_the_log(monkeypatch, caplog):
+    from django.contrib.auth.models import User
+    from django.db import OperationalError
+
+    from rag import views, warmup
+
+    async def unreachable() -> None:
+        raise OperationalError('connection to server at "10.1.2.3", port 5432 failed: password for user "rag"')
+
+    monkeypatch.setattr(warmup, "ready", lambda: True)
+    monkeypatch.setattr(views, "_ping_database", unreachable)
+    anonymous = await AsyncClient().get("/healthz")
+    staff = AsyncClient()
+    await staff.aforce_login(await User.objects.acreate(username="ops", is_staff=True))
+    detailed = await staff.get("/healthz")
+
+    assert anonymous.status_code == detailed.status_code == 503
+    assert json.loads(anonymous.content)["database"] == "unreachable (the server log says why)"
+    assert "10.1.2.3" not in anonymous.content.decode()
+    assert "10.1.2.3" in json.loads(detailed.content)["database"]
+    assert "10.1.2.3" in caplog.text
