@@ -28,6 +28,17 @@ class ProviderError(Exception):
         self.message = message
         self.code = code
 
+    def public(self) -> ProviderError:
+        """The same error for whoever asked, who may be anyone: the message without the
+        server's addresses and file paths (the log keeps the whole of it)."""
+        message = _URL.sub("the configured server", self.message)
+        return ProviderError(_PATH.sub("a file on the server", message), code=self.code)
+
+
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>()]*[^\s'\"<>().,;:!?]", re.IGNORECASE)
+#: An absolute path of at least two parts (``/opt/models/x.gguf``), not a fraction or a URL's.
+_PATH = re.compile(r"(?<![\w:/.])/(?:[\w.-]+/)+[\w.-]+")
+
 
 @dataclass(frozen=True, slots=True)
 class QueryVector:

@@ -243,7 +243,9 @@ async def generate(
                     yield Token(chunk.text)
         outcome.status = Message.Status.COMPLETE
     except ProviderError as exc:
-        outcome.status, outcome.error = Message.Status.ERROR, exc
+        # Whoever asked sees what failed and what to do; the addresses are for the log.
+        logger.warning("Answering %r failed (%s): %s", question[:80], exc.code, exc.message)
+        outcome.status, outcome.error = Message.Status.ERROR, exc.public()
     except Exception as exc:
         logger.exception("Answering %r failed", question[:80])
         outcome.status = Message.Status.ERROR

@@ -237,3 +237,16 @@ async def test_a_one_token_answer_has_no_gaps(fake_llm):
     assert answer.metrics.tokens == 1 and answer.metrics.ttft_ms is not None
     message = await Message.objects.aget(pk=answer.metrics.message_id)
     assert (message.tokens_per_s, message.gap_p50_ms, message.gap_p95_ms, message.gap_max_ms) == (None,) * 4
+
+
+async def test_a_failed_answer_tells_the_asker_what_failed_and_the_log_where(fake_llm, settings, caplog):
+    await add_corpus()
+    settings.RAG_CHAT_PROVIDER = "openai"
+    settings.OPENAI_BASE_URL = "http://127.0.0.1:9/v1"  # nothing listens there
+    events = [e async for e in RAG().aevents("pgvector?", k=1)]
+    [error] = [e for e in events if isinstance(e, answering.Error)]
+    assert error.code == "unreachable" and "127.0.0.1:9" not in error.message
+    assert "not reachable" in error.message
+    saved = await Message.objects.aget(pk=error.message_id)
+    assert "127.0.0.1:9" not in saved.error
+    assert "127.0.0.1:9" in caplog.text  # the operator's copy
