@@ -52,7 +52,21 @@ MIDDLEWARE = [
     "ragsite.middleware.AuthenticationMiddleware",
     "ragsite.middleware.MessageMiddleware",
     "ragsite.middleware.XFrameOptionsMiddleware",
+    "ragsite.middleware.ContentSecurityPolicyMiddleware",
 ]
+# Scripts, styles and everything else from this site only: no inline script or style (the
+# chat page's are static files, and htmx is told not to inject its own), no eval, no frames.
+CONTENT_SECURITY_POLICY = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'", "data:"],
+    "connect-src": ["'self'"],
+    "object-src": ["'none'"],
+    "base-uri": ["'self'"],
+    "form-action": ["'self'"],
+    "frame-ancestors": ["'none'"],
+}
 # Django finds its middleware by path and misses the subclasses above;
 # ragsite.checks runs the real checks against them instead.
 SILENCED_SYSTEM_CHECKS = ["security.W001", "security.W002", "security.W003"]

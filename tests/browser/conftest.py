@@ -28,3 +28,28 @@ async def browser() -> AsyncIterator[Browser]:
         chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         yield chromium
         await chromium.close()
+
+
+#: Records every Content-Security-Policy violation of a page, for assert_no_csp_violation.
+CSP_RECORDER = """
+window.__csp = [];
+document.addEventListener('securitypolicyviolation', (e) => {
+  window.__csp.push(`${e.violatedDirective}: ${e.blockedURI} (${e.sourceFile}:${e.lineNumber})`);
+});
+"""
+
+
+async def csp_violations(page) -> list[str]:
+    return await page.evaluate("window.__csp || []")
+
+
+async def wait_for_js(page, expression: str) -> None:
+    """Until ``expression`` is true in the page (15 s at most). Not Playwright's
+    wait_for_function, which evaluates its predicate with eval() inside the page, and the
+    CSP forbids eval."""
+    import asyncio
+
+    async with asyncio.timeout(15):
+        # The condition lives in the page, where no asyncio.Event can reach: poll it.
+        while not await page.evaluate(expression):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)

@@ -11,6 +11,7 @@ from playwright.async_api import Browser, Page
 
 from rag.models import Collection, Document
 from rag.services import ingestion
+from tests.browser.conftest import CSP_RECORDER, csp_violations
 from tests.files import encrypted_pdf_bytes
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -24,6 +25,7 @@ async def admin_page(browser: Browser, live_server_url: str) -> AsyncIterator[Pa
     context = await browser.new_context(base_url=live_server_url)
     page = await context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
+    await page.add_init_script(CSP_RECORDER)
     await page.goto("/admin/login/?next=/admin/rag/document/")
     await page.fill("#id_username", "root")
     await page.fill("#id_password", "pw")
@@ -66,3 +68,24 @@ async def test_the_list_follows_documents_from_queued_to_ready_or_failed_without
     assert await page.is_hidden(f'progress[data-document="{good}"]')
     error = await page.text_content(f'[data-document="{bad}"][data-field="error"]')
     assert "password" in error.lower()
+
+
+async def test_the_admins_upload_and_try_a_query_pages_run_under_the_csp_without_a_violation(admin_page, fake_llm):
+    page = admin_page
+    await sync_to_async(ingestion.submit_text)(
+        collection=await sync_to_async(lambda: Collection.objects.create(name="kb"))(),
+        title="Bananas",
+        text="Bananas are yellow fruit.",
+    )
+    for document in [d async for d in Document.objects.all()]:
+        await ingestion.aingest(document_id=document.pk)
+    response = await page.goto("/admin/rag/document/add/")
+    assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+    assert await csp_violations(page) == []
+    await page.goto("/admin/rag/document/try-query/")
+    await page.fill("#id_question", "yellow fruit")
+    await page.click("input[type=submit]")
+    await page.wait_for_selector("text=Bananas are yellow fruit.")
+    assert await csp_violations(page) == []
+    await page.goto("/admin/rag/document/")
+    assert await csp_violations(page) == []

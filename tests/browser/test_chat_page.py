@@ -16,6 +16,7 @@ import pytest
 from playwright.async_api import Browser, Page
 
 from rag.models import Message
+from tests.browser.conftest import CSP_RECORDER, csp_violations, wait_for_js
 from tests.factories import CORPUS, add_corpus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -46,6 +47,7 @@ async def page(browser: Browser, live_server_url: str) -> AsyncIterator[Page]:
     page = await context.new_page()
     page.set_default_timeout(TIMEOUT_MS)
     await page.add_init_script(OBSERVER)
+    await page.add_init_script(CSP_RECORDER)
     page.dialogs = []  # any alert() an injected script managed to run
     page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), asyncio.ensure_future(dialog.dismiss())))
     yield page
@@ -67,7 +69,7 @@ async def test_a_question_streams_progressively_with_sources_first_then_markdown
 
     await ask(page, "What does pgvector add to Postgres?")
 
-    await page.wait_for_function("window.__seen.lengths.length >= 6")  # seen growing, still streaming
+    await wait_for_js(page, "window.__seen.lengths.length >= 6")  # seen growing, still streaming
     await page.wait_for_selector(".answer .markdown strong")  # done: rendered Markdown replaced the text
     seen = await page.evaluate("window.__seen")
     assert seen["order"] == ["sources", "token"]
@@ -98,7 +100,7 @@ async def test_a_question_streams_progressively_with_sources_first_then_markdown
     fake_llm.tokens = ["HNSW", " and", " IVFFlat", " [1]"]
     await page.fill("#question", "Which indexes?")
     await page.press("#question", "Enter")
-    await page.wait_for_function("document.querySelectorAll('.answer .markdown').length === 2")
+    await wait_for_js(page, "document.querySelectorAll('.answer .markdown').length === 2")
     assert await page.locator(".turn").count() == 2
     conversation_url = page.url
     await page.goto("/")
@@ -113,7 +115,7 @@ async def test_stop_stops_the_model_and_keeps_the_partial_answer(page, fake_llm)
     fake_llm.inter_token_ms = 30
 
     await ask(page, "Tell me everything about bananas")
-    await page.wait_for_function("window.__seen.lengths.length >= 3")
+    await wait_for_js(page, "window.__seen.lengths.length >= 3")
     await page.click("button.stop")
 
     record = await asyncio.to_thread(fake_llm.wait_for_close, timeout=10)
@@ -164,11 +166,11 @@ async def test_a_reload_mid_answer_shows_it_catching_up_then_finishing(page, fak
     fake_llm.tokens = [f"word{i} " for i in range(40)]
 
     await ask(page, "What does pgvector add to Postgres?")
-    await page.wait_for_function("window.__seen.lengths.length >= 5")  # a few tokens in
+    await wait_for_js(page, "window.__seen.lengths.length >= 5")  # a few tokens in
     await page.reload()  # the EventSource goes with the old page; the answer does not
 
     # The reloaded page subscribes to the same answer: it catches up, then grows live.
-    await page.wait_for_function("window.__seen.lengths.length >= 3")
+    await wait_for_js(page, "window.__seen.lengths.length >= 3")
     await page.wait_for_selector(".answer .markdown")  # done
     seen = await page.evaluate("window.__seen")
     assert seen["lengths"] == sorted(seen["lengths"])
@@ -177,3 +179,16 @@ async def test_a_reload_mid_answer_shows_it_catching_up_then_finishing(page, fak
     assert not request.closed_by_client
     answer = await Message.objects.filter(role=Message.Role.ASSISTANT).alatest("pk")
     assert answer.status == Message.Status.COMPLETE
+
+
+async def test_the_chat_page_and_a_conversation_run_under_the_csp_without_a_violation(page, fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["**pgvector**", " adds", " vectors", " [1]"]
+    await ask(page, "What does pgvector add to Postgres?")
+    await page.wait_for_selector(".answer .markdown strong")  # streamed, then rendered
+    response = await page.reload()  # the conversation's own page, /c/<id>
+    assert "/c/" in page.url
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
+    await page.wait_for_selector(".answer .markdown strong")
+    assert await csp_violations(page) == []
