@@ -15,6 +15,10 @@ RUN pip install --no-cache-dir torch==2.13.0 \
 COPY . .
 RUN DJANGO_SECRET_KEY=build DATABASE_URL=postgres://build@localhost/build python manage.py collectstatic --noinput
 
+# Not root: a flaw in the app or a parser must not own the container.
+RUN useradd --create-home --uid 10001 app
+USER app
+
 EXPOSE 8000
 # A listen backlog above daphne's default 50, so bursts of clients are not dropped (README).
 CMD ["daphne", "-e", "tcp:port=8000:interface=0.0.0.0:backlog=1024", "ragsite.asgi:application"]

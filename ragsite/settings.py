@@ -18,9 +18,13 @@ DATA_DIR = Path(env_str("RAG_DATA_DIR") or BASE_DIR / "var")
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
 SECRET_KEY = env_str("DJANGO_SECRET_KEY")
+PRODUCTION = not DEBUG and env_bool("DJANGO_PRODUCTION", False)
+if PRODUCTION and (len(SECRET_KEY) < 32 or "change-me" in SECRET_KEY or "insecure" in SECRET_KEY):
+    raise ImproperlyConfigured(
+        "DJANGO_SECRET_KEY must be set in production to a long random string (at least 32 characters, "
+        'not a placeholder): python -c "import secrets; print(secrets.token_urlsafe(50))"'
+    )
 if not SECRET_KEY:
-    if not DEBUG and env_bool("DJANGO_PRODUCTION", False):
-        raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set in production (a long random string).")
     # Development only: a fixed key keeps sessions valid across restarts.
     SECRET_KEY = "django-insecure-dev-key-set-DJANGO_SECRET_KEY-in-production"
 

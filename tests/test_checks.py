@@ -49,3 +49,28 @@ def test_a_missing_middleware_is_still_reported(settings):
     settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if not m.endswith("CsrfViewMiddleware")]
     settings.SILENCED_SYSTEM_CHECKS = []
     assert "security.W003" in deploy_ids()
+
+
+@pytest.mark.parametrize(
+    ("secret", "starts"),
+    [
+        ("", False),  # missing
+        ("change-me-in-production", False),  # the placeholder compose once defaulted to
+        ("short", False),
+        ("k3J9-q0Zx_" * 6, True),
+    ],
+)
+def test_production_refuses_to_start_without_a_real_secret_key(secret, starts):
+    import os
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+    env |= {"DJANGO_PRODUCTION": "1", "DJANGO_SECRET_KEY": secret, "DJANGO_SETTINGS_MODULE": "ragsite.settings"}
+    code = "import django; django.setup(); print('started')"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert (run.returncode == 0) == starts, run.stderr[-2000:]
+    if not starts:
+        assert "DJANGO_SECRET_KEY must be set in production" in run.stderr

@@ -54,3 +54,21 @@ def test_the_local_model_runs_apart_and_is_restarted(services):
     assert "manage.py llm_server" in llm["command"]
     assert llm["restart"] == "unless-stopped"
     assert all("llm_server" not in str(s.get("command", "")) for name, s in services.items() if name != "llm")
+
+
+def test_compose_is_safe_by_default(services):
+    """Read from the files (no Docker daemon here): the secret is required, production
+    settings are on, /static/ is served, and the image keeps secrets out and runs as a user."""
+    for name, service in services.items():
+        secret = service.get("environment", {}).get("DJANGO_SECRET_KEY")
+        if secret is not None:
+            assert secret.startswith("${DJANGO_SECRET_KEY:?"), name  # no default: compose refuses to start
+    for name, web in web_services(services).items():
+        assert web["environment"]["DJANGO_PRODUCTION"] == "1", name
+        assert web["environment"]["RAG_SERVE_STATIC"] == "1", name  # or the chat page has no script
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".env" in ignored and ".env.*" in ignored
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert dockerfile.index("USER ") < dockerfile.index("CMD ")
