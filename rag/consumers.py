@@ -28,6 +28,7 @@ import uuid
 from contextlib import aclosing, suppress
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.contrib.auth import get_user_model
 
 from rag.answers import events
 from rag.answers.access import Owner, scope_owner
@@ -85,7 +86,7 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
             return
         owner = await self.get_owner()
         try:
-            reader = Reader.of(self.scope.get("user"))
+            reader = await self.reader()
             answer = await chat.ask(
                 owner=owner, question=q.question, k=q.k, conversation_id=conversation_id, collections=reader
             )
@@ -112,7 +113,7 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
         try:
             answer = await chat.find_answer(owner=owner, key=parsed[0])
             events = await chat.stream_turn(
-                owner=owner, answer_id=answer.pk, after=parsed[1], collections=Reader.of(self.scope.get("user"))
+                owner=owner, answer_id=answer.pk, after=parsed[1], collections=await self.reader()
             )
         except chat.NotFound:
             await self.bad_request("No such answer of yours to resume.")
@@ -133,6 +134,14 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
 
     async def bad_request(self, message: str) -> None:
         await self.send_json({"type": "error", "code": "bad_request", "message": message})
+
+    async def reader(self) -> Reader:
+        """What the user may read now: the staff, superuser and active flags as they are, not as
+        they were when the socket connected (a user made inactive reads as anonymous)."""
+        user = self.scope.get("user")
+        if user is not None and user.is_authenticated:
+            user = await get_user_model().objects.filter(pk=user.pk).afirst()
+        return Reader.of(user)
 
     async def get_owner(self) -> Owner:
         if self.owner is None:

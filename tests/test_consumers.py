@@ -263,3 +263,26 @@ async def test_a_signed_in_group_member_gets_the_group_collection_and_nobody_els
     assert refused["code"] == "bad_request" and "No such conversation" in refused["message"]
     assert not_resumed["code"] == "bad_request" and "No such answer" in not_resumed["message"]
     assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2  # nothing added to it
+
+
+async def test_an_open_socket_reads_with_the_users_flags_as_they_are_now(fake_llm):
+    """Staff access removed while a socket is open takes effect on its next question."""
+    from rag.models import Collection
+    from rag.services.documents import aadd_documents
+
+    await add_corpus()
+    secret = await Collection.objects.acreate(name="staffonly", visibility=Collection.Visibility.STAFF)
+    await aadd_documents(documents=["The staff room code is 0815."], collection=secret)
+    session = await signed_in_session("former")
+    await User.objects.filter(username="former").aupdate(is_staff=True)
+    communicator = await connect(session)
+
+    async def sources_of(question: str) -> str:
+        await communicator.send_json_to({"type": "ask", "question": question, "k": 5})
+        messages = await receive_until_done(communicator)
+        return str([m["sources"] for m in messages if m["type"] == "sources"])
+
+    assert "0815" in await sources_of("What is the staff room code?")
+    await User.objects.filter(username="former").aupdate(is_staff=False)  # no longer staff
+    assert "0815" not in await sources_of("And the staff room code again?")
+    await communicator.disconnect()
