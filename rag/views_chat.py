@@ -43,7 +43,9 @@ async def page(request: HttpRequest, conversation_id: uuid.UUID | None = None) -
     conversation, turns = None, []
     if conversation_id is not None:
         try:
-            conversation, turns = await chat.get_turns(owner=owner, conversation_id=conversation_id)
+            conversation, turns = await chat.get_turns(
+                owner=owner, conversation_id=conversation_id, reader=Reader.of(await request.auser())
+            )
         except chat.NotFound:
             raise Http404("No such conversation.") from None
     context = {
@@ -160,7 +162,9 @@ async def feedback(request: HttpRequest, answer_id: int) -> HttpResponse:
 async def answer_detail(request: HttpRequest, answer_id: int) -> HttpResponse:
     """GET /chat/answers/<id>: the answer's fragment as it stands."""
     try:
-        answer = await chat.get_answer(owner=await request_owner(request), answer_id=answer_id)
+        answer = await chat.get_answer(
+            owner=await request_owner(request), answer_id=answer_id, reader=Reader.of(await request.auser())
+        )
     except chat.NotFound:
         raise Http404("No such answer.") from None
     return HttpResponse(await render_answer_fragment(answer))

@@ -383,3 +383,30 @@ async def test_the_chat_stream_dropped_mid_answer_over_http_resumes_where_it_bro
     ids = [e.id for e in before + after if e.id]
     assert len(ids) == len(set(ids)) and after[-1].type == "done"
     assert len(fake_llm.records) == 1 and not fake_llm.records[0].closed_by_client
+
+
+async def test_access_removed_hides_the_stored_answer_and_keeps_it_out_of_the_next_prompt(fake_llm):
+    member = await secret_collection_and_member()
+    await add_corpus()
+    await add_secret()
+    fake_llm.tokens = ["The", " code", " is", " 4711", " [1]"]
+    client = AsyncClient()
+    await client.aforce_login(member)
+    first = await post_question(client, "What is the vault code?", k="5")
+    answer_id = answer_id_in(first.content.decode())
+    await read_stream(client, answer_id)
+    conversation_id = (await Message.objects.aget(pk=answer_id)).conversation_id
+    assert "4711" in (await client.get(f"/c/{conversation_id}")).content.decode()
+
+    await member.groups.aclear()  # removed from the group that may read the vault's collection
+
+    page = (await client.get(f"/c/{conversation_id}")).content.decode()
+    assert "4711" not in page and "can no longer read" in page
+    detail = (await client.get(f"/chat/answers/{answer_id}")).content.decode()
+    assert "4711" not in detail and "can no longer read" in detail
+    fake_llm.tokens = ["Sorry"]
+    asked_before = len(fake_llm.records)
+    follow_up = await post_question(client, "And the code again?", conversation=str(conversation_id))
+    await read_stream(client, answer_id_in(follow_up.content.decode()))
+    since = fake_llm.records[asked_before:]  # the follow-up's requests (condensing, answering)
+    assert since and all("4711" not in str(record.request["messages"]) for record in since)

@@ -77,22 +77,44 @@ async def get_conversation(*, owner: Owner, conversation_id: uuid.UUID) -> Conve
         raise NotFound(f"No conversation {conversation_id}.") from None
 
 
-async def get_turns(*, owner: Owner, conversation_id: uuid.UUID) -> tuple[Conversation, list[Turn]]:
+REVOKED = "This answer quoted a collection you can no longer read, so it is not shown."
+
+
+async def get_turns(
+    *, owner: Owner, conversation_id: uuid.UUID, reader: Reader | None = None
+) -> tuple[Conversation, list[Turn]]:
+    """The conversation's turns; an answer quoting a collection ``reader`` may no longer read
+    (removed from its group since) is shown as REVOKED, without its text and sources."""
     conversation = await get_conversation(owner=owner, conversation_id=conversation_id)
+    revoked = await _revoked(reader, conversation.messages.all())
     turns: list[Turn] = []
     async for message in conversation.messages.select_related("feedback").order_by("id"):
         if message.role == Message.Role.USER:
             turns.append(Turn(question=message, answer=None))
         elif turns and turns[-1].answer is None:
-            turns[-1] = Turn(question=turns[-1].question, answer=message)
+            turns[-1] = Turn(question=turns[-1].question, answer=_shown(message, revoked))
     return conversation, turns
 
 
-async def get_answer(*, owner: Owner, answer_id: int) -> Message:
+async def get_answer(*, owner: Owner, answer_id: int, reader: Reader | None = None) -> Message:
+    """The owner's answer, REVOKED if it quotes a collection ``reader`` may no longer read."""
     try:
-        return await _answers(owner).aget(pk=answer_id)
+        answer = await _answers(owner).aget(pk=answer_id)
     except Message.DoesNotExist:
         raise NotFound(f"No answer {answer_id}.") from None
+    return _shown(answer, await _revoked(reader, Message.objects.filter(pk=answer.pk)))
+
+
+async def _revoked(reader: Reader | None, messages: QuerySet[Message]) -> set[int]:
+    if reader is None:
+        return set()
+    return {pk async for pk in messages.citing_unreadable(reader).values_list("pk", flat=True)}
+
+
+def _shown(answer: Message, revoked: set[int]) -> Message:
+    if answer.pk in revoked:
+        answer.text, answer.sources, answer.error = REVOKED, [], ""
+    return answer
 
 
 def _answers(owner: Owner) -> QuerySet[Message]:
@@ -150,6 +172,7 @@ async def ask(
             collection_id=collection_id,
             model=model,
             claim=start,
+            reader=_whole(collections),
         )
     await _generate(claimed, owner=owner, chat=chat, embedder=embedder, collections=collections)
     return claimed.answer
@@ -193,7 +216,7 @@ async def stream_turn(
         claimed, key = None, running.key
         await arelease_connection()
     else:
-        claimed = await _claim(owner=owner, answer_id=answer_id)
+        claimed = await _claim(owner=owner, answer_id=answer_id, reader=_whole(collections))
         key = str(claimed.answer.public_id)
     if last_event_id is not None:
         after = seq_after(last_event_id, key=key)
@@ -234,6 +257,12 @@ async def find_answer(*, owner: Owner, key: str) -> Message:
         return await _answers(owner).aget(public_id=key)
     except (Message.DoesNotExist, ValidationError):
         raise NotFound(f"No answer {key}.") from None
+
+
+def _whole(collections: CollectionScope) -> Reader | None:
+    """The reader behind a search scope, not narrowed to one collection: what decides which
+    earlier answers may go back into a prompt. None for a scope that is not a person's."""
+    return collections.only() if isinstance(collections, Reader) else None
 
 
 def _copy(message: Message) -> Message:
@@ -284,11 +313,17 @@ async def build_history(*, answer: Message, budget_tokens: int) -> list[dict[str
     return await sync_to_async(lambda: _history(answer.conversation_id, _question(answer).pk, budget_tokens))()
 
 
-def _history(conversation_id: uuid.UUID, before: int | None, budget_tokens: int) -> list[dict[str, str]]:
-    """``build_history`` of the messages before the one with id ``before`` (None: all of them)."""
+def _history(
+    conversation_id: uuid.UUID, before: int | None, budget_tokens: int, reader: Reader | None = None
+) -> list[dict[str, str]]:
+    """``build_history`` of the messages before the one with id ``before`` (None: all of them).
+    A turn whose answer quotes a collection ``reader`` may no longer read is left out: it
+    would feed the model what the asker may not see any more."""
     earlier = Message.objects.filter(conversation_id=conversation_id).order_by("-id")
     if before is not None:
         earlier = earlier.filter(pk__lt=before)
+    if reader is not None:
+        earlier = earlier.exclude(pk__in=Message.objects.citing_unreadable(reader).values("pk"))
     history: list[dict[str, str]] = []
     used = 0
     pending_answer: Message | None = None
@@ -354,7 +389,7 @@ class _Claimed:
 
 
 @sync_to_async
-def _claim(*, owner: Owner, answer_id: int) -> _Claimed:
+def _claim(*, owner: Owner, answer_id: int, reader: Reader | None = None) -> _Claimed:
     """The owner's answer, claimed by this caller if nobody has: one trip to the request's
     thread for the lookup, the claim, the question and the history (every chat question
     pays it before its first token; on the shared pool of six threads instead, those of
@@ -365,10 +400,10 @@ def _claim(*, owner: Owner, answer_id: int) -> _Claimed:
     except Message.DoesNotExist:
         release_connection()
         raise NotFound(f"No answer {answer_id}.") from None
-    return _claim_sync(answer)
+    return _claim_sync(answer, reader)
 
 
-def _claim_sync(answer: Message) -> _Claimed:
+def _claim_sync(answer: Message, reader: Reader | None = None) -> _Claimed:
     """``answer`` claimed by this caller (one conditional UPDATE), with what it is generated
     from; a follower's claim (someone else's, or an answer that ended) carries neither."""
     try:
@@ -380,7 +415,7 @@ def _claim_sync(answer: Message) -> _Claimed:
             return _Claimed(answer=answer)
         answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
         question = _question(answer)
-        history = _history(answer.conversation_id, question.pk, settings.RAG_HISTORY_TOKENS)
+        history = _history(answer.conversation_id, question.pk, settings.RAG_HISTORY_TOKENS, reader)
         return _Claimed(answer=answer, question=question.text, history=history)
     finally:
         # The request's thread is done with the database until the answer ends: the
@@ -398,6 +433,7 @@ def _open(
     collection_id: int | None,
     model: str,
     claim: bool,
+    reader: Reader | None,
 ) -> _Claimed:
     """``ask``'s trip to the database for a follow-up (or an answer left to its stream): the
     owner's conversation, what was said in it, and the new turn, its answer claimed by this
@@ -410,7 +446,7 @@ def _open(
             except Conversation.DoesNotExist:
                 raise NotFound(f"No conversation {conversation_id}.") from None
             if claim:
-                history = _history(conversation.pk, None, settings.RAG_HISTORY_TOKENS)
+                history = _history(conversation.pk, None, settings.RAG_HISTORY_TOKENS, reader)
         asked, answer = answering.open_turn(
             question=question,
             conversation=conversation,
