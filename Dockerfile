@@ -5,13 +5,14 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
-COPY requirements.txt .
+COPY requirements.txt requirements.lock ./
 COPY scripts/install-llama-cpp scripts/
-# torch is pinned first so that sentence-transformers does not pull another build;
+# torch is pinned first so that sentence-transformers does not pull another build; the rest
+# comes at the versions in requirements.lock, the ones the tests passed with;
 # llama-cpp-python is built for any x86-64 CPU, not -march=native (see the script).
 RUN pip install --no-cache-dir torch==2.13.0 \
     && RAG_WHEEL_CACHE=/tmp/wheels scripts/install-llama-cpp python && rm -rf /tmp/wheels \
-    && pip install --no-cache-dir -r requirements.txt
+    && pip install --no-cache-dir -r requirements.txt -c requirements.lock
 COPY . .
 RUN DJANGO_SECRET_KEY=build DATABASE_URL=postgres://build@localhost/build python manage.py collectstatic --noinput
 

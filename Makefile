@@ -14,16 +14,18 @@ TORCH := torch==2.13.0
 
 # llama-cpp-python before the requirements: scripts/install-llama-cpp builds it for any
 # x86-64 CPU (pip's default -march=native build crashes on Intel CPUs with AMX).
-$(VENV)/.stamp-runtime: requirements.txt scripts/install-llama-cpp
+# Every install takes its versions from requirements.lock (scripts/lock wrote it from a venv
+# that passed the tests): a fresh machine gets the versions that were tested.
+$(VENV)/.stamp-runtime: requirements.txt requirements.lock scripts/install-llama-cpp
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
 	scripts/install-llama-cpp $(PY)
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -c requirements.lock
 	touch $@
 
-$(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+$(VENV)/.stamp-dev: $(VENV)/.stamp-runtime requirements-dev.txt requirements.lock
+	$(PY) -m pip install --quiet -r requirements-dev.txt -c requirements.lock
 	touch $@
 
 # The browser tests drive Debian's chromium through Playwright (no browser download).

@@ -72,3 +72,23 @@ def test_compose_is_safe_by_default(services):
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1] not in ("root", "0")
     assert dockerfile.index("USER ") < dockerfile.index("CMD ")
+
+
+def test_every_install_takes_the_tested_versions_from_the_lock():
+    """requirements*.txt keep ranges; requirements.lock (scripts/lock) pins every package the
+    tests were run with, and make and the image install with it as constraints."""
+    locked = {}
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version and re.fullmatch(r"[\w.]+", version), line  # an exact, public version
+            locked[name] = version
+    for requirements in ("requirements.txt", "requirements-dev.txt"):
+        for line in (ROOT / requirements).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line and not line.startswith("-r"):
+                name = re.match(r"[A-Za-z0-9_.-]+", line).group(0).lower().replace("_", "-")
+                assert name in locked, f"{name} ({requirements}) is not in requirements.lock: run scripts/lock"
+    makefile, dockerfile = (ROOT / "Makefile").read_text(), (ROOT / "Dockerfile").read_text()
+    assert makefile.count("-c requirements.lock") == 2  # the runtime and the dev installs
+    assert "-r requirements.txt -c requirements.lock" in dockerfile
