@@ -23,8 +23,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_env import app_env, cpu_name  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 DATA_DIR = ROOT / "var" / "bench-answers"
@@ -46,15 +45,7 @@ RECONNECT_AFTER_S = 0.25
 
 
 def env(fake_url: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "OPENAI_", "DJANGO_", "DATABASE_"))}
-    return base | {
-        "DJANGO_SETTINGS_MODULE": "ragsite.settings",
-        "RAG_DATA_DIR": str(DATA_DIR),
-        "OPENAI_BASE_URL": fake_url,
-        "OPENAI_API_KEY": "bench",
-        "RAG_CHAT_MODEL": "bench-chat",
-        "RAG_EMBEDDING_MODEL": "bench-embed",
-    }
+    return app_env(data_dir=DATA_DIR, fake_url=fake_url)
 
 
 async def first_tokens(http: aiohttp.ClientSession, url: str, *, tokens: int) -> str:
@@ -181,7 +172,7 @@ def main() -> None:
         time.sleep(1)  # the stopped answers' last flush (100 ms) lands before the log is read
         result = {
             "date": datetime.date.today().isoformat(),
-            "cpu": _cpu(),
+            "cpu": cpu_name(),
             "nproc": os.cpu_count(),
             "trials": args.trials,
             "latency": latencies,
@@ -194,11 +185,6 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if not args.no_write:
         write_doc(result)
-
-
-def _cpu() -> str:
-    found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    return found.group(1).strip() if found else platform.machine()
 
 
 def write_doc(r: dict) -> None:

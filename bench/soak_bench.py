@@ -26,7 +26,6 @@ import datetime
 import io
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -40,6 +39,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_env import app_env, cpu_name  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 DATA_DIR = ROOT / "var" / "bench-soak"
@@ -53,17 +53,7 @@ BAD = ("empty", "broken_pdf", "encrypted_pdf", "junk", "zip_bomb", "deep_html", 
 
 
 def env(fake_url: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAG_", "OPENAI_", "DJANGO_", "DATABASE_"))}
-    return base | {
-        "DJANGO_SETTINGS_MODULE": "ragsite.settings",
-        "RAG_DATA_DIR": str(DATA_DIR),
-        "OPENAI_BASE_URL": fake_url,
-        "OPENAI_API_KEY": "bench",
-        "RAG_CHAT_MODEL": "bench-chat",
-        "RAG_EMBEDDING_MODEL": "bench-embed",
-        "RAG_PARSE_TIMEOUT_S": str(PARSE_TIMEOUT_S),
-        "RAG_LLM_TIMEOUT": "10",
-    }
+    return app_env(data_dir=DATA_DIR, fake_url=fake_url, RAG_PARSE_TIMEOUT_S=str(PARSE_TIMEOUT_S), RAG_LLM_TIMEOUT="10")
 
 
 def upload(i: int, run: str) -> tuple[str, str, bytes]:
@@ -246,7 +236,7 @@ def main() -> None:
     ]
     result = {
         "date": datetime.date.today().isoformat(),
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "nproc": os.cpu_count(),
         "uploads": len(submitted),
         "outcomes_at_submit": dict(sorted(_count(r.outcome for _, r in submitted).items())),
@@ -285,11 +275,6 @@ def _count(values) -> dict[str, int]:
     for value in values:
         counts[value] = counts.get(value, 0) + 1
     return counts
-
-
-def _cpu() -> str:
-    found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    return found.group(1).strip() if found else platform.machine()
 
 
 def write_doc(r: dict) -> None:
