@@ -1,5 +1,5 @@
 from django.urls import path
 
-from rag.consumers import RagConsumer
+from rag.web.consumer import RagConsumer
 
 websocket_urlpatterns = [path("ws/rag/", RagConsumer.as_asgi())]

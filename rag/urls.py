@@ -1,11 +1,11 @@
 from django.urls import path
 
-from rag import views
+from rag.web import api
 
 app_name = "rag"
 
 urlpatterns = [
-    path("stream", views.stream, name="stream"),
-    path("query", views.query, name="query"),
-    path("answers/<str:key>/stop", views.stop, name="stop"),
+    path("stream", api.stream, name="stream"),
+    path("query", api.query, name="query"),
+    path("answers/<str:key>/stop", api.stop, name="stop"),
 ]

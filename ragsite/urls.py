@@ -1,7 +1,7 @@
 from django.contrib import admin
 from django.urls import include, path
 
-from rag.views import healthz
+from rag.web.api import healthz
 
 urlpatterns = [
     path("admin/", admin.site.urls),

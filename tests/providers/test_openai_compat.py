@@ -71,7 +71,7 @@ def upstream_tricky_tokens() -> list[str]:
     """The shared bench's tricky tokens (this repository's own list when ../shared is absent)."""
     if SHARED_TRICKY.is_file():
         return json.loads(SHARED_TRICKY.read_text())
-    from tests.test_sse import TRICKY_TOKENS
+    from tests.web.test_sse import TRICKY_TOKENS
 
     return TRICKY_TOKENS
 

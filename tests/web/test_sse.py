@@ -1,4 +1,4 @@
-"""Unit tests of rag.sse: framing of awkward tokens, the event stream, and its heartbeat wrapper.
+"""Unit tests of rag.web.sse: framing of awkward tokens, the event stream, and its heartbeat wrapper.
 
 Every framed token is read back with tests.sse, a parser that follows the WHATWG rules, so the
 assertions say what a browser's EventSource would really see.
@@ -15,10 +15,10 @@ from contextlib import aclosing
 
 import pytest
 
-from rag import sse
 from rag.answers.events import LogEvent
 from rag.services import answering
 from rag.services.retrieval import Source
+from rag.web import sse
 from tests.sse import Event, SSEParser, parse_sse
 
 KEY = "6f1c0d1e-0000-4000-8000-000000000000"

@@ -13,7 +13,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET
 
-from rag import sse, warmup
+from rag import warmup
 from rag.answers import generate, live, oneshot
 from rag.answers.access import CrossSite, asking_user
 from rag.answers.events import LogEvent, parse_id
@@ -21,6 +21,7 @@ from rag.answers.follow import follow
 from rag.forms import BadQuestion, parse_question
 from rag.models import Message, Reader
 from rag.pipeline import RAG
+from rag.web import sse
 
 FORMATS = ("text", "json")
 logger = logging.getLogger(__name__)

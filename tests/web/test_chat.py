@@ -228,10 +228,10 @@ async def test_the_bundled_model_notice_says_how_to_switch(fake_llm, settings, m
 
     bundled = FakeChat(model="SmolLM2-135M-Instruct.Q4_1")
     bundled.is_bundled = True
-    monkeypatch.setattr("rag.views_chat.chat_provider", lambda: bundled)
+    monkeypatch.setattr("rag.web.chat.chat_provider", lambda: bundled)
     html = (await AsyncClient().get("/")).content.decode()
     assert "small bundled model" in html and "OPENAI_API_KEY" in html and "RAG_LLM_GGUF" in html
-    monkeypatch.setattr("rag.views_chat.chat_provider", lambda: FakeChat())
+    monkeypatch.setattr("rag.web.chat.chat_provider", lambda: FakeChat())
     assert "small bundled model" not in (await AsyncClient().get("/")).content.decode()
 
 

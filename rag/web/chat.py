@@ -20,7 +20,6 @@ from django.urls import reverse
 from django.utils.html import escape
 from django.views.decorators.http import require_GET, require_POST
 
-from rag import sse
 from rag.answers import events
 from rag.answers.access import request_owner
 from rag.answers.events import LogEvent
@@ -28,6 +27,7 @@ from rag.forms import BadQuestion, parse_question
 from rag.models import Collection, Document, Message, Reader
 from rag.providers import ProviderError, chat_provider
 from rag.services import chat
+from rag.web import sse
 
 # The passages-per-answer choices offered by the chat form.
 K_CHOICES = (1, 2, 3, 4, 6, 8, 10)

@@ -26,7 +26,7 @@ from tests.conftest import wait_until
 from tests.factories import add_corpus
 from tests.fake_openai import CHAT_FAULT_CODES
 from tests.sse import Event, SSEParser
-from tests.test_sse import TRICKY_TOKENS, as_sse_sees_it
+from tests.web.test_sse import TRICKY_TOKENS, as_sse_sees_it
 
 live = pytest.mark.django_db(transaction=True)
 
@@ -201,7 +201,7 @@ SAFE_TRICKY = [t for t in TRICKY_TOKENS if t != "\x00"]
 async def test_tricky_tokens_seed_client_stops_at_a_done_token(live_server_url, http, fake_llm):
     """A seed-style client (stop at the first ``data: [DONE]``) loses everything from a token that is
     exactly "[DONE]" on: in ``text`` format that token cannot be told from the end marker. This is a
-    documented limit of the seed protocol (see rag/sse.py); ``format=json`` does not have it."""
+    documented limit of the seed protocol (see rag/web/sse.py); ``format=json`` does not have it."""
     await add_corpus()
     fake_llm.tokens = list(TRICKY_TOKENS)
     result = await stream(http, live_server_url, {"question": "pgvector?"})
@@ -957,13 +957,14 @@ async def test_healthz_keeps_the_databases_own_words_for_staff_and_the_log(monke
     from django.contrib.auth.models import User
     from django.db import OperationalError
 
-    from rag import views, warmup
+    from rag import warmup
+    from rag.web import api
 
     async def unreachable() -> None:
         raise OperationalError('connection to server at "10.1.2.3", port 5432 failed: password for user "rag"')
 
     monkeypatch.setattr(warmup, "ready", lambda: True)
-    monkeypatch.setattr(views, "_ping_database", unreachable)
+    monkeypatch.setattr(api, "_ping_database", unreachable)
     anonymous = await AsyncClient().get("/healthz")
     staff = AsyncClient()
     await staff.aforce_login(await User.objects.acreate(username="ops", is_staff=True))
