@@ -22,7 +22,7 @@ from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN
 from rag.answers.follow import metrics_of
 from rag.models import Message
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
-from rag.services import answering
+from rag.services import answer_rows, answering
 from rag.services.retrieval import CollectionScope, Source
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ async def _run(
     embedder: EmbeddingProvider | None,
     collections: CollectionScope,
 ) -> None:
-    save = answering.saver_for(answer)
+    save = answer_rows.saver_for(answer)
     saved = False
 
     async def save_once(outcome: answering.Outcome) -> Message:

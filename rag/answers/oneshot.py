@@ -12,7 +12,7 @@ from django.core.exceptions import ValidationError
 from rag.answers import generate
 from rag.models import Message
 from rag.providers import ChatProvider, EmbeddingProvider, chat_provider
-from rag.services import answering
+from rag.services import answer_rows
 from rag.services.retrieval import CollectionScope
 
 
@@ -30,7 +30,7 @@ async def start(
     embedder: EmbeddingProvider | None = None,
 ) -> Message:
     """Save the question and its answer, claimed, and start generating it in this process."""
-    answer = await answering.open_new_turn(
+    answer = await answer_rows.open_new_turn(
         question=question, user_id=user_id, model=(chat or chat_provider()).model, k=k
     )
 

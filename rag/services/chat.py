@@ -39,7 +39,7 @@ from rag.answers.follow import follow
 from rag.models import Conversation, Feedback, Message, Reader
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.providers.base import estimate_tokens
-from rag.services import answering
+from rag.services import answer_rows
 from rag.services.connections import arelease_connection, release_connection
 from rag.services.retrieval import CollectionScope
 
@@ -154,7 +154,7 @@ async def ask(
     model = (chat or chat_provider()).model
     if conversation_id is None and start:
         await arelease_connection()  # the session's; the batch has its own
-        answer = await answering.open_new_turn(
+        answer = await answer_rows.open_new_turn(
             question=question,
             user_id=owner.user_id,
             session_key=owner.session_key,
@@ -447,7 +447,7 @@ def _open(
                 raise NotFound(f"No conversation {conversation_id}.") from None
             if claim:
                 history = _history(conversation.pk, None, settings.RAG_HISTORY_TOKENS, reader)
-        asked, answer = answering.open_turn(
+        asked, answer = answer_rows.open_turn(
             question=question,
             conversation=conversation,
             user_id=owner.user_id,

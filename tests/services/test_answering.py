@@ -9,7 +9,7 @@ from asgiref.sync import sync_to_async
 
 from rag.models import Message
 from rag.pipeline import RAG
-from rag.services import answering
+from rag.services import answer_rows, answering
 from tests.factories import add_corpus
 from tests.fake_openai import CHAT_FAULT_CODES
 
@@ -98,12 +98,12 @@ async def test_embedding_failure_is_an_error_before_sources(fake_llm):
 async def test_open_turn_then_generate_fills_the_placeholder(fake_llm):
     await add_corpus()
     fake_llm.tokens = ["Bananas", " [1]"]
-    question, answer = await sync_to_async(answering.open_turn)(
+    question, answer = await sync_to_async(answer_rows.open_turn)(
         question="Bananas?", conversation=None, user_id=None, session_key="s1", model="fake-chat"
     )
     assert (await Message.objects.aget(pk=answer.pk)).status == Message.Status.STREAMING
     assert question.text == "Bananas?" and answer.claimed_at is None
-    events = [e async for e in answering.generate(question="Bananas?", k=1, save=answering.saver_for(answer))]
+    events = [e async for e in answering.generate(question="Bananas?", k=1, save=answer_rows.saver_for(answer))]
     assert events[-1].message_id == answer.pk
     saved = await Message.objects.aget(pk=answer.pk)
     assert (saved.status, saved.text, saved.tokens) == (Message.Status.COMPLETE, "Bananas [1]", 2)
@@ -121,13 +121,13 @@ async def test_one_shot_question_is_saved_with_its_answer(fake_llm):
 async def test_answers_ending_together_are_saved_together_each_with_its_own_question(fake_llm, monkeypatch):
     await add_corpus()
     batches: list[int] = []
-    save_turns = answering._turns._run
+    save_turns = answer_rows._turns._run
 
     async def counting(turns):
         batches.append(len(turns))
         return await save_turns(turns)
 
-    monkeypatch.setattr(answering._turns, "_run", counting)
+    monkeypatch.setattr(answer_rows._turns, "_run", counting)
     fake_llm.tokens = ["same", " answer"]
     questions = [f"Question {i} about Django?" for i in range(12)]
     answers = await asyncio.gather(*(RAG().aask(q, k=1) for q in questions))
@@ -142,18 +142,18 @@ async def test_answers_ending_together_are_saved_together_each_with_its_own_ques
 
 async def test_a_turn_that_fails_to_save_does_not_lose_the_others(fake_llm, monkeypatch):
     await add_corpus()
-    fill = answering._fill
+    fill = answer_rows._fill
 
     def failing_fill(answer, outcome):
         fill(answer, outcome)
         if "poison" in outcome.text:
             answer.finish_reason = "x" * 1000  # longer than the column allows: the INSERT fails
 
-    monkeypatch.setattr(answering, "_fill", failing_fill)
+    monkeypatch.setattr(answer_rows, "_fill", failing_fill)
     results = await asyncio.gather(
         *(
-            answering._turns.submit(
-                answering._Turn(
+            answer_rows._turns.submit(
+                answer_rows._Turn(
                     question=f"q{i}",
                     conversation=None,
                     user_id=None,

@@ -419,11 +419,11 @@ async def test_the_claim_is_renewed_while_no_token_comes(fake_llm, settings):
 
 async def test_a_failed_final_save_keeps_the_text_the_answer_had(fake_llm, monkeypatch):
     """Whatever fails at the end, the answer is not overwritten with an empty 'stopped'."""
-    from rag.services import answering
+    from rag.services import answer_rows
 
     await add_corpus()
     fake_llm.tokens = ["pgvector", " adds", " vectors"]
-    submit = answering._fills.submit
+    submit = answer_rows._fills.submit
     failures = []
 
     async def fails_once(answer):
@@ -432,7 +432,7 @@ async def test_a_failed_final_save_keeps_the_text_the_answer_had(fake_llm, monke
             raise RuntimeError("the database went away")
         return await submit(answer)
 
-    monkeypatch.setattr(answering._fills, "submit", fails_once)
+    monkeypatch.setattr(answer_rows._fills, "submit", fails_once)
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1)
     events = await collect(ALICE_SESSION, answer.pk)
 
