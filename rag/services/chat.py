@@ -21,7 +21,6 @@ session), so a conversation or answer of someone else is indistinguishable from 
 
 from __future__ import annotations
 
-import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,20 +36,11 @@ from rag.answers.access import Owner
 from rag.answers.events import LogEvent, seq_after
 from rag.answers.follow import follow
 from rag.models import Conversation, Feedback, Message, Reader
-from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
-from rag.providers.base import estimate_tokens
+from rag.providers import ChatProvider, EmbeddingProvider, chat_provider
 from rag.services import answer_rows
 from rag.services.connections import arelease_connection, release_connection
+from rag.services.history import condense, turns_before
 from rag.services.retrieval import CollectionScope
-
-logger = logging.getLogger(__name__)
-
-
-CONDENSE_PROMPT = (
-    "Rewrite the user's last question as one standalone search query that can be understood "
-    "without the conversation. Reply with the query only, no explanation."
-)
-CONDENSE_MAX_TOKENS = 64
 
 
 class NotFound(LookupError):
@@ -310,56 +300,7 @@ async def give_feedback(*, owner: Owner, answer_id: int, value: str) -> Feedback
 async def build_history(*, answer: Message, budget_tokens: int) -> list[dict[str, str]]:
     """The complete turns before ``answer``, as chat messages, newest kept first within the
     token budget, returned oldest first."""
-    return await sync_to_async(lambda: _history(answer.conversation_id, _question(answer).pk, budget_tokens))()
-
-
-def _history(
-    conversation_id: uuid.UUID, before: int | None, budget_tokens: int, reader: Reader | None = None
-) -> list[dict[str, str]]:
-    """``build_history`` of the messages before the one with id ``before`` (None: all of them).
-    A turn whose answer quotes a collection ``reader`` may no longer read is left out: it
-    would feed the model what the asker may not see any more."""
-    earlier = Message.objects.filter(conversation_id=conversation_id).order_by("-id")
-    if before is not None:
-        earlier = earlier.filter(pk__lt=before)
-    if reader is not None:
-        earlier = earlier.exclude(pk__in=Message.objects.citing_unreadable(reader).values("pk"))
-    history: list[dict[str, str]] = []
-    used = 0
-    pending_answer: Message | None = None
-    for message in earlier:  # newest first
-        if message.role == Message.Role.ASSISTANT:
-            pending_answer = message
-            continue
-        reply, pending_answer = pending_answer, None
-        if reply is None or reply.status != Message.Status.COMPLETE or not reply.text:
-            continue  # a question without a usable answer teaches the model nothing
-        cost = estimate_tokens(message.text) + estimate_tokens(reply.text)
-        if used + cost > budget_tokens:
-            break
-        used += cost
-        history[:0] = [{"role": "user", "content": message.text}, {"role": "assistant", "content": reply.text}]
-    return history
-
-
-async def condense(*, question: str, history: list[dict[str, str]], chat: ChatProvider) -> str:
-    """A standalone search query for a follow-up question; the question itself on failure."""
-    if not history:
-        return question
-    transcript = "\n".join(f"{m['role']}: {m['content']}" for m in history)
-    messages = [
-        {"role": "system", "content": CONDENSE_PROMPT},
-        {"role": "user", "content": f"Conversation:\n{transcript}\n\nLast question: {question}"},
-    ]
-    try:
-        query = await chat.complete(messages, max_tokens=CONDENSE_MAX_TOKENS, temperature=0.0)
-    except ProviderError as exc:
-        # Retrieval on the raw question is worse but still useful; the answer
-        # itself will report the provider failure if it persists.
-        logger.warning("Condensing a follow-up failed (%s); searching with the question as asked", exc.code)
-        return question
-    query = " ".join(query.split())
-    return query[: settings.RAG_MAX_QUESTION_CHARS] or question
+    return await sync_to_async(lambda: turns_before(answer.conversation_id, _question(answer).pk, budget_tokens))()
 
 
 # --- internals ------------------------------------------------------------------------------------
@@ -415,7 +356,7 @@ def _claim_sync(answer: Message, reader: Reader | None = None) -> _Claimed:
             return _Claimed(answer=answer)
         answer.claimed_at = now  # the final save writes the whole row; keep the claim in it
         question = _question(answer)
-        history = _history(answer.conversation_id, question.pk, settings.RAG_HISTORY_TOKENS, reader)
+        history = turns_before(answer.conversation_id, question.pk, settings.RAG_HISTORY_TOKENS, reader)
         return _Claimed(answer=answer, question=question.text, history=history)
     finally:
         # The request's thread is done with the database until the answer ends: the
@@ -446,7 +387,7 @@ def _open(
             except Conversation.DoesNotExist:
                 raise NotFound(f"No conversation {conversation_id}.") from None
             if claim:
-                history = _history(conversation.pk, None, settings.RAG_HISTORY_TOKENS, reader)
+                history = turns_before(conversation.pk, None, settings.RAG_HISTORY_TOKENS, reader)
         asked, answer = answer_rows.open_turn(
             question=question,
             conversation=conversation,
