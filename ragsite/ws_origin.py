@@ -8,11 +8,9 @@ Origin's host and port must be the request's own Host, over https for a wss sock
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from channels.security.websocket import WebsocketDenier
-from django.conf import settings
-from django.http.request import split_domain_port, validate_host
+
+from rag.answers.access import own_origin
 
 
 class SameOriginValidator:
@@ -30,10 +28,4 @@ def same_origin(scope: dict) -> bool:
     origin, host = headers.get(b"origin"), headers.get(b"host")
     if not origin or not host:
         return False  # browsers always send both on a WebSocket handshake
-    parsed = urlsplit(origin)
-    allowed_schemes = ("https",) if scope.get("scheme") == "wss" else ("http", "https")
-    return (
-        parsed.scheme in allowed_schemes
-        and parsed.netloc.lower() == host.lower()
-        and validate_host(split_domain_port(parsed.netloc)[0], settings.ALLOWED_HOSTS)
-    )
+    return own_origin(origin, host=host, secure=scope.get("scheme") == "wss")

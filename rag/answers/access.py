@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.contrib.sessions.backends.base import SessionBase
 from django.db.models import Q
 from django.http import HttpRequest
+from django.http.request import split_domain_port, validate_host
 
 from rag.services.connections import arelease_connection
 from rag.sessions import anonymous_owner
@@ -87,7 +89,18 @@ def same_origin(request: HttpRequest) -> bool:
     if site is not None:
         return site in ("same-origin", "none")
     origin = request.headers.get("Origin")
-    return origin is None or origin == f"{request.scheme}://{request.get_host()}"
+    return origin is None or own_origin(origin, host=request.get_host(), secure=request.is_secure())
+
+
+def own_origin(origin: str, *, host: str, secure: bool) -> bool:
+    """Whether ``origin`` (a browser's Origin header) is this site as reached at ``host``
+    (the request's Host, port included), over https when the request itself is."""
+    parsed = urlsplit(origin)
+    return (
+        parsed.scheme in (("https",) if secure else ("http", "https"))
+        and parsed.netloc.lower() == host.lower()
+        and validate_host(split_domain_port(parsed.netloc)[0], settings.ALLOWED_HOSTS)
+    )
 
 
 async def asking_user(request: HttpRequest) -> Any:

@@ -3,10 +3,9 @@
 The chat page (SSE) and the WebSocket consumer are thin transports over this
 module. A turn has two steps so that the answer has an id before it streams:
 
-1. ``ask`` saves the question and a placeholder answer (status ``streaming``), and
-   ``start`` claims it in the database (one conditional UPDATE) and starts its generation
-   in a task of this process (rag.answers.live): the LLM is already working while the
-   client opens the answer's stream.
+1. ``ask`` saves the question and its answer (status ``streaming``), the answer already
+   claimed by this process, and starts its generation in a task (rag.answers.live): the
+   LLM is already working while the client opens the answer's stream.
 2. ``stream_turn`` returns the answer's events (rag.answers.follow): a first stream,
    a reconnect, a reload or a second tab gets the events after the last one it saw,
    live, from any process. (An answer nobody started is claimed and started by its first
