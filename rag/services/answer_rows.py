@@ -43,7 +43,8 @@ def open_turn(
     Sync: the chat service calls it within its own trip to the database."""
     with transaction.atomic():
         if conversation is None:
-            conversation = _new_conversation(question, user_id=user_id, session_key=session_key)
+            conversation = _conversation(question, user_id=user_id, session_key=session_key)
+            conversation.save()
         else:
             # The sidebar lists conversations by their latest activity.
             Conversation.objects.filter(pk=conversation.pk).update(updated_at=timezone.now())
@@ -157,7 +158,7 @@ def _open_turns(opens: list[_Open]) -> list[Message]:
     try:
         with transaction.atomic():
             conversations = Conversation.objects.bulk_create(
-                [Conversation(user_id=o.user_id, session_key=o.session_key, title=_title(o.question)) for o in opens]
+                [_conversation(o.question, user_id=o.user_id, session_key=o.session_key) for o in opens]
             )
             messages: list[Message] = []
             for o, conversation in zip(opens, conversations, strict=True):
@@ -196,7 +197,11 @@ def _save_turns(turns: list[_Turn]) -> list[Message]:
     """Questions with their answers, in one transaction (conversations made as needed)."""
     try:
         with transaction.atomic():
-            new = {i: _conversation_for(t) for i, t in enumerate(turns) if t.conversation is None}
+            new = {
+                i: _conversation(t.question, user_id=t.user_id, session_key=t.session_key)
+                for i, t in enumerate(turns)
+                if t.conversation is None
+            }
             Conversation.objects.bulk_create(new.values())
             messages: list[Message] = []
             for i, turn in enumerate(turns):
@@ -218,12 +223,9 @@ def _save_turns(turns: list[_Turn]) -> list[Message]:
 _turns: Batcher[_Turn, Message] = Batcher(_save_turns, max_size=100, split=lambda exc: True, keep_abandoned=True)
 
 
-def _new_conversation(question: str, *, user_id: int | None, session_key: str) -> Conversation:
-    return Conversation.objects.create(user_id=user_id, session_key=session_key, title=_title(question))
-
-
-def _conversation_for(turn: _Turn) -> Conversation:
-    return Conversation(user_id=turn.user_id, session_key=turn.session_key, title=_title(turn.question))
+def _conversation(question: str, *, user_id: int | None, session_key: str) -> Conversation:
+    """A new conversation (not saved yet), titled after its first question."""
+    return Conversation(user_id=user_id, session_key=session_key, title=_title(question))
 
 
 def _title(question: str) -> str:
