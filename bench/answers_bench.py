@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_env import app_env, cpu_name  # noqa: E402
+from bench_env import cpu_name, fake_llm_and_database  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 DATA_DIR = ROOT / "var" / "bench-answers"
@@ -42,10 +41,6 @@ START, END = "<!-- answers-bench:start -->", "<!-- answers-bench:end -->"
 TOKENS = 50
 INTER_TOKEN_MS = 20
 RECONNECT_AFTER_S = 0.25
-
-
-def env(fake_url: str) -> dict[str, str]:
-    return app_env(data_dir=DATA_DIR, fake_url=fake_url)
 
 
 async def first_tokens(http: aiohttp.ClientSession, url: str, *, tokens: int) -> str:
@@ -143,16 +138,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    from tests.fake_openai import FakeOpenAI
     from tests.processes import answers, free_port, start
 
-    fake = FakeOpenAI(dimensions=384)
-    fake.start()
-    fake.tokens = [f"tok{i} " for i in range(TOKENS)]
-    fake.inter_token_ms = INTER_TOKEN_MS
-    environment = env(fake.base_url)
-    os.environ.update(environment)
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=environment, check=True)
+    fake, environment = fake_llm_and_database(data_dir=DATA_DIR, tokens=TOKENS, inter_token_ms=INTER_TOKEN_MS)
     webs = []
     try:
         for name in ("a", "b"):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 
@@ -27,3 +29,19 @@ def app_env(*, data_dir: Path, fake_url: str, **extra: str) -> dict[str, str]:
 def cpu_name() -> str:
     found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
     return found.group(1).strip() if found else platform.machine()
+
+
+def fake_llm_and_database(*, data_dir: Path, tokens: int, inter_token_ms: int, **extra: str):
+    """The tests' fake LLM started in this process, and the app's environment against it
+    (also this process's, for Django), with its database migrated: (fake, environment)."""
+    from tests.fake_openai import FakeOpenAI
+
+    fake = FakeOpenAI(dimensions=384)
+    fake.start()
+    fake.tokens = [f"tok{i} " for i in range(tokens)]
+    fake.inter_token_ms = inter_token_ms
+    environment = app_env(data_dir=data_dir, fake_url=fake.base_url, **extra)
+    os.environ.update(environment)
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=root, env=environment, check=True)
+    return fake, environment

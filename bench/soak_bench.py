@@ -28,7 +28,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -39,7 +38,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_env import app_env, cpu_name  # noqa: E402
+from bench_env import cpu_name, fake_llm_and_database  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 DATA_DIR = ROOT / "var" / "bench-soak"
@@ -48,12 +47,9 @@ PARSE_TIMEOUT_S = 1
 QUESTIONS_AT_ONCE = 4
 KILL_AT = 1 / 3
 DEADLINE_S = 900
+SOAK_SETTINGS = {"RAG_PARSE_TIMEOUT_S": str(PARSE_TIMEOUT_S), "RAG_LLM_TIMEOUT": "10"}
 GOOD = ("md", "html", "pdf", "docx")
 BAD = ("empty", "broken_pdf", "encrypted_pdf", "junk", "zip_bomb", "deep_html", "embed_error", "copy")
-
-
-def env(fake_url: str) -> dict[str, str]:
-    return app_env(data_dir=DATA_DIR, fake_url=fake_url, RAG_PARSE_TIMEOUT_S=str(PARSE_TIMEOUT_S), RAG_LLM_TIMEOUT="10")
 
 
 def upload(i: int, run: str) -> tuple[str, str, bytes]:
@@ -141,16 +137,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    from tests.fake_openai import FakeOpenAI
     from tests.processes import answers, free_port, start
 
-    fake = FakeOpenAI(dimensions=384)
-    fake.start()
-    fake.tokens = [f"tok{i} " for i in range(20)]
-    fake.inter_token_ms = 10
-    environment = env(fake.base_url)
-    os.environ.update(environment)
-    subprocess.run([sys.executable, "manage.py", "migrate", "-v", "0"], cwd=ROOT, env=environment, check=True)
+    fake, environment = fake_llm_and_database(data_dir=DATA_DIR, tokens=20, inter_token_ms=10, **SOAK_SETTINGS)
     import django
 
     django.setup()
