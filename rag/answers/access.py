@@ -11,6 +11,7 @@ someone else's conversation or answer is indistinguishable from a missing one.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,11 +64,9 @@ async def scope_owner(scope: dict) -> Owner:
     """The owner of what a WebSocket asks (it always may ask, so it always gets one)."""
     session = scope.get("session")
     if session is None:
-        from django.contrib.sessions.backends.db import SessionStore
-
         # A socket without a session still owns what it asks, through a session made for
-        # it (its conversations are not listed on a page).
-        session = SessionStore()
+        # it (its conversations are not listed on a page), of the configured kind.
+        session = import_module(settings.SESSION_ENGINE).SessionStore()
     return await owner_for(user=scope.get("user"), session=session, create=True)
 
 
