@@ -25,21 +25,15 @@ MARGIN_TOKENS = 64
 HISTORY_SHARE = 1 / 3
 
 
-def build_messages(
-    *, question: str, sources: list[Source], context_chars: int, history: list[dict[str, str]] | None = None
-) -> list[dict[str, str]]:
-    """The prompt's messages, the sources cut to ``context_chars`` characters."""
-    return _messages(question=question, blocks=_blocks(sources, context_chars), history=history or [])
-
-
 async def build_prompt(
     *, chat: ChatProvider, question: str, sources: list[Source], history: list[dict[str, str]], max_tokens: int
 ) -> list[dict[str, str]]:
-    """``build_messages``, and for a model with a known context window (the local one: 2,048
-    tokens), what fits in it with room for ``max_tokens`` of reply, counted by the model's
-    own tokenizer: the question always, the newest turns of the conversation within
-    HISTORY_SHARE, then the best sources in order (the last one cut if even the first
-    would not fit). A prompt that overflows is refused by the model's server."""
+    """The prompt's messages, the sources cut to RAG_CONTEXT_CHARS. For a model with a known
+    context window (the local one: 2,048 tokens), only what fits in it with room for
+    ``max_tokens`` of reply, counted by the model's own tokenizer: the question always, the
+    newest turns of the conversation within HISTORY_SHARE, then the best sources in order
+    (the first cut if even it would not fit). A prompt that overflows is refused by the
+    model's server."""
     blocks = _blocks(sources, settings.RAG_CONTEXT_CHARS)
     if chat.context_tokens is None:
         return _messages(question=question, blocks=blocks, history=history)

@@ -17,8 +17,9 @@ from rag import providers as rag_providers
 from rag.models import Chunk
 from rag.pipeline import RAG
 from rag.providers.base import ChatChunk, ProviderError, estimate_tokens
+from rag.providers.fake import FakeChat
 from rag.providers.local import LocalChat, LocalEmbeddings
-from rag.services.prompting import build_messages, build_prompt
+from rag.services.prompting import build_prompt
 from rag.services.retrieval import Source
 from tests.conftest import wait_until
 from tests.processes import Process
@@ -169,7 +170,9 @@ async def test_a_prompt_of_k_20_and_a_long_conversation_is_fitted_to_the_model_w
     [one_word, sentence] = await chat.count_tokens(["pgvector", text])
     assert one_word > estimate_tokens("pgvector") and sentence > 12 * 15
 
-    unfitted = build_messages(question="How do indexes work?", sources=sources, context_chars=100_000, history=history)
+    unfitted = await build_prompt(  # as a model with no known window gets it
+        chat=FakeChat(), question="How do indexes work?", sources=sources, history=history, max_tokens=512
+    )
     with pytest.raises(ProviderError):
         await anext(aiter(chat.stream(unfitted, max_tokens=512, temperature=0)))
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from rag.providers.base import estimate_tokens
 from rag.providers.fake import FakeChat
-from rag.services import prompting
 from rag.services.prompting import PER_PIECE_TOKENS, build_prompt, fit
 from rag.services.retrieval import Source
 
@@ -59,10 +58,10 @@ async def test_a_long_conversation_and_k_20_fit_a_2048_token_window_with_room_fo
     assert kept and kept == history[-len(kept) :]  # the newest turns, whole
     system = messages[0]["content"]
     assert "[1] Doc 1" in system and "[2] Doc 2" in system and "[20] Doc 20" not in system  # the best first
-    unfitted = prompting.build_messages(
-        question="How do indexes work?", sources=sources, context_chars=100_000, history=history
+    unfitted = await build_prompt(  # what was sent before: a model with no known window
+        chat=FakeChat(), question="How do indexes work?", sources=sources, history=history, max_tokens=512
     )
-    assert counted(unfitted) > 2048  # what was sent before
+    assert counted(unfitted) > 2048
 
 
 async def test_the_start_of_a_source_too_long_for_the_window_is_better_than_nothing():
@@ -79,6 +78,5 @@ async def test_a_model_without_a_known_window_gets_the_prompt_as_configured(sett
     settings.RAG_CONTEXT_CHARS = 100_000
     sources, history = [source(n) for n in range(1, 21)], turns(12)
     messages = await build_prompt(chat=FakeChat(), question="Why?", sources=sources, history=history, max_tokens=512)
-    assert messages == prompting.build_messages(
-        question="Why?", sources=sources, context_chars=100_000, history=history
-    )
+    assert messages[1:-1] == history and messages[-1] == {"role": "user", "content": "Why?"}
+    assert all(f"[{n}] Doc {n}" in messages[0]["content"] for n in range(1, 21))  # every source, whole
