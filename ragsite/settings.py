@@ -117,8 +117,21 @@ DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
 # scans pgvector's HNSW scan stops after hnsw.ef_search candidates and the
 # filter then drops most of them. Set at connect time (a libpq startup option),
 # so the search itself costs no extra statement. See docs/benchmarks.md.
+# hnsw.ef_search is the HNSW candidate list, pgvector's default of 40: enough for k up to
+# RAG_MAX_K. Asking for more chunks than it loses recall (at k=40 it missed up to 42% of the
+# exact 40 nearest chunks on the Debian FAQ eval, bench/retrieval_eval.py, which sets 100).
+RAG_HNSW_EF_SEARCH = env_int("RAG_HNSW_EF_SEARCH", 40, min_value=1, max_value=1000)
 _options = DATABASES["default"]["OPTIONS"]
-_options["options"] = " ".join(filter(None, [_options.get("options", ""), "-c hnsw.iterative_scan=relaxed_order"]))
+_options["options"] = " ".join(
+    filter(
+        None,
+        [
+            _options.get("options", ""),
+            "-c hnsw.iterative_scan=relaxed_order",
+            f"-c hnsw.ef_search={RAG_HNSW_EF_SEARCH}",
+        ],
+    )
+)
 
 # Background work (ingestion, re-embedding) goes through a queue in the same
 # Postgres: `manage.py db_worker` runs it (`make run` starts one).

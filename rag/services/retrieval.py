@@ -233,8 +233,11 @@ def _compile(embedding_model: str, dimensions: int, k: int, shape: Shape | Query
         inner += (stand_in or "%s") + piece
     if placed != 1:
         raise RuntimeError(f"Cannot place the query vector in {sql!r}")
+    # The vectors are parsed once, as vector[]: left as text, a search that the planner answers
+    # with an exact scan (a small or a narrowly filtered collection) parsed the query vector
+    # again for every row, 66 ms instead of 3.8 ms for 2,404 chunks of 384 dimensions.
     batched = (
-        "SELECT q.i, r.* FROM unnest(%s::text[], %s::bigint[]) WITH ORDINALITY AS q(vector, reader, i) "
+        "SELECT q.i, r.* FROM unnest(%s::text[]::vector[], %s::bigint[]) WITH ORDINALITY AS q(vector, reader, i) "
         f"CROSS JOIN LATERAL ({inner}) AS r ORDER BY q.i, r.distance"
     )
     return batched, tuple(kept)
