@@ -67,6 +67,10 @@ class LocalEmbeddings(EmbeddingProvider):
         self.description = f"local sentence-transformers '{model}' (CPU)"
         self._st: Any = None
         self._lock = threading.Lock()
+        # Hugging Face's fast tokenizer keeps its truncation and padding settings on itself:
+        # counting tokens in one thread while another encodes broke the batch ("expected
+        # sequence of length 183 at dim 1 (got 176)") when documents were added two at a time.
+        self._tokenizer_lock = threading.Lock()
 
     def _load(self) -> Any:
         with self._lock:
@@ -92,12 +96,15 @@ class LocalEmbeddings(EmbeddingProvider):
         return await asyncio.to_thread(self.embed_sync, texts)
 
     def embed_sync(self, texts: list[str]) -> list[list[float]]:
-        vectors = self._load().encode(texts, normalize_embeddings=True, batch_size=32, convert_to_numpy=True)
+        model = self._load()
+        with self._tokenizer_lock:
+            vectors = model.encode(texts, normalize_embeddings=True, batch_size=32, convert_to_numpy=True)
         return vectors.tolist()
 
     def count_tokens(self, text: str) -> int:
         tokenizer = self._load().tokenizer
-        return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
+        with self._tokenizer_lock:
+            return len(tokenizer(text, add_special_tokens=False, truncation=False, verbose=False)["input_ids"])
 
 
 class LocalChat(OpenAIChat):
