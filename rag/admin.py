@@ -264,6 +264,7 @@ class DocumentAdmin(admin.ModelAdmin):
                     k=form.cleaned_data["k"],
                     embedder=embedding_provider(),
                     collections=scope,
+                    metadata=form.cleaned_data["filter"],
                 )
                 result = run_apart(search)
             except ProviderError as exc:

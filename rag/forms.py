@@ -9,6 +9,7 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator
 
 from rag.models import Collection
+from rag.services.metadata_filter import FilterError, MetadataFilter
 from rag.services.parsing import SUFFIXES
 
 
@@ -105,9 +106,21 @@ class TryQueryForm(forms.Form):
         queryset=Collection.objects.none(), required=False, empty_label="All collections I may read"
     )
     k = forms.IntegerField(min_value=1, initial=5)
+    filter = forms.CharField(
+        required=False,
+        max_length=4000,
+        widget=forms.TextInput(attrs={"size": 80, "placeholder": '{"tags": "faq", "year": {"gte": 2020}}'}),
+        help_text="Only documents whose metadata matches: equality, in, and ranges (gt, gte, lt, lte).",
+    )
 
     def __init__(self, *args, collections, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fields["collection"].queryset = collections
         self.fields["k"].max_value = settings.RAG_MAX_K
         self.fields["k"].validators.append(MaxValueValidator(settings.RAG_MAX_K))
+
+    def clean_filter(self) -> MetadataFilter | None:
+        try:
+            return MetadataFilter.parse(self.cleaned_data["filter"])
+        except FilterError as exc:
+            raise forms.ValidationError(str(exc)) from None

@@ -7,11 +7,15 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import Group
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVectorField
 from django.db import models
 from django.db.models import Q, Value
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast
 from pgvector.django import CosineDistance, VectorField
+
+from rag.services.metadata_filter import MetadataFilter
 
 
 def storable(text: str) -> str:
@@ -141,6 +145,8 @@ class Document(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # Metadata filters (``metadata @@ path``): jsonb_path_ops serves their equalities.
+        indexes = [GinIndex(fields=["metadata"], opclasses=["jsonb_path_ops"], name="rag_document_metadata")]
         constraints = [
             models.UniqueConstraint(
                 fields=["collection", "content_hash"],
@@ -172,6 +178,14 @@ class DocumentFile(models.Model):
         return self.name
 
 
+class _MatchesJsonPath(models.Func):
+    """``jsonb @@ jsonpath``: whether a SQL/JSON path predicate holds (rag.services.metadata_filter)."""
+
+    arg_joiner = " @@ "
+    template = "(%(expressions)s::jsonpath)"
+    output_field = models.BooleanField()
+
+
 class ChunkQuerySet(models.QuerySet):
     def for_model(self, embedding_model: str) -> ChunkQuerySet:
         return self.filter(embedding_model=embedding_model)
@@ -186,6 +200,14 @@ class ChunkQuerySet(models.QuerySet):
         if isinstance(collections, models.QuerySet):
             collections = collections.values("pk")
         return self.filter(collection_id__in=collections)
+
+    def matching(self, metadata: MetadataFilter | None) -> ChunkQuerySet:
+        """Only chunks of documents whose metadata matches (None: no condition). A
+        subquery on the documents, so that the filter needs no join."""
+        if metadata is None:
+            return self
+        documents = Document.objects.filter(_MatchesJsonPath(models.F("metadata"), Value(metadata.jsonpath)))
+        return self.filter(document_id__in=documents.values("pk"))
 
     def nearest(self, embedding: list[float] | str, *, embedding_model: str, dimensions: int, k: int) -> ChunkQuerySet:
         """The k chunks closest (cosine) to ``embedding`` among one model's chunks.
@@ -213,12 +235,18 @@ class Chunk(models.Model):
     # recorded per chunk, so switching models needs no migration.
     embedding = VectorField()
     embedding_model = models.CharField(max_length=200, db_index=True)
+    # Full-text search: a trigger (migration 0009) computes search_vector from the
+    # document's title, the heading path and the text, with the search_config the
+    # chunk was stored with (RAG_TEXT_SEARCH_CONFIG at the time).
+    search_config = models.CharField(max_length=64, db_default="english")
+    search_vector = SearchVectorField(null=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = ChunkQuerySet.as_manager()
 
     class Meta:
         ordering = ["document", "position"]
+        indexes = [GinIndex(fields=["search_vector"], name="rag_chunk_search")]
         constraints = [
             models.UniqueConstraint(
                 fields=["document", "embedding_model", "position"], name="rag_chunk_unique_position"

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass, field
+from typing import Any
 
 from django.conf import settings
 
@@ -24,6 +25,7 @@ from rag.models import Collection
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError
 from rag.services import answering
 from rag.services.documents import AddResult, DocumentInput, aadd_documents
+from rag.services.metadata_filter import MetadataFilter
 from rag.services.retrieval import Source
 
 
@@ -52,9 +54,19 @@ class RAG:
         """Add to ``collection`` (default: the public "default" collection)."""
         return await aadd_documents(documents=texts_or_documents, embedder=self.embedder, collection=collection)
 
-    def aevents(self, question: str, *, k: int | None = None, **context) -> AsyncIterator[answering.AnswerEvent]:
+    def aevents(
+        self, question: str, *, k: int | None = None, metadata: Any = None, **context
+    ) -> AsyncIterator[answering.AnswerEvent]:
+        """The answer's events. ``metadata``: a filter on the documents' metadata, as a dict
+        ({"tags": "faq", "year": {"gte": 2020}}: rag.services.metadata_filter); an invalid
+        one raises FilterError at once."""
         return answering.stream_answer(
-            question=question, k=k or settings.RAG_DEFAULT_K, chat=self.chat, embedder=self.embedder, **context
+            question=question,
+            k=k or settings.RAG_DEFAULT_K,
+            chat=self.chat,
+            embedder=self.embedder,
+            metadata=MetadataFilter.parse(metadata),
+            **context,
         )
 
     async def astream(self, question: str, *, k: int | None = None, **context) -> AsyncIterator[str]:

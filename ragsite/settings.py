@@ -208,8 +208,20 @@ RAG_DEFAULT_K = env_int("RAG_DEFAULT_K", 4, min_value=1)
 RAG_MAX_K = env_int("RAG_MAX_K", 20, min_value=1)
 RAG_MAX_QUESTION_CHARS = env_int("RAG_MAX_QUESTION_CHARS", 2000, min_value=1)
 RAG_CONTEXT_CHARS = env_int("RAG_CONTEXT_CHARS", 6000, min_value=200)  # sources in the prompt
-RAG_CHUNK_TOKENS = env_int("RAG_CHUNK_TOKENS", 200, min_value=16)
+# Chunks of at most RAG_CHUNK_TOKENS tokens; sections shorter than RAG_CHUNK_MIN_TOKENS are
+# joined with their neighbours (rag.services.chunking). Chosen on the Debian FAQ eval
+# (bench/retrieval_eval.py, docs/benchmarks.md).
+RAG_CHUNK_TOKENS = env_int("RAG_CHUNK_TOKENS", 250, min_value=16)
 RAG_CHUNK_OVERLAP = env_int("RAG_CHUNK_OVERLAP", 30, min_value=0)
+RAG_CHUNK_MIN_TOKENS = env_int("RAG_CHUNK_MIN_TOKENS", 150, min_value=0)
+# Hybrid search: the weight of the full-text rank against the cosine similarity, 0..1, and
+# the chunks each side proposes (rag.services.search_sql). Off by default: on the eval it
+# did not beat vector search alone on every metric (docs/benchmarks.md).
+RAG_HYBRID_WEIGHT = env_float("RAG_HYBRID_WEIGHT", 0.0, min_value=0.0, max_value=1.0)
+RAG_HYBRID_CANDIDATES = env_int("RAG_HYBRID_CANDIDATES", 40, min_value=1, max_value=1000)
+# Postgres's text-search configuration for full-text search (a name from
+# `SELECT cfgname FROM pg_ts_config`). Chunks keep the one they were stored with.
+RAG_TEXT_SEARCH_CONFIG = env_str("RAG_TEXT_SEARCH_CONFIG") or "english"
 RAG_EMBED_BATCH = env_int("RAG_EMBED_BATCH", 64, min_value=1)
 # Ingestion: the largest file accepted, and the most a DOCX (a zip) may expand to.
 RAG_MAX_UPLOAD_MB = env_float("RAG_MAX_UPLOAD_MB", 20.0, min_value=0.001)

@@ -168,7 +168,8 @@ def test_actions_reingest_reembed_and_delete(kb):
     assert not Chunk.objects.exists()
 
 
-def test_chunks_view_and_try_a_query(kb):
+def test_chunks_view_and_try_a_query(kb, settings):
+    settings.RAG_CHUNK_MIN_TOKENS = 0  # each of the two small sections a chunk of its own
     client = staff_client()
     upload(client, collection=kb, text="# Fruit\n\nBananas are yellow.\n\n# Veg\n\nCarrots are orange.", title="Food")
     run_worker()
@@ -183,6 +184,21 @@ def test_chunks_view_and_try_a_query(kb):
     page = response.content.decode()
     assert "Bananas are yellow." in page and "Carrots" not in page
     assert re.search(r"<td>0\.\d{4}</td>", page)  # the score
+
+
+def test_try_a_query_takes_a_metadata_filter(kb):
+    client = staff_client()
+    upload(client, collection=kb, text="Bananas are yellow.", title="Fruit")
+    upload(client, collection=kb, text="Bananas are a crop.", title="Farming")
+    run_worker()
+    Document.objects.filter(title="Fruit").update(metadata={"kind": "food"})
+    Document.objects.filter(title="Farming").update(metadata={"kind": "agriculture", "year": 2020})
+    token = csrf_token(client, TRY)
+    data = {"csrfmiddlewaretoken": token, "question": "bananas", "collection": kb.pk, "k": 5}
+    page = client.post(TRY, {**data, "filter": '{"kind": "agriculture"}'}).content.decode()
+    assert "Bananas are a crop." in page and "Bananas are yellow." not in page
+    page = client.post(TRY, {**data, "filter": '{"year": {"before": 2021}}'}).content.decode()
+    assert "Unknown operator &#x27;before&#x27; on &#x27;year&#x27;" in page and "Bananas" not in page
 
 
 def test_staff_outside_the_group_see_nothing_of_a_restricted_collection(kb):

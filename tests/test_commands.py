@@ -78,6 +78,23 @@ def test_ingest_again_reports_unchanged(folder):
     assert "Added 1, unchanged 3, replaced 0, failed 0." in ingest(str(folder))
 
 
+def test_ingest_gives_each_file_its_type_path_and_the_meta_options(folder):
+    notes = folder / "notes.txt"
+    ingest("--meta", "team=docs", "--meta", "year=2024", "--meta", 'tags=["a", "b"]', str(notes))
+    assert Document.objects.get().metadata == {
+        "source_type": "txt",
+        "path": str(notes),
+        "team": "docs",
+        "year": 2024,
+        "tags": ["a", "b"],
+    }
+    # Ingested again with other metadata: the text is unchanged, the metadata is replaced.
+    assert "unchanged 1" in ingest("--meta", "team=web", str(notes))
+    assert Document.objects.get().metadata == {"source_type": "txt", "path": str(notes), "team": "web"}
+    with pytest.raises(CommandError, match="--meta takes KEY=VALUE, not 'team'"):
+        ingest("--meta", "team", str(notes))
+
+
 def test_ingest_single_file(folder):
     assert "Added 1, unchanged 0, replaced 0, failed 0." in ingest(str(folder / "notes.txt"))
     assert list(Document.objects.values_list("source", flat=True)) == [str(folder / "notes.txt")]

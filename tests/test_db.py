@@ -12,7 +12,7 @@ from django.db import connection, transaction
 from rag.models import Chunk, Document, Reader
 from rag.providers import ProviderError, QueryVector, embedding_provider
 from rag.providers.fake import FakeEmbeddings
-from rag.services import documents, retrieval, vector_index
+from rag.services import documents, retrieval, search_sql, vector_index
 from rag.services.documents import aadd_documents, default_collection
 from rag.services.vector_index import ensure_vector_index, index_name
 from tests.factories import add_corpus
@@ -244,7 +244,8 @@ def test_index_made_inside_a_rolled_back_transaction_is_made_again():
     assert indexdef(index_name(model, 8)) is not None
 
 
-def test_a_batch_of_searches_still_goes_through_the_hnsw_index():
+@pytest.mark.parametrize("lexical_weight", [0.0, 0.05], ids=["dense", "hybrid"])
+def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight):
     model = "explain-batch-64"
     store(unit_vectors(INDEXED_ROWS, 64, seed=8), model=model)
     ensure_vector_index(embedding_model=model, dimensions=64)
@@ -256,10 +257,12 @@ def test_a_batch_of_searches_still_goes_through_the_hnsw_index():
     # that the rewritten statement can still take the index, with sequential scans off.
     for collections in (None, Reader(), Reader(user_id=1)):
         shape, _ = retrieval._shape(collections)
-        sql, params = retrieval._search_sql(model, 64, 5, shape)
+        plan = search_sql.Plan(embedding_model=model, dimensions=64, k=5, shape=shape, lexical_weight=lexical_weight)
+        sql, params = search_sql.statement(plan)
+        texts = ["how do I install it", "", "postgres"]
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("SET LOCAL enable_seqscan = off")
-            cursor.execute("EXPLAIN " + sql, (literals, [None, 1, 2], *params))
+            cursor.execute("EXPLAIN " + sql, (literals, [None, 1, 2], texts, *params))
             plan = "\n".join(row[0] for row in cursor.fetchall())
         assert f"Index Scan using {index_name(model, 64)}" in plan, plan
         assert "Order By" in plan, plan  # the index orders each vector's neighbours

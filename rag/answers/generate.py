@@ -23,6 +23,7 @@ from rag.answers.follow import metrics_of
 from rag.models import Message
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.services import answer_rows, answering
+from rag.services.metadata_filter import MetadataFilter
 from rag.services.retrieval import CollectionScope, Source
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ async def start(
     chat: ChatProvider | None = None,
     embedder: EmbeddingProvider | None = None,
     collections: CollectionScope = None,
+    metadata: MetadataFilter | None = None,
     asker: Hashable | None = None,
 ) -> live.Live:
     """Generate the claimed ``answer`` in a task of this process; ``prepare`` runs first,
@@ -55,7 +57,9 @@ async def start(
     return live.start(
         answer.pk,
         str(answer.public_id),
-        lambda run: _run(run, answer, prepare=prepare, chat=chat, embedder=embedder, collections=collections),
+        lambda run: _run(
+            run, answer, prepare=prepare, chat=chat, embedder=embedder, collections=collections, metadata=metadata
+        ),
         asker=asker,
     )
 
@@ -81,6 +85,7 @@ async def _run(
     chat: ChatProvider | None,
     embedder: EmbeddingProvider | None,
     collections: CollectionScope,
+    metadata: MetadataFilter | None,
 ) -> None:
     save = answer_rows.saver_for(answer)
     saved = False
@@ -106,6 +111,7 @@ async def _run(
             search_query=prompt.search_query,
             history=prompt.history,
             collections=collections,
+            metadata=metadata,
         )
         async with aclosing(events):
             async for event in events:

@@ -13,6 +13,7 @@ from rag.answers import generate
 from rag.models import Message
 from rag.providers import ChatProvider, EmbeddingProvider, chat_provider
 from rag.services import answer_rows
+from rag.services.metadata_filter import MetadataFilter
 from rag.services.retrieval import CollectionScope
 
 
@@ -26,6 +27,7 @@ async def start(
     k: int,
     user_id: int | None,
     collections: CollectionScope,
+    metadata: MetadataFilter | None = None,
     chat: ChatProvider | None = None,
     embedder: EmbeddingProvider | None = None,
 ) -> Message:
@@ -37,7 +39,9 @@ async def start(
     async def prompt() -> generate.Prompt:
         return generate.Prompt(question=question)
 
-    await generate.start(answer, prepare=prompt, chat=chat, embedder=embedder, collections=collections)
+    await generate.start(
+        answer, prepare=prompt, chat=chat, embedder=embedder, collections=collections, metadata=metadata
+    )
     return answer
 
 

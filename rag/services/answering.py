@@ -41,6 +41,7 @@ from rag.providers import (
 )
 from rag.services import answer_rows
 from rag.services.answer_rows import rounded
+from rag.services.metadata_filter import MetadataFilter
 from rag.services.prompting import build_prompt
 from rag.services.retrieval import CollectionScope, Source, asearch
 
@@ -170,18 +171,22 @@ def stream_answer(
     chat: ChatProvider | None = None,
     embedder: EmbeddingProvider | None = None,
     collections: CollectionScope = None,
+    metadata: MetadataFilter | None = None,
 ) -> AsyncIterator[AnswerEvent]:
     """Answer a one-shot question; it is saved with its answer when the answer ends.
 
     Only chunks of ``collections`` are searched (None: every collection; the web
-    views pass the collections the asking user may read)."""
+    views pass the collections the asking user may read), and of documents whose
+    metadata matches ``metadata``."""
 
     async def save(outcome: Outcome) -> Message:
         return await answer_rows.save_turn(
             question=question, conversation=conversation, user_id=user_id, session_key=session_key, outcome=outcome
         )
 
-    return generate(question=question, k=k, save=save, chat=chat, embedder=embedder, collections=collections)
+    return generate(
+        question=question, k=k, save=save, chat=chat, embedder=embedder, collections=collections, metadata=metadata
+    )
 
 
 async def generate(
@@ -194,6 +199,7 @@ async def generate(
     search_query: str | None = None,
     history: list[dict[str, str]] | None = None,
     collections: CollectionScope = None,
+    metadata: MetadataFilter | None = None,
 ) -> AsyncIterator[AnswerEvent]:
     """Retrieve, stream the answer, and ``save`` the outcome however the stream ends.
 
@@ -212,8 +218,11 @@ async def generate(
         return (time.perf_counter() - started) * 1000
 
     try:
-        vector = await embedder.embed_query(search_query or question)
-        outcome.sources = await asearch(vector, embedding_model=embedder.model, k=k, collections=collections)
+        query = search_query or question
+        vector = await embedder.embed_query(query)
+        outcome.sources = await asearch(
+            vector, embedding_model=embedder.model, k=k, collections=collections, text=query, metadata=metadata
+        )
         outcome.retrieval_ms = elapsed_ms()
         yield Sources(outcome.sources)
 

@@ -1,9 +1,12 @@
 """Structure-aware chunking: sections by heading, then paragraphs, then sentences.
 
-Chunks never straddle a heading, so every chunk has one heading path to show
-as its context; a paragraph too long for one chunk is split at sentence ends,
-and a sentence too long at word boundaries. Consecutive chunks of a section
-share up to ``overlap`` tokens of whole sentences.
+A chunk has one heading path to show as its context. Sections shorter than
+``min_tokens`` are joined with their neighbours (the headings below the shared
+path stay in the text), so that a man page's NAME or a one-line entry does not
+become a chunk of its own; otherwise chunks never straddle a heading. A
+paragraph too long for one chunk is split at sentence ends, and a sentence too
+long at word boundaries. Consecutive chunks of a section share up to
+``overlap`` tokens of whole sentences.
 """
 
 from __future__ import annotations
@@ -25,19 +28,24 @@ class ChunkDraft:
     heading: str
     token_count: int
 
-    @property
-    def embedding_text(self) -> str:
-        # The heading path is embedded with the text: it often carries the topic
-        # a paragraph leaves implicit ("Installation > Windows").
-        return f"{self.heading}\n\n{self.text}" if self.heading else self.text
+    def embedding_text(self, title: str = "") -> str:
+        """What is embedded: the document's title and the heading path, then the text.
+        They often carry the topic a paragraph leaves implicit ("Installation > Windows")."""
+        # A document whose first heading is its title: the title once ("Guide > Part").
+        repeated = self.heading == title or self.heading.startswith(f"{title} > ")
+        context = " > ".join(part for part in (title, self.heading) if part and not (part == title and repeated))
+        return f"{context}\n\n{self.text}" if context else self.text
 
 
-def chunk_text(text: str, *, max_tokens: int, overlap: int, count_tokens: Callable[[str], int]) -> list[ChunkDraft]:
+def chunk_text(
+    text: str, *, max_tokens: int, overlap: int, count_tokens: Callable[[str], int], min_tokens: int = 0
+) -> list[ChunkDraft]:
     # Packing counts the same joined text more than once (a window, then the chunk it
     # becomes); with a real tokenizer that was a third of the chunking time.
     count_tokens = functools.lru_cache(maxsize=256)(count_tokens)
     drafts: list[ChunkDraft] = []
-    for heading, paragraphs in _sections(text):
+    for path, paragraphs in _merge_small(list(_sections(text)), min_tokens, max_tokens, count_tokens):
+        heading = " > ".join(path)
         pieces = [
             (n, piece) for n, paragraph in enumerate(paragraphs) for piece in _fit(paragraph, max_tokens, count_tokens)
         ]
@@ -46,7 +54,10 @@ def chunk_text(text: str, *, max_tokens: int, overlap: int, count_tokens: Callab
     return drafts
 
 
-def _sections(text: str) -> Iterator[tuple[str, list[str]]]:
+_Section = tuple[list[str], list[str]]  # (heading path, paragraphs)
+
+
+def _sections(text: str) -> Iterator[_Section]:
     """Yield (heading path, paragraphs) for each section of Markdown-ish text."""
     path: list[tuple[int, str]] = []
     paragraphs: list[str] = []
@@ -67,7 +78,7 @@ def _sections(text: str) -> Iterator[tuple[str, list[str]]]:
         if heading:
             close_paragraph()
             if paragraphs:
-                yield _path_text(path), paragraphs
+                yield [title for _, title in path], paragraphs
                 paragraphs = []
             level = len(heading.group(1))
             path = [(lvl, title) for lvl, title in path if lvl < level] + [(level, heading.group(2))]
@@ -77,11 +88,42 @@ def _sections(text: str) -> Iterator[tuple[str, list[str]]]:
             current.append(line)
     close_paragraph()
     if paragraphs:
-        yield _path_text(path), paragraphs
+        yield [title for _, title in path], paragraphs
 
 
-def _path_text(path: list[tuple[int, str]]) -> str:
-    return " > ".join(title for _, title in path)
+def _merge_small(
+    sections: list[_Section], min_tokens: int, max_tokens: int, count: Callable[[str], int]
+) -> list[_Section]:
+    """Join each section shorter than ``min_tokens`` with the next one, while the two fit
+    in one chunk. The joined section keeps the heading path they share; the headings below
+    it become paragraphs of their own, so the text still says which part is which."""
+    merged: list[_Section] = []
+    for path, paragraphs in sections:
+        if merged:
+            last_path, last_paragraphs = merged[-1]
+            small = min(count("\n\n".join(last_paragraphs)), count("\n\n".join(paragraphs))) < min_tokens
+            shared = _shared_prefix(last_path, path)
+            joined = _under(last_path, shared) + last_paragraphs + _under(path, shared) + paragraphs
+            if small and count("\n\n".join(joined)) <= max_tokens:
+                merged[-1] = (shared, joined)
+                continue
+        merged.append((path, paragraphs))
+    return merged
+
+
+def _shared_prefix(a: list[str], b: list[str]) -> list[str]:
+    shared: list[str] = []
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        shared.append(x)
+    return shared
+
+
+def _under(path: list[str], shared: list[str]) -> list[str]:
+    """The part of a heading path below ``shared``, as a paragraph (none if nothing is)."""
+    rest = " > ".join(path[len(shared) :])
+    return [rest] if rest else []
 
 
 def _fit(paragraph: str, max_tokens: int, count: Callable[[str], int]) -> list[str]:

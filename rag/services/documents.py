@@ -160,17 +160,19 @@ async def aadd_document(
     digest = content_hash(text)
     existing = await Document.objects.filter(collection=collection, content_hash=digest).afirst()
     if existing is not None:
+        await _update_metadata(existing, document.metadata)
         return await _reuse(existing, embedder)
 
     previous = None
     if document.source:
         previous = await Document.objects.filter(collection=collection, source=document.source[:1000]).afirst()
     if previous is not None:
+        await _update_metadata(previous, document.metadata)
         chunks = await arebuild_document(document=previous, embedder=embedder, text=text, title=document.title)
         return AddResult(previous.pk, previous.title, created=False, chunks=chunks, outcome="replaced")
 
-    drafts, vectors = await chunk_and_embed(text=text, embedder=embedder)
     title = document.title.strip() or guess_title(text, document.source)
+    drafts, vectors = await chunk_and_embed(text=text, title=title, embedder=embedder)
     new = Document(
         collection=collection,
         title=title[:300],
@@ -209,7 +211,9 @@ async def aembed_document(
     The document's chunks of that model are replaced in one transaction; chunks
     of other models are left alone, so search on them keeps working meanwhile.
     """
-    drafts, vectors = await chunk_and_embed(text=document.content, embedder=embedder, on_progress=on_progress)
+    drafts, vectors = await chunk_and_embed(
+        text=document.content, title=document.title, embedder=embedder, on_progress=on_progress
+    )
     await _swap_chunks(document, drafts=drafts, vectors=vectors, embedding_model=embedder.model, create=False)
     return len(drafts)
 
@@ -238,11 +242,13 @@ async def arebuild_document(
     )
     if other is not None:
         raise DuplicateDocumentError(other)
-    drafts, vectors = await chunk_and_embed(text=text, embedder=embedder, on_progress=on_progress, timings=timings)
-    document.content = text
-    document.content_hash = digest
     if title.strip():
         document.title = title.strip()[:300]
+    drafts, vectors = await chunk_and_embed(
+        text=text, title=document.title, embedder=embedder, on_progress=on_progress, timings=timings
+    )
+    document.content = text
+    document.content_hash = digest
     started = time.perf_counter()
     try:
         await _swap_chunks(
@@ -263,6 +269,14 @@ async def arebuild_document(
     return len(drafts)
 
 
+async def _update_metadata(document: Document, metadata: dict[str, Any]) -> None:
+    """Metadata given again for a stored document replaces what it had (a re-run of
+    ``ingest --meta`` with other values, say)."""
+    if metadata and metadata != document.metadata:
+        document.metadata = metadata
+        await Document.objects.filter(pk=document.pk).aupdate(metadata=metadata)
+
+
 async def _reuse(existing: Document, embedder: EmbeddingProvider) -> AddResult:
     """An already stored text: embed it for this model if it has no chunks of it yet
     (after a switch of embedding models), otherwise leave it alone."""
@@ -275,6 +289,7 @@ async def _reuse(existing: Document, embedder: EmbeddingProvider) -> AddResult:
 async def chunk_and_embed(
     *,
     text: str,
+    title: str,
     embedder: EmbeddingProvider,
     on_progress: ProgressCallback | None = None,
     timings: dict[str, float] | None = None,
@@ -286,13 +301,14 @@ async def chunk_and_embed(
         text,
         max_tokens=settings.RAG_CHUNK_TOKENS,
         overlap=settings.RAG_CHUNK_OVERLAP,
+        min_tokens=settings.RAG_CHUNK_MIN_TOKENS,
         count_tokens=embedder.count_tokens,
     )
     chunked = time.perf_counter()
     batch = settings.RAG_EMBED_BATCH
     vectors: list[list[float]] = []
     for start in range(0, len(drafts), batch):
-        vectors += await embedder.embed([d.embedding_text for d in drafts[start : start + batch]])
+        vectors += await embedder.embed([d.embedding_text(title) for d in drafts[start : start + batch]])
         if on_progress is not None:
             await on_progress(len(vectors) / len(drafts))
     if timings is not None:
@@ -357,6 +373,7 @@ _COPY_COLUMNS = (
     ("token_count", "integer"),
     ("embedding", "vector"),
     ("embedding_model", "varchar"),
+    ("search_config", "varchar"),
     ("created_at", "timestamptz"),
 )
 _vector_types: dict[str, TypeInfo] = {}
@@ -392,6 +409,7 @@ def _copy_chunks(
                         draft.token_count,
                         Vector(vector),
                         embedding_model,
+                        settings.RAG_TEXT_SEARCH_CONFIG,
                         now,
                     )
                 )

@@ -1,4 +1,5 @@
-"""Query-time retrieval: embed the question once, search pgvector once."""
+"""Query-time retrieval: embed the question once, search Postgres once (the SQL itself is
+in rag.services.search_sql)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import connection
 from django.db.models import QuerySet
 
 from rag.batching import Batcher
-from rag.models import Chunk, Reader
+from rag.models import Reader
 from rag.providers import EmbeddingProvider, QueryVector
+from rag.services import search_sql
 from rag.services.connections import release_connection
+from rag.services.metadata_filter import MetadataFilter
+from rag.services.search_sql import Shape
 
 SNIPPET_CHARS = 240
 
@@ -73,38 +78,58 @@ class Retrieval:
 #: QuerySet (kept as a subquery, so it costs no extra trip to the database), or None for all.
 CollectionScope = Reader | Iterable[int] | QuerySet | None
 
-_COLUMNS = ("pk", "document_id", "document__title", "document__source", "heading", "text", "distance")
-# Stand in for the query vector and for the reader's user id while the ORM compiles the search.
-_QUERY_VECTOR = "[the query vector]"
-# No user has this id; it fits in a 32-bit id column (out of range, the ORM drops the condition).
-_READER_ID = -(2**31) + 1
-
-#: What a search's SQL depends on besides the model, dimension and k (hashable).
-Shape = Reader | tuple[int, ...] | None
+#: One query of a batch: its vector, the reader's user id (or None), and its text (the
+#: full-text half of a hybrid search; "" searches by the vector alone).
+_Query = tuple[QueryVector, int | None, str]
 
 
-def search(vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope = None) -> list[Source]:
-    """The k nearest chunks to a query vector (sync: call it from a thread; ``asearch`` from async code).
+def search(
+    vector: QueryVector,
+    *,
+    embedding_model: str,
+    k: int,
+    collections: CollectionScope = None,
+    text: str = "",
+    metadata: MetadataFilter | None = None,
+) -> list[Source]:
+    """The k best chunks for a query (sync: call it from a thread; ``asearch`` from async code).
 
-    One query whatever the scope: the collection filter and the readable-collections
-    subquery run inside it. With a selective filter, pgvector's iterative HNSW scan
-    (hnsw.iterative_scan, set per connection in settings) keeps looking until it has
-    k matches; relaxed order may return them slightly out of order, so they are sorted.
+    By the vector alone, or with ``text`` and RAG_HYBRID_WEIGHT above 0, fused with
+    Postgres full-text search (rag.services.search_sql). One statement whatever the
+    scope: the collection filter and the readable-collections subquery run inside it.
+    With a selective filter, pgvector's iterative HNSW scan (hnsw.iterative_scan, set
+    per connection in settings) keeps looking until it has k matches.
     """
-    [sources] = search_many([vector], embedding_model=embedding_model, k=k, collections=collections)
+    [sources] = search_many(
+        [vector], embedding_model=embedding_model, k=k, collections=collections, texts=[text], metadata=metadata
+    )
     return sources
 
 
 def search_many(
-    vectors: list[QueryVector], *, embedding_model: str, k: int, collections: CollectionScope = None
+    vectors: list[QueryVector],
+    *,
+    embedding_model: str,
+    k: int,
+    collections: CollectionScope = None,
+    texts: list[str] | None = None,
+    metadata: MetadataFilter | None = None,
 ) -> list[list[Source]]:
-    """``search`` for several query vectors of one dimension, in one statement."""
+    """``search`` for several queries of one dimension, in one statement."""
     shape, reader_id = _shape(collections)
-    return _search_rows([(v, reader_id) for v in vectors], embedding_model=embedding_model, k=k, shape=shape)
+    texts = texts or [""] * len(vectors)
+    queries = [(v, reader_id, t) for v, t in zip(vectors, texts, strict=True)]
+    return _search_rows(queries, embedding_model=embedding_model, k=k, shape=shape, metadata=metadata)
 
 
 async def asearch(
-    vector: QueryVector, *, embedding_model: str, k: int, collections: CollectionScope = None
+    vector: QueryVector,
+    *,
+    embedding_model: str,
+    k: int,
+    collections: CollectionScope = None,
+    text: str = "",
+    metadata: MetadataFilter | None = None,
 ) -> list[Source]:
     """``search`` for async code, in a thread; the database connection goes back to the
     pool afterwards (an answer may stream for a while).
@@ -116,9 +141,9 @@ async def asearch(
     """
     shape, reader_id = _shape(collections)
     if isinstance(shape, QuerySet):  # not hashable: searched on its own
-        [sources] = await _search_rows_and_release([(vector, reader_id)], embedding_model, k, shape)
+        [sources] = await _search_rows_and_release([(vector, reader_id, text)], embedding_model, k, shape, metadata)
         return sources
-    return await _searches(embedding_model, vector.dimensions, k, shape).submit((vector, reader_id))
+    return await _searches(embedding_model, vector.dimensions, k, shape, metadata).submit((vector, reader_id, text))
 
 
 def _shape(collections: CollectionScope) -> tuple[Shape | QuerySet, int | None]:
@@ -127,7 +152,7 @@ def _shape(collections: CollectionScope) -> tuple[Shape | QuerySet, int | None]:
         if collections.superuser or collections.user_id is None:
             return collections, None  # the same statement for all of them already
         # Signed-in users: who they are only matters to the group-membership subquery.
-        return replace(collections, user_id=_READER_ID), collections.user_id
+        return replace(collections, user_id=search_sql.READER_ID), collections.user_id
     if collections is None or isinstance(collections, QuerySet):
         return collections, None
     return tuple(collections), None
@@ -135,10 +160,10 @@ def _shape(collections: CollectionScope) -> tuple[Shape | QuerySet, int | None]:
 
 @functools.lru_cache(maxsize=256)
 def _searches(
-    embedding_model: str, dimensions: int, k: int, shape: Shape
-) -> Batcher[tuple[QueryVector, int | None], list[Source]]:
-    async def run(queries: list[tuple[QueryVector, int | None]]) -> list[list[Source]]:
-        return await _search_rows_and_release(queries, embedding_model, k, shape)
+    embedding_model: str, dimensions: int, k: int, shape: Shape, metadata: MetadataFilter | None
+) -> Batcher[_Query, list[Source]]:
+    async def run(queries: list[_Query]) -> list[list[Source]]:
+        return await _search_rows_and_release(queries, embedding_model, k, shape, metadata)
 
     return Batcher(run, max_size=64)
 
@@ -147,32 +172,47 @@ def _searches(
 # started it, so it must not run on that request's thread.
 @sync_to_async(thread_sensitive=False)
 def _search_rows_and_release(
-    queries: list[tuple[QueryVector, int | None]], embedding_model: str, k: int, shape: Shape | QuerySet
+    queries: list[_Query], embedding_model: str, k: int, shape: Shape | QuerySet, metadata: MetadataFilter | None
 ) -> list[list[Source]]:
     try:
-        return _search_rows(queries, embedding_model=embedding_model, k=k, shape=shape)
+        return _search_rows(queries, embedding_model=embedding_model, k=k, shape=shape, metadata=metadata)
     finally:
         release_connection()
 
 
 def _search_rows(
-    queries: list[tuple[QueryVector, int | None]], *, embedding_model: str, k: int, shape: Shape | QuerySet
+    queries: list[_Query],
+    *,
+    embedding_model: str,
+    k: int,
+    shape: Shape | QuerySet,
+    metadata: MetadataFilter | None = None,
 ) -> list[list[Source]]:
-    """One statement for several (query vector, reader's user id): the search runs once per
-    query inside a LATERAL join over them, each through the HNSW index as on its own
-    (tests/test_db.py checks the plan)."""
+    """One statement for a batch of queries (rag.services.search_sql)."""
     if not queries:
         return []
     dimensions = queries[0][0].dimensions
-    if any(vector.dimensions != dimensions for vector, _ in queries):
+    if any(vector.dimensions != dimensions for vector, _, _ in queries):
         raise ValueError("one statement searches query vectors of one dimension")
-    sql, params = _search_sql(embedding_model, dimensions, k, shape)
+    plan = search_sql.Plan(
+        embedding_model=embedding_model,
+        dimensions=dimensions,
+        k=k,
+        shape=None if isinstance(shape, QuerySet) else shape,
+        lexical_weight=settings.RAG_HYBRID_WEIGHT if any(text for _, _, text in queries) else 0.0,
+        candidates=settings.RAG_HYBRID_CANDIDATES,
+        text_search_config=settings.RAG_TEXT_SEARCH_CONFIG,
+        metadata=metadata,
+    )
+    sql, params = search_sql.statement(plan, shape if isinstance(shape, QuerySet) else None)
     # The vectors go as one text[] literal, not a list: psycopg quotes a list of long strings
     # element by element in Python (8% of the server's CPU with 1,000 questions at once).
     # A vector literal holds only digits, signs, dots, commas and brackets: nothing to escape.
-    vectors = "{" + ",".join(f'"{v.literal}"' for v, _ in queries) + "}"
+    vectors = "{" + ",".join(f'"{v.literal}"' for v, _, _ in queries) + "}"
+    readers = [reader for _, reader, _ in queries]
+    texts = [text for _, _, text in queries]
     with connection.cursor() as cursor:
-        cursor.execute(sql, (vectors, [reader for _, reader in queries], *params))
+        cursor.execute(sql, (vectors, readers, texts, *params))
         rows = cursor.fetchall()
     found: list[list[Source]] = [[] for _ in queries]
     for i, pk, document_id, title, source, heading, text, distance in rows:
@@ -192,61 +232,17 @@ def _search_rows(
     return found
 
 
-def _search_sql(embedding_model: str, dimensions: int, k: int, shape: Shape | QuerySet) -> tuple[str, tuple]:
-    """The batched search's SQL, and its parameters after the two arrays (vectors, readers).
-
-    Building and compiling the QuerySet costs ~0.8 ms of CPU, as much as the
-    search itself takes in Postgres, and every search before a first token paid
-    it while the event loop waited for the GIL. The SQL depends only on the
-    model, the dimension, k and the shape, so it is compiled once per shape.
-    """
-    if isinstance(shape, QuerySet):  # not hashable: compiled each time
-        return _compile(embedding_model, dimensions, k, shape)
-    return _compiled(embedding_model, dimensions, k, shape)
-
-
-@functools.lru_cache(maxsize=512)
-def _compiled(embedding_model: str, dimensions: int, k: int, shape: Shape) -> tuple[str, tuple]:
-    return _compile(embedding_model, dimensions, k, shape)
-
-
-def _compile(embedding_model: str, dimensions: int, k: int, shape: Shape | QuerySet) -> tuple[str, tuple]:
-    queryset = (
-        Chunk.objects.in_collections(shape)
-        .nearest(_QUERY_VECTOR, embedding_model=embedding_model, dimensions=dimensions, k=k)
-        # Plain tuples, not model instances: this runs before every first token.
-        .values_list(*_COLUMNS)
-    )
-    sql, params = queryset.query.sql_with_params()
-    # The ORM's SQL has a %s per parameter (a literal percent sign would be %%):
-    # the stand-ins become references to the columns of the batch.
-    pieces = sql.split("%s")
-    if len(pieces) != len(params) + 1:
-        raise RuntimeError(f"Unexpected placeholders in {sql!r}")
-    columns = {_QUERY_VECTOR: f"q.vector::vector({dimensions})", _READER_ID: "q.reader"}
-    inner, kept, placed = pieces[0], [], 0
-    for param, piece in zip(params, pieces[1:], strict=True):
-        stand_in = columns.get(param) if isinstance(param, (str, int)) and not isinstance(param, bool) else None
-        if stand_in is None:
-            kept.append(param)
-        placed += param == _QUERY_VECTOR
-        inner += (stand_in or "%s") + piece
-    if placed != 1:
-        raise RuntimeError(f"Cannot place the query vector in {sql!r}")
-    # The vectors are parsed once, as vector[]: left as text, a search that the planner answers
-    # with an exact scan (a small or a narrowly filtered collection) parsed the query vector
-    # again for every row, 66 ms instead of 3.8 ms for 2,404 chunks of 384 dimensions.
-    batched = (
-        "SELECT q.i, r.* FROM unnest(%s::text[]::vector[], %s::bigint[]) WITH ORDINALITY AS q(vector, reader, i) "
-        f"CROSS JOIN LATERAL ({inner}) AS r ORDER BY q.i, r.distance"
-    )
-    return batched, tuple(kept)
-
-
 async def retrieve(
-    *, question: str, k: int, embedder: EmbeddingProvider, collections: CollectionScope = None
+    *,
+    question: str,
+    k: int,
+    embedder: EmbeddingProvider,
+    collections: CollectionScope = None,
+    metadata: MetadataFilter | None = None,
 ) -> Retrieval:
     started = time.perf_counter()
     vector = await embedder.embed_query(question)
-    sources = await asearch(vector, embedding_model=embedder.model, k=k, collections=collections)
+    sources = await asearch(
+        vector, embedding_model=embedder.model, k=k, collections=collections, text=question, metadata=metadata
+    )
     return Retrieval(sources=sources, ms=(time.perf_counter() - started) * 1000)

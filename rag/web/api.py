@@ -21,6 +21,7 @@ from rag.answers.follow import follow
 from rag.forms import BadQuestion, parse_question
 from rag.models import Message, Reader
 from rag.pipeline import RAG
+from rag.services.metadata_filter import FilterError, MetadataFilter
 from rag.web import sse
 
 FORMATS = ("text", "json")
@@ -79,7 +80,7 @@ async def reader(user, *, collection: str | None = None) -> Reader:
 
 @api_method("GET")
 async def stream(request: HttpRequest):
-    """GET /rag/stream?question=…&k=…[&format=json][&detach=1] → text/event-stream.
+    """GET /rag/stream?question=…&k=…[&collection=…][&filter={json}][&format=json][&detach=1] → text/event-stream.
 
     Every event carries an id. A request with ``Last-Event-ID`` (an EventSource that
     reconnects sends it by itself, to the same URL) never starts a generation: it gets
@@ -97,7 +98,8 @@ async def stream(request: HttpRequest):
         return bad_request(f"'detach' must be 0 or 1, not {detach[:20]!r}.")
     try:
         q = parse_question(question=request.GET.get("question"), k=request.GET.get("k"))
-    except BadQuestion as exc:
+        metadata = MetadataFilter.parse(request.GET.get("filter"))
+    except (BadQuestion, FilterError) as exc:
         return bad_request(str(exc))
     user = await asking_user(request)
     answer = await oneshot.start(
@@ -105,6 +107,7 @@ async def stream(request: HttpRequest):
         k=q.k,
         user_id=user.pk if user.is_authenticated else None,
         collections=await reader(user, collection=request.GET.get("collection")),
+        metadata=metadata,
     )
     events = follow(answer.pk, key=str(answer.public_id))
     if detach == "0":
@@ -178,7 +181,8 @@ async def stop(request: HttpRequest, key: str):
 @csrf_exempt
 @api_method("POST")
 async def query(request: HttpRequest):
-    """POST /rag/query {"question": "...", "k": 4} → {"answer", "sources", "metrics"}."""
+    """POST /rag/query {"question": "...", "k": 4, "collection": "...", "filter": {...}}
+    → {"answer", "sources", "metrics"}. ``filter``: rag.services.metadata_filter."""
     if request.content_type != "application/json":
         return bad_request("Send JSON with Content-Type: application/json.", status=415)
     try:
@@ -193,7 +197,8 @@ async def query(request: HttpRequest):
         return bad_request('The body must be a JSON object like {"question": "...", "k": 4}.')
     try:
         q = parse_question(question=body.get("question"), k=body.get("k"))
-    except BadQuestion as exc:
+        metadata = MetadataFilter.parse(body.get("filter"))
+    except (BadQuestion, FilterError) as exc:
         return bad_request(str(exc))
     collection = body.get("collection")
     if collection is not None and not isinstance(collection, str):
@@ -204,6 +209,7 @@ async def query(request: HttpRequest):
         k=q.k,
         user_id=user.pk if user.is_authenticated else None,
         collections=await reader(user, collection=collection),
+        metadata=metadata,
     )
     payload = {
         "answer": answer.text,

@@ -66,12 +66,16 @@ def test_hash_without_space_is_not_a_heading():
     assert "#hashtag is a word" in drafts[0].text
 
 
-def test_embedding_text_carries_the_heading_path():
+def test_embedding_text_carries_the_title_and_the_heading_path():
     [draft] = chunks("# Setup\n## Database\nCreate the database.")
     assert draft.heading == "Setup > Database"
-    assert draft.embedding_text == "Setup > Database\n\nCreate the database."
+    assert draft.embedding_text() == "Setup > Database\n\nCreate the database."
+    assert draft.embedding_text("Manual") == "Manual > Setup > Database\n\nCreate the database."
+    # A title that is also the first heading is not said twice.
+    assert draft.embedding_text("Setup") == "Setup > Database\n\nCreate the database."
     [plain] = chunks("No heading here.")
-    assert plain.embedding_text == "No heading here."
+    assert plain.embedding_text() == "No heading here."
+    assert plain.embedding_text("Notes") == "Notes\n\nNo heading here."
 
 
 def test_sections_never_mix():
@@ -217,3 +221,37 @@ def test_text_without_content_gives_no_chunks(text):
 def test_windows_line_endings_are_handled():
     drafts = chunks("# Title\r\nLine one.\r\n\r\nLine two.\r\n")
     assert [(d.heading, d.text) for d in drafts] == [("Title", "Line one.\n\nLine two.")]
+
+
+MAN_PAGE = "# open(2)\n## Name\nopen - open a file\n## Library\nStandard C library\n## Description\n" + (
+    "The open() system call opens the file specified by pathname. " * 3
+)
+
+
+def test_small_sections_are_joined_under_the_path_they_share():
+    [name_and_library, description] = chunk_text(
+        MAN_PAGE, max_tokens=60, overlap=0, count_tokens=estimate_tokens, min_tokens=20
+    )
+    # NAME and LIBRARY are a few tokens each: one chunk under "open(2)", each part still named.
+    assert name_and_library.heading == "open(2)"
+    assert name_and_library.text == "Name\n\nopen - open a file\n\nLibrary\n\nStandard C library"
+    # DESCRIPTION is long enough to stand alone, and would not fit with them anyway.
+    assert description.heading == "open(2) > Description"
+
+
+def test_joining_never_makes_a_chunk_over_max_tokens():
+    for max_tokens in (20, 40, 80, 200):
+        drafts = chunk_text(MAN_PAGE, max_tokens=max_tokens, overlap=0, count_tokens=estimate_tokens, min_tokens=500)
+        assert all(d.token_count <= max_tokens for d in drafts)
+
+
+def test_without_min_tokens_every_section_is_its_own_chunk():
+    drafts = chunk_text(MAN_PAGE, max_tokens=200, overlap=0, count_tokens=estimate_tokens)
+    assert [d.heading for d in drafts] == ["open(2) > Name", "open(2) > Library", "open(2) > Description"]
+
+
+def test_joined_sections_keep_all_their_text_in_order():
+    text = "\n".join(f"## Part {i}\nWords of part {i}." for i in range(12))
+    drafts = chunk_text(text, max_tokens=200, overlap=0, count_tokens=estimate_tokens, min_tokens=150)
+    assert len(drafts) == 1 and drafts[0].heading == ""
+    assert drafts[0].text == "\n\n".join(f"Part {i}\n\nWords of part {i}." for i in range(12))

@@ -124,9 +124,14 @@ async def test_embedding_batches_respect_setting(fake_llm, settings, batch):
     assert sum(sizes) == result.chunks
     assert all(size <= batch for size in sizes)
     assert len(sizes) == math.ceil(result.chunks / batch)
-    # Sent in chunk order: the texts embedded are the chunks' heading+text, position by position.
+    # Sent in chunk order: the texts embedded are the chunks' title+text, position by position.
     embedded = [text for request in fake_llm.embedding_requests for text in request]
-    stored = [c.text async for c in Chunk.objects.filter(document_id=result.document_id).order_by("position")]
+    stored = [
+        f"{c.document.title}\n\n{c.text}"
+        async for c in Chunk.objects.filter(document_id=result.document_id)
+        .select_related("document")
+        .order_by("position")
+    ]
     assert embedded == stored
 
 
@@ -145,7 +150,7 @@ async def test_chunks_store_model_token_count_and_vectors(fake_llm, settings):
         assert chunk.heading == "Guide > Part"
         assert chunk.token_count == estimate_tokens(chunk.text)
         assert len(chunk.embedding) == fake_llm.dimensions
-        # The heading path was embedded along with the text.
+        # The heading path was embedded along with the text (the title is its first heading).
         assert f"Guide > Part\n\n{chunk.text}" in embedded
 
 

@@ -11,7 +11,7 @@ from django.contrib.auth.models import AnonymousUser, Group, User
 
 from rag.models import Chunk, Collection, Document, Reader
 from rag.providers import QueryVector
-from rag.services import retrieval
+from rag.services import retrieval, search_sql
 
 pytestmark = pytest.mark.django_db
 
@@ -94,10 +94,10 @@ def test_a_reader_finds_what_the_orm_query_finds(library):
 
 
 def test_the_sql_is_compiled_once_per_shape(library, monkeypatch):
-    retrieval._compiled.cache_clear()
+    search_sql._cached.cache_clear()
     compiled = []
-    compile_ = retrieval._compile
-    monkeypatch.setattr(retrieval, "_compile", lambda *args: compiled.append(args[:3]) or compile_(*args))
+    build = search_sql._build
+    monkeypatch.setattr(search_sql, "_build", lambda *args: compiled.append(args[0]) or build(*args))
     anonymous = Reader.of(AnonymousUser())
     for seed in range(5):
         assert found(anonymous, seed=seed) == {"public"}

@@ -975,3 +975,51 @@ async def test_healthz_keeps_the_databases_own_words_for_staff_and_the_log(monke
     assert "10.1.2.3" not in anonymous.content.decode()
     assert "10.1.2.3" in json.loads(detailed.content)["database"]
     assert "10.1.2.3" in caplog.text
+
+
+# --- metadata filters ---------------------------------------------------------------------------
+
+
+async def add_with_metadata(text: str, metadata: dict) -> None:
+    from rag.services.documents import DocumentInput, aadd_documents
+
+    await aadd_documents(documents=[DocumentInput(text=text, metadata=metadata)])
+
+
+@live
+async def test_a_metadata_filter_narrows_stream_and_query(live_server_url, http, fake_llm):
+    await add_with_metadata("The 2021 guide says the shop opens at nine.", {"year": 2021, "tags": ["guide"]})
+    await add_with_metadata("The 2024 guide says the shop opens at ten.", {"year": 2024, "tags": ["guide", "new"]})
+    await add_with_metadata("A note without a year says the shop opens at noon.", {})
+    question = "when does the shop open?"
+
+    result = await stream(
+        http, live_server_url, {"question": question, "k": "5", "filter": json.dumps({"year": {"gte": 2022}})}
+    )
+    [sources] = [json.loads(e.data) for e in result.events if e.type == "sources"]
+    assert [s["snippet"] for s in sources] == ["The 2024 guide says the shop opens at ten."]
+
+    body = {"question": question, "k": 5, "filter": {"tags": {"in": ["guide"]}}}
+    async with http.post(f"{live_server_url}/rag/query", json=body) as resp:
+        found = {s["snippet"] for s in (await resp.json())["sources"]}
+    assert resp.status == 200
+    assert found == {"The 2021 guide says the shop opens at nine.", "The 2024 guide says the shop opens at ten."}
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ('{"year": {"after": 2020}}', "Unknown operator 'after' on 'year'"),
+        ("{year: 2020}", "The filter is not valid JSON"),
+        ('["year"]', "The filter must be a JSON object"),
+    ],
+)
+async def test_a_bad_filter_is_a_400_that_says_how_to_write_it(client, bad, message):
+    response = await client.get("/rag/stream", {"question": "q", "filter": bad})
+    assert message in error_of(response, 400)
+    response = await client.post(
+        "/rag/query",
+        {"question": "q", "filter": json.loads(bad) if bad.startswith(("[", '{"')) else bad},
+        content_type="application/json",
+    )
+    assert message in error_of(response, 400)

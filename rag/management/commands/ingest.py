@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,15 @@ class Command(BaseCommand):
         )
         parser.add_argument("--collection", default=Collection.DEFAULT_NAME, help="Collection name (default: default).")
         parser.add_argument("--title", default="", help="Title for text read from stdin.")
+        parser.add_argument(
+            "--meta",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="Metadata for every document, repeatable: --meta team=docs --meta year=2024 "
+            '--meta \'tags=["faq", "howto"]\' (a value that is JSON is read as JSON, otherwise as text). '
+            "Each file also gets source_type (its suffix) and path.",
+        )
         parser.add_argument("--dry-run", action="store_true", help="Parse and report what would change; store nothing.")
         parser.add_argument(
             "--if-empty", action="store_true", help="Do nothing if the collection already has documents."
@@ -58,6 +68,7 @@ class Command(BaseCommand):
         paths: list[str],
         collection: str,
         title: str,
+        meta: list[str],
         dry_run: bool,
         if_empty: bool,
         create: bool,
@@ -65,6 +76,7 @@ class Command(BaseCommand):
         **options,
     ) -> None:
         verbose = options.get("verbosity", 1) > 1
+        metadata = parse_meta(meta)
         if public and not create:
             raise CommandError("--public only applies with --create, to a collection this command creates.")
         target = Collection.objects.filter(name=collection).first()
@@ -88,7 +100,9 @@ class Command(BaseCommand):
         sources = list(self._collect(paths))
         if not sources:
             raise CommandError(f"No text files found in {', '.join(paths)} (looked for {', '.join(sorted(SUFFIXES))}).")
-        results = providers.run(self._ingest(sources, title=title, collection=target, dry_run=dry_run))
+        results = providers.run(
+            self._ingest(sources, title=title, metadata=metadata, collection=target, dry_run=dry_run)
+        )
         counts = {outcome: sum(1 for o, _, _ in results if o == outcome) for outcome in OUTCOMES}
         summary = ", ".join(f"{outcome} {counts[outcome]}" for outcome in OUTCOMES).capitalize()
         self.stdout.write(self.style.SUCCESS(("Dry run: " if dry_run else "") + summary + "."))
@@ -122,7 +136,7 @@ class Command(BaseCommand):
                     yield item
 
     async def _ingest(
-        self, sources: list[str], *, title: str, collection: Collection | None, dry_run: bool
+        self, sources: list[str], *, title: str, metadata: dict, collection: Collection | None, dry_run: bool
     ) -> list[tuple[str, str, str]]:
         embedder = None if dry_run else embedding_provider()
         results: list[tuple[str, str, str]] = []
@@ -131,16 +145,26 @@ class Command(BaseCommand):
             with tqdm(total=len(sources), unit="doc", file=sys.stderr, disable=None) as bar:
                 for source in sources:
                     bar.set_postfix_str(source[-40:])
-                    results.append(await self._one(source, title=title, collection=collection, embedder=embedder))
+                    results.append(
+                        await self._one(
+                            source, title=title, metadata=metadata, collection=collection, embedder=embedder
+                        )
+                    )
                     bar.update()
         return results
 
     async def _one(
-        self, source: str, *, title: str, collection: Collection | None, embedder: EmbeddingProvider | None
+        self,
+        source: str,
+        *,
+        title: str,
+        metadata: dict,
+        collection: Collection | None,
+        embedder: EmbeddingProvider | None,
     ) -> tuple[str, str, str]:
         """(outcome, source, reason) for one file; no embedder means a dry run."""
         try:
-            doc = await asyncio.to_thread(_read, source, title)
+            doc = await asyncio.to_thread(_read, source, title, metadata)
             if embedder is None:
                 outcome = await aplan_document(document=doc, collection=collection) if collection else "added"
             else:
@@ -152,8 +176,24 @@ class Command(BaseCommand):
         return (outcome, "stdin" if source == "-" else source, "")
 
 
-def _read(source: str, title: str) -> DocumentInput:
+def parse_meta(pairs: list[str]) -> dict:
+    """--meta KEY=VALUE options as a dict: a value that parses as JSON is taken as JSON
+    (numbers, true, lists), anything else as text."""
+    metadata: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CommandError(f"--meta takes KEY=VALUE, not {pair!r}.")
+        try:
+            metadata[key.strip()] = json.loads(value)
+        except ValueError:
+            metadata[key.strip()] = value
+    return metadata
+
+
+def _read(source: str, title: str, metadata: dict) -> DocumentInput:
     if source == "-":
-        return DocumentInput(text=sys.stdin.read(), title=title, source="stdin")
+        return DocumentInput(text=sys.stdin.read(), title=title, source="stdin", metadata=metadata)
     parsed = parse_sandbox.parse(name=source, data=Path(source).read_bytes())  # limits, as in the worker
-    return DocumentInput(text=parsed.text, title=parsed.title, source=source)
+    found = {"source_type": Path(source).suffix.lower().lstrip("."), "path": source}
+    return DocumentInput(text=parsed.text, title=parsed.title, source=source, metadata=found | metadata)
