@@ -50,7 +50,7 @@ class CollectionAdmin(admin.ModelAdmin):
     def document_count(self, obj: Collection) -> int:
         return obj.documents.count()
 
-    @admin.action(description="Re-embed every document with the current embedding model (in the background)")
+    @admin.action(description="Re-chunk and re-embed every document with the current settings (in the background)")
     def reembed_all(self, request: HttpRequest, queryset: QuerySet[Collection]) -> None:
         count = ingestion.requeue(documents=Document.objects.filter(collection__in=queryset), reembed=True)
         self.message_user(
@@ -215,7 +215,7 @@ class DocumentAdmin(admin.ModelAdmin):
         count = ingestion.requeue(documents=queryset)
         self.message_user(request, f"{count} document(s) queued; the current chunks answer until each is done.")
 
-    @admin.action(description="Re-embed with the current embedding model (in the background)")
+    @admin.action(description="Re-chunk and re-embed the stored text with the current settings (in the background)")
     def reembed(self, request: HttpRequest, queryset: QuerySet[Document]) -> None:
         count = ingestion.requeue(documents=queryset, reembed=True)
         self.message_user(request, f"{count} document(s) queued for re-embedding with {embedding_provider().model}.")

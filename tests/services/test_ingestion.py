@@ -7,6 +7,7 @@ import pytest
 from rag import providers
 from rag.models import Chunk, Collection, Document, DocumentFile
 from rag.providers import embedding_provider
+from rag.providers.base import estimate_tokens
 from rag.providers.fake import FakeEmbeddings
 from rag.services import ingestion
 from rag.services.retrieval import search
@@ -196,6 +197,20 @@ def test_reingest_and_reembed_are_queued_and_run_by_the_worker(kb, monkeypatch):
     doc.refresh_from_db()
     assert (doc.status, doc.embedding_model) == ("ready", "newer-32")
     assert sorted(Chunk.objects.values_list("embedding_model", flat=True)) == ["fake-embed", "newer-32"]
+
+
+def test_reembedding_after_a_change_of_chunk_settings_rechunks_the_stored_text(kb, settings):
+    text = "\n\n".join(f"Paragraph {i} says something about apples and pears." for i in range(30))
+    ingestion.submit_file(collection=kb, name="fruit.md", data=text.encode())
+    run_worker()
+    before = list(Chunk.objects.order_by("position").values_list("text", flat=True))
+    settings.RAG_CHUNK_TOKENS, settings.RAG_CHUNK_OVERLAP = 40, 0
+    assert ingestion.requeue(documents=Document.objects.all(), reembed=True) == 1
+    run_worker()
+    after = list(Chunk.objects.order_by("position").values_list("text", flat=True))
+    assert len(after) > len(before) and all(estimate_tokens(t) <= 40 for t in after)
+    assert "\n\n".join(after) == text  # every paragraph once, in order: nothing lost or doubled
+    assert Document.objects.get().chunk_count == len(after)
 
 
 def test_requeue_skips_documents_still_in_progress(kb):

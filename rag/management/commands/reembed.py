@@ -1,4 +1,5 @@
-"""python manage.py reembed — embed every document with the configured embedding model.
+"""python manage.py reembed — chunk and embed every document's stored text again, with the
+configured chunker and embedding model (after a change of either).
 
 Chunks of the old model stay until ``--prune``, so search keeps answering
 from them until the new ones are in. To switch models without a gap, run it
@@ -24,7 +25,10 @@ from rag.services import ingestion
 
 
 class Command(BaseCommand):
-    help = "Re-embed every document (or one collection's) with the configured embedding model."
+    help = (
+        "Re-chunk and re-embed every document (or one collection's) with the configured chunking "
+        "settings and embedding model; the admin shows each document's progress."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--collection", help="Only this collection.")
