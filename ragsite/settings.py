@@ -219,6 +219,13 @@ RAG_CHUNK_MIN_TOKENS = env_int("RAG_CHUNK_MIN_TOKENS", 150, min_value=0)
 # did not beat vector search alone on every metric (docs/benchmarks.md).
 RAG_HYBRID_WEIGHT = env_float("RAG_HYBRID_WEIGHT", 0.0, min_value=0.0, max_value=1.0)
 RAG_HYBRID_CANDIDATES = env_int("RAG_HYBRID_CANDIDATES", 40, min_value=1, max_value=1000)
+# Reranking: a sentence-transformers CrossEncoder folder that reorders what search found;
+# empty = none. Opt-in by path because no installed wheel bundles a reranker, and a small
+# one can make results worse: measure on your own questions before turning it on.
+RAG_RERANKER_MODEL = env_str("RAG_RERANKER_MODEL") or ""
+# The chunks search hands the reranker to reorder (at least k): more finds what the vector
+# missed, at one cross-encoder pass per chunk on every question.
+RAG_RERANK_CANDIDATES = env_int("RAG_RERANK_CANDIDATES", 20, min_value=1, max_value=200)
 # Postgres's text-search configuration for full-text search (a name from
 # `SELECT cfgname FROM pg_ts_config`). Chunks keep the one they were stored with.
 RAG_TEXT_SEARCH_CONFIG = env_str("RAG_TEXT_SEARCH_CONFIG") or "english"

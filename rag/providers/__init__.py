@@ -1,6 +1,6 @@
 """Provider selection from settings.
 
-``chat_provider()`` and ``embedding_provider()`` build the provider the
+``chat_provider()``, ``embedding_provider()`` and ``reranker()`` build the provider the
 settings name, once per distinct configuration, so a settings override in a
 test picks a new one while a running server reuses the loaded models.
 """
@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 
 from rag.providers.base import ChatChunk, ChatProvider, EmbeddingProvider, ProviderError, QueryVector
+from rag.providers.rerank import CrossEncoderReranker, Reranker
 
 __all__ = [
     "ChatChunk",
@@ -22,10 +23,12 @@ __all__ = [
     "EmbeddingProvider",
     "ProviderError",
     "QueryVector",
+    "Reranker",
     "aclose",
     "chat_provider",
     "closing",
     "embedding_provider",
+    "reranker",
     "run",
 ]
 
@@ -95,6 +98,13 @@ def embedding_provider() -> EmbeddingProvider:
     )
 
 
+def reranker() -> Reranker | None:
+    """The cross-encoder RAG_RERANKER_MODEL names, or None when it is empty: no reranking."""
+    if not settings.RAG_RERANKER_MODEL:
+        return None
+    return _reranker(settings.RAG_RERANKER_MODEL)
+
+
 @cache
 def _chat(kind: str, model: str, *_config: object) -> ChatProvider:
     if kind == "openai":
@@ -133,3 +143,8 @@ def _embeddings(kind: str, model: str, dimensions: int, *_config: object) -> Emb
 
         return FakeEmbeddings(dimensions=dimensions or 64)
     raise ProviderError(f"Unknown RAG_EMBEDDING_PROVIDER {kind!r}: use openai, local or fake.", code="config")
+
+
+@cache
+def _reranker(path: str) -> Reranker:
+    return CrossEncoderReranker(path)

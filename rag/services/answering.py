@@ -43,7 +43,7 @@ from rag.services import answer_rows
 from rag.services.answer_rows import rounded
 from rag.services.metadata_filter import MetadataFilter
 from rag.services.prompting import build_prompt
-from rag.services.retrieval import CollectionScope, Source, asearch
+from rag.services.retrieval import CollectionScope, Source, retrieve
 
 logger = logging.getLogger(__name__)
 
@@ -218,11 +218,11 @@ async def generate(
         return (time.perf_counter() - started) * 1000
 
     try:
-        query = search_query or question
-        vector = await embedder.embed_query(query)
-        outcome.sources = await asearch(
-            vector, embedding_model=embedder.model, k=k, collections=collections, text=query, metadata=metadata
+        # retrieve, as the admin's "Try a query" does: search, then the reranker if one is set.
+        found = await retrieve(
+            question=search_query or question, k=k, embedder=embedder, collections=collections, metadata=metadata
         )
+        outcome.sources = found.sources
         outcome.retrieval_ms = elapsed_ms()
         yield Sources(outcome.sources)
 

@@ -1,5 +1,6 @@
 """Query-time retrieval: embed the question once, search Postgres once (the SQL itself is
-in rag.services.search_sql)."""
+in rag.services.search_sql), then, if RAG_RERANKER_MODEL names one, let a cross-encoder
+reorder what was found."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from django.db.models import QuerySet
 
 from rag.batching import Batcher
 from rag.models import Reader
-from rag.providers import EmbeddingProvider, QueryVector
+from rag.providers import EmbeddingProvider, QueryVector, Reranker, reranker
 from rag.services import search_sql
 from rag.services.connections import release_connection
 from rag.services.metadata_filter import MetadataFilter
@@ -232,6 +233,19 @@ def _search_rows(
     return found
 
 
+async def rerank(*, question: str, sources: list[Source], k: int, reranker: Reranker) -> list[Source]:
+    """The k of ``sources`` the reranker scores highest for ``question``, best first and
+    numbered from 1. Each keeps its cosine ``score``: what clients see stays one scale."""
+    if not sources:
+        return []
+    # The heading path says what a chunk is about when its text leaves that implicit.
+    texts = [f"{s.heading}\n\n{s.text}" if s.heading else s.text for s in sources]
+    scores = await reranker.scores(question, texts)
+    # sorted() is stable, reverse=True included: ties keep the order search gave them.
+    order = sorted(range(len(sources)), key=scores.__getitem__, reverse=True)
+    return [replace(sources[i], n=n) for n, i in enumerate(order[:k], start=1)]
+
+
 async def retrieve(
     *,
     question: str,
@@ -240,9 +254,16 @@ async def retrieve(
     collections: CollectionScope = None,
     metadata: MetadataFilter | None = None,
 ) -> Retrieval:
+    """The k best chunks for ``question``: searched, then reranked when RAG_RERANKER_MODEL
+    is set. ``ms`` is the whole of it, reranking included."""
     started = time.perf_counter()
+    cross_encoder = reranker()
+    # A reranker can only promote what search found: it gets more candidates than k.
+    wanted = max(k, settings.RAG_RERANK_CANDIDATES) if cross_encoder is not None else k
     vector = await embedder.embed_query(question)
     sources = await asearch(
-        vector, embedding_model=embedder.model, k=k, collections=collections, text=question, metadata=metadata
+        vector, embedding_model=embedder.model, k=wanted, collections=collections, text=question, metadata=metadata
     )
+    if cross_encoder is not None:
+        sources = await rerank(question=question, sources=sources, k=k, reranker=cross_encoder)
     return Retrieval(sources=sources, ms=(time.perf_counter() - started) * 1000)
