@@ -118,8 +118,8 @@ DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
 # filter then drops most of them. Set at connect time (a libpq startup option),
 # so the search itself costs no extra statement. See docs/benchmarks.md.
 # hnsw.ef_search is the HNSW candidate list, pgvector's default of 40: enough for k up to
-# RAG_MAX_K. Asking for more chunks than it loses recall (at k=40 it missed up to 42% of the
-# exact 40 nearest chunks on the Debian FAQ eval, bench/retrieval_eval.py, which sets 100).
+# RAG_MAX_K (20). A search for more chunks widens it to 2k for its own statement
+# (rag.services.retrieval); docs/benchmarks.md has recall and latency at 100k and 1M chunks.
 RAG_HNSW_EF_SEARCH = env_int("RAG_HNSW_EF_SEARCH", 40, min_value=1, max_value=1000)
 _options = DATABASES["default"]["OPTIONS"]
 _options["options"] = " ".join(

@@ -317,3 +317,23 @@ async def test_a_bulk_load_that_fails_half_way_still_indexes_what_it_stored():
         await aadd_documents(documents=[f"Paper {i} on subject {i}." for i in range(5)], embedder=embedder)
     assert await Chunk.objects.filter(embedding_model=embedder.model).aexists()
     assert await sync_to_async(indexdef)(index_name(embedder.model, 16)) is not None
+
+
+def test_a_search_for_many_chunks_widens_ef_search_for_its_own_statement_only():
+    model = "wide-k-64"
+    vectors = unit_vectors(INDEXED_ROWS, 64, seed=21)
+    chunks = store(vectors, model=model)
+    rows = {c.pk: v for c, v in zip(chunks, vectors, strict=True)}
+    ensure_vector_index(embedding_model=model, dimensions=64)
+    analyze()
+    statements = []
+    with connection.execute_wrapper(lambda execute, sql, *rest: statements.append(sql) or execute(sql, *rest)):
+        hits = 0
+        for query in unit_vectors(5, 64, seed=22):
+            found = retrieval.search(QueryVector.from_floats(query), embedding_model=model, k=40)
+            hits += len({s.chunk_id for s in found} & set(brute_force(rows, query, 40)))
+    assert hits / 200 >= 0.95
+    assert sum("set_config('hnsw.ef_search'" in sql for sql in statements) == 5
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW hnsw.ef_search")
+        assert cursor.fetchone()[0] == "40"  # the connection's own setting again
