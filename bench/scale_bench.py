@@ -39,6 +39,7 @@ from docs_section import write_section  # noqa: E402
 django.setup()
 
 import numpy as np  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.db import connection  # noqa: E402
 from django.utils import timezone  # noqa: E402
 from pgvector import Vector  # noqa: E402
@@ -214,7 +215,8 @@ def write_markdown(result: dict) -> None:
     for size in result["sizes"]:
         lines += [
             "",
-            f"**{size['rows']:,} chunks**: loaded in {size['load_s']} s, HNSW index built in "
+            f"**{size['rows']:,} chunks**, HNSW m={result['m']}, ef_construction={result['ef_construction']}: "
+            f"loaded in {size['load_s']} s, index built in "
             f"{size['index_build_s']} s ({size['index_size']}; table and indexes {size['table_size']}; "
             f"shared_buffers {size['shared_buffers']}).",
             "",
@@ -232,8 +234,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="100000,1000000", help="Comma-separated sizes.")
     parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--m", type=int, default=settings.RAG_HNSW_M, help="HNSW m (RAG_HNSW_M).")
+    parser.add_argument(
+        "--ef-construction", type=int, default=settings.RAG_HNSW_EF_CONSTRUCTION, help="RAG_HNSW_EF_CONSTRUCTION."
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    settings.RAG_HNSW_M, settings.RAG_HNSW_EF_CONSTRUCTION = args.m, args.ef_construction
     connection.settings_dict.setdefault("TEST", {})["NAME"] = f"rag_scale_{os.getpid()}"
     old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
     try:
@@ -242,7 +249,7 @@ def main() -> None:
         connection.close()
         connection.close_pool()
         connection.creation.destroy_test_db(old_name, verbosity=0)
-    result = {"machine": machine(), "sizes": sizes}
+    result = {"machine": machine(), "m": args.m, "ef_construction": args.ef_construction, "sizes": sizes}
     print(json.dumps(result, indent=2))
     if not args.no_write:
         write_markdown(result)

@@ -121,6 +121,10 @@ DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
 # RAG_MAX_K (20). A search for more chunks widens it to 2k for its own statement
 # (rag.services.retrieval); docs/benchmarks.md has recall and latency at 100k and 1M chunks.
 RAG_HNSW_EF_SEARCH = env_int("RAG_HNSW_EF_SEARCH", 40, min_value=1, max_value=1000)
+# How an HNSW index is built (pgvector's defaults): more makes a better graph, so more recall
+# at the same ef_search, for a slower build. Applies to indexes created from then on.
+RAG_HNSW_M = env_int("RAG_HNSW_M", 16, min_value=2, max_value=100)
+RAG_HNSW_EF_CONSTRUCTION = env_int("RAG_HNSW_EF_CONSTRUCTION", 64, min_value=4, max_value=1000)
 _options = DATABASES["default"]["OPTIONS"]
 _options["options"] = " ".join(
     filter(

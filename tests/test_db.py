@@ -337,3 +337,10 @@ def test_a_search_for_many_chunks_widens_ef_search_for_its_own_statement_only():
     with connection.cursor() as cursor:
         cursor.execute("SHOW hnsw.ef_search")
         assert cursor.fetchone()[0] == "40"  # the connection's own setting again
+
+
+def test_the_index_is_built_with_the_configured_graph_parameters(settings):
+    settings.RAG_HNSW_M, settings.RAG_HNSW_EF_CONSTRUCTION = 8, 32
+    ensure_vector_index(embedding_model="graph-params-8", dimensions=8)
+    definition = indexdef(index_name("graph-params-8", 8))
+    assert "m='8'" in definition and "ef_construction='32'" in definition, definition

@@ -27,6 +27,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import connection
 from psycopg.sql import Literal
 
@@ -73,6 +74,7 @@ def ensure_vector_index(*, embedding_model: str, dimensions: int) -> None:
         cursor.execute(
             f"CREATE INDEX IF NOT EXISTS {name} ON rag_chunk "
             f"USING hnsw ((embedding::vector({int(dimensions)})) vector_cosine_ops) "
+            f"WITH (m = {int(settings.RAG_HNSW_M)}, ef_construction = {int(settings.RAG_HNSW_EF_CONSTRUCTION)}) "
             f"WHERE embedding_model = {Literal(embedding_model).as_string(connection.connection)}"
         )
     # Inside a transaction the index may yet be rolled back: remember it only
