@@ -3,6 +3,7 @@ LLM, and the name of the machine they ran on."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import re
@@ -24,6 +25,28 @@ def app_env(*, data_dir: Path, fake_url: str, **extra: str) -> dict[str, str]:
         "RAG_EMBEDDING_MODEL": "bench-embed",
         **extra,
     }
+
+
+@contextlib.contextmanager
+def throwaway_database(prefix: str):
+    """The app's database server, with a database of this run's own, dropped afterwards
+    (Django must be set up; the data a developer keeps in the app's database is untouched)."""
+    from django.db import connection
+
+    connection.settings_dict.setdefault("TEST", {})["NAME"] = f"{prefix}_{os.getpid()}"
+    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
+    try:
+        yield
+    finally:
+        # Threads of the async runs hold pooled connections to it: they must go first.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        connection.close()
+        connection.close_pool()
+        connection.creation.destroy_test_db(old_name, verbosity=0)
 
 
 def cpu_name() -> str:

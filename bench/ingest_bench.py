@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 
 import django  # noqa: E402
+from bench_env import throwaway_database  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 django.setup()
@@ -565,9 +566,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="Print only; leave docs/benchmarks.md alone.")
     args = parser.parse_args()
 
-    connection.settings_dict.setdefault("TEST", {})["NAME"] = f"rag_bench_{os.getpid()}"
-    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-    try:
+    with throwaway_database("rag_bench"):
         collection = Collection.objects.get_or_create(name="bench")[0]
         result = {"machine": machine(), "ceiling": bench_ceiling(args.docs, collection)}
         if args.minilm_docs:
@@ -575,16 +574,6 @@ def main() -> None:
         result["recall"] = bench_recall(args.rows, collections=20, queries=args.queries)
         if args.hnsw_rows:
             result["hnsw_params"] = bench_hnsw_params(args.hnsw_rows)
-    finally:
-        # Threads of the async runs hold pooled connections to the bench database.
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        connection.close()
-        connection.close_pool()
-        connection.creation.destroy_test_db(old_name, verbosity=0)
     print(json.dumps(result, indent=2))
     if not args.no_write:
         write_markdown(result)

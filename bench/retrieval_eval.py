@@ -49,7 +49,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 os.environ.setdefault("RAG_EMBEDDING_PROVIDER", "local")
 
 import django  # noqa: E402
-from bench_env import cpu_name  # noqa: E402
+from bench_env import cpu_name, throwaway_database  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 django.setup()
@@ -325,20 +325,9 @@ def main() -> None:
     args = parser.parse_args()
     corpora = [load(name) for name in args.corpora]
 
-    connection.settings_dict.setdefault("TEST", {})["NAME"] = f"rag_eval_{os.getpid()}"
-    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-    try:
+    with throwaway_database("rag_eval"):
         embedder = CachedEmbeddings(embedding_provider())
         runs = asyncio.run(evaluate_all(corpora, embedder, args.weights))
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            )
-        connection.close()
-        connection.close_pool()
-        connection.creation.destroy_test_db(old_name, verbosity=0)
     result = {"machine": machine(), "embedder": embedder.model, "runs": runs}
     print(json.dumps(result, indent=2))
     if not args.no_write:

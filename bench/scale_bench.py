@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 
 import django  # noqa: E402
+from bench_env import throwaway_database  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 django.setup()
@@ -241,14 +242,8 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     settings.RAG_HNSW_M, settings.RAG_HNSW_EF_CONSTRUCTION = args.m, args.ef_construction
-    connection.settings_dict.setdefault("TEST", {})["NAME"] = f"rag_scale_{os.getpid()}"
-    old_name = connection.creation.create_test_db(verbosity=0, autoclobber=True, serialize=False)
-    try:
+    with throwaway_database("rag_scale"):
         sizes = [run_size(int(rows), args.queries) for rows in args.rows.split(",")]
-    finally:
-        connection.close()
-        connection.close_pool()
-        connection.creation.destroy_test_db(old_name, verbosity=0)
     result = {"machine": machine(), "m": args.m, "ef_construction": args.ef_construction, "sizes": sizes}
     print(json.dumps(result, indent=2))
     if not args.no_write:
