@@ -15,8 +15,6 @@ from django.db.models.expressions import RawSQL
 from django.db.models.functions import Cast
 from pgvector.django import CosineDistance, VectorField
 
-from rag.services.metadata_filter import MetadataFilter
-
 
 def storable(text: str) -> str:
     """``text`` as Postgres can store it: a text column cannot hold NUL, and a model,
@@ -201,12 +199,13 @@ class ChunkQuerySet(models.QuerySet):
             collections = collections.values("pk")
         return self.filter(collection_id__in=collections)
 
-    def matching(self, metadata: MetadataFilter | None) -> ChunkQuerySet:
-        """Only chunks of documents whose metadata matches (None: no condition). A
-        subquery on the documents, so that the filter needs no join."""
-        if metadata is None:
+    def matching(self, jsonpath: str | None) -> ChunkQuerySet:
+        """Only chunks of documents whose metadata the SQL/JSON path predicate holds for
+        (``MetadataFilter.jsonpath``; None: no condition). A subquery on the documents, so
+        that the filter needs no join."""
+        if jsonpath is None:
             return self
-        documents = Document.objects.filter(_MatchesJsonPath(models.F("metadata"), Value(metadata.jsonpath)))
+        documents = Document.objects.filter(_MatchesJsonPath(models.F("metadata"), Value(jsonpath)))
         return self.filter(document_id__in=documents.values("pk"))
 
     def nearest(self, embedding: list[float] | str, *, embedding_model: str, dimensions: int, k: int) -> ChunkQuerySet:

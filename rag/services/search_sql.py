@@ -128,7 +128,7 @@ def _scope(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, list]:
     taken from the batch."""
     queryset = (
         Chunk.objects.in_collections(queryset_scope if queryset_scope is not None else plan.shape)
-        .matching(plan.metadata)
+        .matching(plan.metadata.jsonpath if plan.metadata else None)
         .for_model(plan.embedding_model)
     )
     sql, params = queryset.query.get_compiler(using=DEFAULT_DB_ALIAS).compile(queryset.query.where)
