@@ -4,6 +4,7 @@ LLM, and the name of the machine they ran on."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import platform
 import re
@@ -47,6 +48,16 @@ def throwaway_database(prefix: str):
         connection.close()
         connection.close_pool()
         connection.creation.destroy_test_db(old_name, verbosity=0)
+
+
+def machine() -> dict:
+    """What a benchmark ran on, for its table: the date and time, CPU, cores, Python."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_name(),
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+    }
 
 
 def cpu_name() -> str:

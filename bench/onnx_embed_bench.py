@@ -42,9 +42,10 @@ django.setup()
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
+from bench_env import machine  # noqa: E402
 from django.conf import settings  # noqa: E402
 from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
-from retrieval_eval import load, machine, scores, unique  # noqa: E402
+from retrieval_eval import load, scores, unique  # noqa: E402
 
 from rag.providers.local import LocalEmbeddings  # noqa: E402
 from rag.services.chunking import chunk_text  # noqa: E402

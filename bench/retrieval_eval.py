@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import hashlib
 import json
 import math
 import os
-import platform
 import re
 import sqlite3
 import statistics
@@ -49,7 +47,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 os.environ.setdefault("RAG_EMBEDDING_PROVIDER", "local")
 
 import django  # noqa: E402
-from bench_env import cpu_name, throwaway_database  # noqa: E402
+from bench_env import machine, throwaway_database  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 django.setup()
@@ -271,15 +269,6 @@ async def evaluate(corpus: Corpus, embedder: CachedEmbeddings, weights: list[flo
 async def evaluate_all(corpora: list[Corpus], embedder: CachedEmbeddings, weights: list[float]) -> list[dict]:
     # One event loop for all: the embedder's query batcher belongs to the loop it started on.
     return [await evaluate(corpus, embedder, weights) for corpus in corpora]
-
-
-def machine() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": cpu_name(),
-        "nproc": os.cpu_count(),
-        "python": platform.python_version(),
-    }
 
 
 def write_markdown(result: dict) -> None:

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ragsite.settings")
 
 import django  # noqa: E402
-from bench_env import throwaway_database  # noqa: E402
+from bench_env import machine, throwaway_database  # noqa: E402
 from docs_section import write_section  # noqa: E402
 
 django.setup()
@@ -46,7 +46,6 @@ from django.utils import timezone  # noqa: E402
 from pgvector import Vector  # noqa: E402
 from pgvector.psycopg.vector import register_vector_info  # noqa: E402
 from psycopg.types import TypeInfo  # noqa: E402
-from retrieval_eval import machine  # noqa: E402
 
 from rag.models import Collection, Document  # noqa: E402
 from rag.services import search_sql, vector_index  # noqa: E402
