@@ -256,6 +256,29 @@ class Chunk(models.Model):
         return f"{self.document_id}#{self.position}"
 
 
+class DocumentVector(models.Model):
+    """A document's own vector for one embedding model: the mean of its chunks' vectors.
+
+    Search adds how close the whole document is to the question to how close each chunk
+    is (rag.services.search_sql), so that a chunk of a document about the question
+    outranks a chunk that only looks like it, inside a long page about something else.
+    One row per model, like the chunks, so a re-embedding in progress compares each
+    chunk with its document under the same model.
+    """
+
+    document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="vectors")
+    embedding_model = models.CharField(max_length=200)
+    embedding = VectorField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["document", "embedding_model"], name="rag_documentvector_unique_model")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.document_id} ({self.embedding_model})"
+
+
 class Conversation(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)

@@ -218,11 +218,16 @@ RAG_CONTEXT_CHARS = env_int("RAG_CONTEXT_CHARS", 6000, min_value=200)  # sources
 RAG_CHUNK_TOKENS = env_int("RAG_CHUNK_TOKENS", 250, min_value=16)
 RAG_CHUNK_OVERLAP = env_int("RAG_CHUNK_OVERLAP", 30, min_value=0)
 RAG_CHUNK_MIN_TOKENS = env_int("RAG_CHUNK_MIN_TOKENS", 150, min_value=0)
-# Hybrid search: the weight of the full-text rank against the cosine similarity, 0..1, and
-# the chunks each side proposes (rag.services.search_sql). Off by default: on the eval it
-# did not beat vector search alone on every metric (docs/benchmarks.md).
+# How much a chunk's document counts: its similarity (the mean of its chunks' vectors) is
+# added to the chunk's, times this weight; 0 ranks chunks alone (rag.services.search_sql).
+# Chosen on the eval (bench/retrieval_eval.py, docs/benchmarks.md).
+RAG_DOCUMENT_WEIGHT = env_float("RAG_DOCUMENT_WEIGHT", 0.7, min_value=0.0, max_value=10.0)
+# Hybrid search: the weight of the full-text rank against the vector score, 0..1. Off by
+# default: on the eval it did not beat vector search alone on every metric.
 RAG_HYBRID_WEIGHT = env_float("RAG_HYBRID_WEIGHT", 0.0, min_value=0.0, max_value=1.0)
-RAG_HYBRID_CANDIDATES = env_int("RAG_HYBRID_CANDIDATES", 40, min_value=1, max_value=1000)
+# The chunks the vector search (and the full-text search) propose before scoring, when the
+# document weight or hybrid search is on: at least k.
+RAG_SEARCH_CANDIDATES = env_int("RAG_SEARCH_CANDIDATES", 40, min_value=1, max_value=1000)
 # Reranking: a sentence-transformers CrossEncoder folder that reorders what search found;
 # empty = none. Opt-in by path because no installed wheel bundles a reranker, and a small
 # one can make results worse: measure on your own questions before turning it on.

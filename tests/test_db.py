@@ -244,8 +244,12 @@ def test_index_made_inside_a_rolled_back_transaction_is_made_again():
     assert indexdef(index_name(model, 8)) is not None
 
 
-@pytest.mark.parametrize("lexical_weight", [0.0, 0.05], ids=["dense", "hybrid"])
-def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight):
+@pytest.mark.parametrize(
+    ("lexical_weight", "document_weight"),
+    [(0.0, 0.0), (0.0, 0.7), (0.05, 0.7)],
+    ids=["chunks alone", "document weight", "hybrid"],
+)
+def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight, document_weight):
     model = "explain-batch-64"
     store(unit_vectors(INDEXED_ROWS, 64, seed=8), model=model)
     ensure_vector_index(embedding_model=model, dimensions=64)
@@ -257,7 +261,14 @@ def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight):
     # that the rewritten statement can still take the index, with sequential scans off.
     for collections in (None, Reader(), Reader(user_id=1)):
         shape, _ = retrieval._shape(collections)
-        plan = search_sql.Plan(embedding_model=model, dimensions=64, k=5, shape=shape, lexical_weight=lexical_weight)
+        plan = search_sql.Plan(
+            embedding_model=model,
+            dimensions=64,
+            k=5,
+            shape=shape,
+            lexical_weight=lexical_weight,
+            document_weight=document_weight,
+        )
         sql, params = search_sql.statement(plan)
         texts = ["how do I install it", "", "postgres"]
         with transaction.atomic(), connection.cursor() as cursor:

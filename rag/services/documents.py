@@ -358,10 +358,24 @@ def _swap_chunks_sync(
             # New text makes the chunks of every model stale; a re-embedding only its own model's.
             old = document.chunks.all() if all_models else document.chunks.filter(embedding_model=embedding_model)
             old.delete()
+            stale = document.vectors.all() if all_models else document.vectors.filter(embedding_model=embedding_model)
+            stale.delete()
             # force_update: a document deleted while it was being processed must
             # stay deleted, not come back from this save.
             document.save(force_update=True)
         _copy_chunks(document, drafts=drafts, vectors=vectors, embedding_model=embedding_model)
+        _store_document_vector(document, embedding_model=embedding_model)
+
+
+def _store_document_vector(document: Document, *, embedding_model: str) -> None:
+    """The document's vector: the mean of the chunks just stored (as migration 0011 computes it)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO rag_documentvector (document_id, embedding_model, embedding) "
+            "SELECT document_id, embedding_model, avg(embedding) FROM rag_chunk "
+            "WHERE document_id = %s AND embedding_model = %s GROUP BY document_id, embedding_model",
+            [document.pk, embedding_model],
+        )
 
 
 _COPY_COLUMNS = (

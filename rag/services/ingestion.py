@@ -350,7 +350,8 @@ def embedding_coverage(*, documents: QuerySet[Document], embedding_model: str) -
 
 def prune_other_models(*, documents: QuerySet[Document], embedding_model: str) -> int:
     """Delete chunks of other embedding models, once ``embedding_model`` covers every document."""
-    from rag.models import Chunk
+    from rag.models import Chunk, DocumentVector
 
+    DocumentVector.objects.filter(document__in=documents).exclude(embedding_model=embedding_model).delete()
     deleted, _ = Chunk.objects.filter(document__in=documents).exclude(embedding_model=embedding_model).delete()
     return deleted

@@ -201,7 +201,8 @@ def _search_rows(
         k=k,
         shape=None if isinstance(shape, QuerySet) else shape,
         lexical_weight=settings.RAG_HYBRID_WEIGHT if any(text for _, _, text in queries) else 0.0,
-        candidates=settings.RAG_HYBRID_CANDIDATES,
+        document_weight=settings.RAG_DOCUMENT_WEIGHT,
+        candidates=settings.RAG_SEARCH_CANDIDATES,
         text_search_config=settings.RAG_TEXT_SEARCH_CONFIG,
         metadata=metadata,
     )
@@ -216,9 +217,11 @@ def _search_rows(
         # The HNSW scan keeps hnsw.ef_search candidates (RAG_HNSW_EF_SEARCH, 40): asking for
         # more chunks than half that lost recall (k=40 at 40 missed up to 42% of the exact
         # nearest on the Debian FAQ eval), so a large k widens it for its own statement.
-        widen = 2 * k > settings.RAG_HNSW_EF_SEARCH
+        # Candidates for scoring need ef_search at least as large, or the scan returns fewer.
+        ef_search = max(2 * k, plan.candidates if plan.document_weight or plan.lexical_weight else 0)
+        widen = ef_search > settings.RAG_HNSW_EF_SEARCH
         if widen:
-            cursor.execute("SELECT set_config('hnsw.ef_search', %s, false)", [str(2 * k)])
+            cursor.execute("SELECT set_config('hnsw.ef_search', %s, false)", [str(ef_search)])
         try:
             cursor.execute(sql, (vectors, readers, texts, *params))
             rows = cursor.fetchall()

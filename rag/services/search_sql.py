@@ -5,6 +5,10 @@ runs once per row inside a LATERAL join, each through the HNSW index as it would
 its own (tests/test_db.py checks the plan).
 
 - Dense: the k chunks nearest to the query vector (cosine distance).
+- With a document weight: the ``candidates`` nearest chunks, ordered by their cosine
+  similarity plus ``weight`` times their document's (rag.models.DocumentVector): a
+  chunk of a page about the question outranks one that only resembles it inside a long
+  page about something else (docs/benchmarks.md has the eval that chose it).
 - Hybrid: the ``candidates`` nearest chunks and the ``candidates`` best full-text
   matches, ordered by ``(1 - w) * cosine similarity + w * full-text rank``, the rank
   divided by the best one among the query's candidates so that both lie in 0..1.
@@ -51,7 +55,10 @@ class Plan:
     shape: Shape
     #: Weight of the full-text rank, 0..1; 0 is dense search alone.
     lexical_weight: float = 0.0
-    #: Chunks taken from each side before fusion (hybrid only).
+    #: Weight of the document's similarity (its vector: the mean of its chunks') added to
+    #: each chunk's; 0 ranks chunks by their own similarity alone.
+    document_weight: float = 0.0
+    #: Chunks taken from each side before scoring (hybrid, or a document weight).
     candidates: int = 40
     #: Postgres text-search configuration of the query (hybrid only).
     text_search_config: str = "english"
@@ -82,7 +89,7 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
     where, where_params = _scope(plan, queryset_scope)
     distance = _distance("rag_chunk", plan.dimensions)
     batch = "unnest(%s::text[]::vector[], %s::bigint[], %s::text[]) WITH ORDINALITY AS q(vector, reader, text, i)"
-    if plan.lexical_weight <= 0:
+    if plan.lexical_weight <= 0 and plan.document_weight <= 0:
         sql = (
             f"SELECT q.i, r.id, r.document_id, d.title, d.source, r.heading, r.text, r.distance FROM {batch} "
             "CROSS JOIN LATERAL ("
@@ -92,27 +99,51 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
         )
         return sql, tuple(where_params)
 
-    w = float(plan.lexical_weight)
+    # The candidates: (id, document_id, distance, full-text rank), distances computed once.
     n = max(int(plan.candidates), int(plan.k))
-    query = "websearch_to_tsquery(%s::regconfig, q.text)"
-    # Distances are computed for the candidates only, once both sides have chosen them.
-    fused = f"{1 - w!r} * (1 - r.distance) + {w!r} * coalesce(r.rank / nullif(max(r.rank) OVER (), 0), 0)"
-    sql = (
-        f"SELECT q.i, r.id, r.document_id, d.title, d.source, r.heading, r.text, r.distance FROM {batch} "
-        "CROSS JOIN LATERAL ("
-        "SELECT r.*, " + fused + " AS score FROM ("
-        f"SELECT c.id, c.document_id, c.heading, c.text, {_distance('c', plan.dimensions)} AS distance, m.rank "
-        "FROM (SELECT u.id, max(u.rank) AS rank FROM ("
-        f"(SELECT rag_chunk.id, 0::real AS rank FROM rag_chunk WHERE {where} ORDER BY {distance} LIMIT {n}) "
-        "UNION ALL "
-        "(SELECT rag_chunk.id, ts_rank(rag_chunk.search_vector, t.query) "
-        f"FROM rag_chunk, (SELECT {query}) AS t(query) "
-        f"WHERE {where} AND rag_chunk.search_vector @@ t.query ORDER BY 2 DESC LIMIT {n})"
-        ") AS u GROUP BY u.id) AS m JOIN rag_chunk c ON c.id = m.id"
-        f") AS r ORDER BY score DESC LIMIT {int(plan.k)}"
-        ") AS r JOIN rag_document d ON d.id = r.document_id ORDER BY q.i, r.score DESC"
+    dense = (
+        f"SELECT rag_chunk.id, rag_chunk.document_id, {distance} AS distance, 0::real AS rank "
+        f"FROM rag_chunk WHERE {where} ORDER BY {distance} LIMIT {n}"
     )
-    return sql, (*where_params, plan.text_search_config, *where_params)
+    params = list(where_params)
+    if plan.lexical_weight > 0:
+        query = "websearch_to_tsquery(%s::regconfig, q.text)"
+        pool = (
+            f"SELECT c.id, c.document_id, {_distance('c', plan.dimensions)} AS distance, m.rank "
+            "FROM (SELECT u.id, max(u.rank) AS rank FROM ("
+            f"(SELECT id, rank FROM ({dense}) AS nearest) "
+            "UNION ALL "
+            "(SELECT rag_chunk.id, ts_rank(rag_chunk.search_vector, t.query) "
+            f"FROM rag_chunk, (SELECT {query}) AS t(query) "
+            f"WHERE {where} AND rag_chunk.search_vector @@ t.query ORDER BY 2 DESC LIMIT {n})"
+            ") AS u GROUP BY u.id) AS m JOIN rag_chunk c ON c.id = m.id"
+        )
+        params += [plan.text_search_config, *where_params]
+    else:
+        pool = dense
+
+    similarity = "(1 - p.distance)"
+    join = ""
+    if plan.document_weight > 0:
+        # A document without its vector yet (stored a moment later) counts as its chunk.
+        d = int(plan.dimensions)
+        document = f"(1 - coalesce(v.embedding::vector({d}) <=> q.vector::vector({d}), p.distance))"
+        similarity = f"({similarity} + {float(plan.document_weight)!r} * {document})"
+        join = "LEFT JOIN rag_documentvector v ON v.document_id = p.document_id AND v.embedding_model = %s "
+        params.append(plan.embedding_model)
+    w = float(plan.lexical_weight)
+    score = similarity
+    if w > 0:
+        score = f"{1 - w!r} * {similarity} + {w!r} * coalesce(p.rank / nullif(max(p.rank) OVER (), 0), 0)"
+    sql = (
+        f"SELECT q.i, r.id, r.document_id, d.title, d.source, c.heading, c.text, r.distance FROM {batch} "
+        "CROSS JOIN LATERAL ("
+        f"SELECT p.id, p.document_id, p.distance, {score} AS score FROM ({pool}) AS p {join}"
+        f"ORDER BY score DESC LIMIT {int(plan.k)}"
+        ") AS r JOIN rag_chunk c ON c.id = r.id JOIN rag_document d ON d.id = r.document_id "
+        "ORDER BY q.i, r.score DESC"
+    )
+    return sql, tuple(params)
 
 
 def _distance(table: str, dimensions: int) -> str:

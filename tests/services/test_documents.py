@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 
 import pytest
+from asgiref.sync import sync_to_async
 
-from rag.models import Chunk, Document
+from rag.models import Chunk, Document, DocumentVector
 from rag.providers import ProviderError, embedding_provider
 from rag.providers.base import estimate_tokens
 from rag.providers.fake import FakeEmbeddings
-from rag.services.documents import DocumentInput, EmptyDocumentError, aadd_documents, content_hash
+from rag.services.documents import DocumentInput, EmptyDocumentError, aadd_documents, arebuild_document, content_hash
+from rag.services.ingestion import prune_other_models
 from tests.factories import BrokenVectors
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -191,3 +193,47 @@ async def test_a_failure_among_concurrent_documents_is_raised_and_stores_nothing
 async def test_text_with_nul_characters_is_stored_without_them():
     [result] = await aadd_documents(documents=["Nul\x00 inside."])
     assert (await Document.objects.aget(pk=result.document_id)).content == "Nul inside."
+
+
+async def document_vectors(document_id: int) -> dict[str, list[float]]:
+    return {
+        m: list(v)
+        async for m, v in DocumentVector.objects.filter(document_id=document_id).values_list(
+            "embedding_model", "embedding"
+        )
+    }
+
+
+async def test_a_document_gets_the_mean_of_its_chunks_as_its_vector(settings):
+    settings.RAG_CHUNK_TOKENS = 30
+    settings.RAG_CHUNK_OVERLAP = 0
+    [result] = await aadd_documents(documents=[sentences("m", 8)])
+    chunks = [list(c.embedding) async for c in Chunk.objects.filter(document_id=result.document_id)]
+    assert len(chunks) > 1
+    [(model, vector)] = (await document_vectors(result.document_id)).items()
+    assert model == embedding_provider().model
+    assert vector == pytest.approx([sum(column) / len(chunks) for column in zip(*chunks, strict=True)], abs=1e-6)
+
+
+async def test_document_vectors_follow_models_and_new_text():
+    old, new = FakeEmbeddings(model="old"), FakeEmbeddings(model="new", dimensions=32)
+    [first] = await aadd_documents(documents=["Django is a web framework."], embedder=old)
+    await aadd_documents(documents=["Django is a web framework."], embedder=new)
+    vectors = await document_vectors(first.document_id)
+    assert sorted(vectors) == sorted([new.model, old.model])  # one per model, as the chunks
+    assert len(vectors[new.model]) == 32
+    # New text makes every model's chunks stale, and their document vectors with them.
+    document = await Document.objects.aget(pk=first.document_id)
+    await arebuild_document(document=document, embedder=new, text="Flask is a small web framework.")
+    vectors = await document_vectors(first.document_id)
+    assert list(vectors) == [new.model]
+    assert vectors[new.model] == pytest.approx(list((await Chunk.objects.aget(document=document)).embedding), abs=1e-6)
+
+
+async def test_pruning_other_models_removes_their_document_vectors():
+    old, new = FakeEmbeddings(model="old"), FakeEmbeddings(model="new")
+    [result] = await aadd_documents(documents=["Postgres stores vectors."], embedder=old)
+    await aadd_documents(documents=["Postgres stores vectors."], embedder=new)
+    documents = Document.objects.filter(pk=result.document_id)
+    await sync_to_async(prune_other_models)(documents=documents, embedding_model=new.model)
+    assert list(await document_vectors(result.document_id)) == [new.model]

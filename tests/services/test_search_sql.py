@@ -1,4 +1,4 @@
-"""rag.services.search_sql: the full-text half of hybrid search, on real Postgres."""
+"""rag.services.search_sql: the document weight and the full-text half of hybrid search, on real Postgres."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import random
 import pytest
 from django.db import connection
 
-from rag.models import Chunk, Document
+from rag.models import Chunk, Document, DocumentVector
 from rag.providers import QueryVector
-from rag.services import retrieval
+from rag.services import documents, retrieval
 from rag.services.documents import default_collection
 
 pytestmark = pytest.mark.django_db
@@ -79,3 +79,69 @@ def test_without_a_full_text_match_hybrid_ranks_as_dense(chunks, settings):
 def test_stop_words_alone_and_odd_input_do_not_break_the_statement(chunks, settings):
     for text in ("the and of", "", "'; DROP TABLE rag_chunk; --", '"unclosed', "-", "a | b & !c"):
         assert len(titles(text, weight=0.5, settings=settings, k=5)) == 5
+
+
+@pytest.fixture
+def pages() -> dict[str, Document]:
+    """A one-chunk page about the question, and a long page about something else with one
+    chunk a little closer to the question than the first page's."""
+    collection = default_collection()
+    query = vector(random.Random(99))
+    elsewhere = vector(random.Random(5))
+    on_topic = [x + 0.5 * y for x, y in zip(query, vector(random.Random(6)), strict=True)]
+    close_by_chance = [x + 0.2 * y for x, y in zip(query, vector(random.Random(7)), strict=True)]
+    made = {}
+    for title, embeddings in [
+        ("About the question", [on_topic]),
+        (
+            "About something else",
+            [
+                close_by_chance,
+                *([x + 0.1 * y for x, y in zip(elsewhere, vector(random.Random(i)), strict=True)] for i in range(8)),
+            ],
+        ),
+    ]:
+        document = Document.objects.create(collection=collection, title=title, content=title, content_hash=title)
+        for position, embedding in enumerate(embeddings):
+            Chunk.objects.create(
+                document=document,
+                collection=collection,
+                position=position,
+                text=f"{title} {position}",
+                token_count=4,
+                embedding=embedding,
+                embedding_model=MODEL,
+            )
+        documents._store_document_vector(document, embedding_model=MODEL)
+        made[title] = document
+    return made
+
+
+def nearest_title(settings, *, document_weight: float) -> str:
+    settings.RAG_DOCUMENT_WEIGHT = document_weight
+    settings.RAG_HYBRID_WEIGHT = 0.0
+    query = QueryVector.from_floats(vector(random.Random(99)))
+    return retrieval.search(query, embedding_model=MODEL, k=1)[0].title
+
+
+def test_the_document_weight_prefers_a_chunk_of_a_page_about_the_question(pages, settings):
+    assert nearest_title(settings, document_weight=0.0) == "About something else"
+    assert nearest_title(settings, document_weight=0.7) == "About the question"
+
+
+def test_a_document_without_its_vector_ranks_by_its_chunk(pages, settings):
+    DocumentVector.objects.filter(document=pages["About the question"]).delete()
+    # Its chunk stands for the document: the single chunk was its own mean anyway.
+    assert nearest_title(settings, document_weight=0.7) == "About the question"
+    DocumentVector.objects.all().delete()
+    assert nearest_title(settings, document_weight=0.7) == "About something else"
+
+
+def test_the_score_clients_see_stays_the_chunks_cosine(pages, settings):
+    settings.RAG_HYBRID_WEIGHT = 0.0
+    query = QueryVector.from_floats(vector(random.Random(99)))
+    settings.RAG_DOCUMENT_WEIGHT = 0.0
+    alone = {s.chunk_id: s.score for s in retrieval.search(query, embedding_model=MODEL, k=10)}
+    settings.RAG_DOCUMENT_WEIGHT = 0.7
+    weighted = {s.chunk_id: s.score for s in retrieval.search(query, embedding_model=MODEL, k=10)}
+    assert weighted == pytest.approx(alone)
