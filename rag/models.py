@@ -279,6 +279,23 @@ class DocumentVector(models.Model):
         return f"{self.document_id} ({self.embedding_model})"
 
 
+class TermFrequency(models.Model):
+    """The share of chunks holding a full-text lexeme, copied from Postgres's own statistics
+    of ``Chunk.search_vector`` (``pg_stats.most_common_elems``) by rag.services.term_stats.
+
+    Full-text scores weigh a question's words by how rare they are (BM25's inverse document
+    frequency): Postgres's ``ts_rank`` does not. Statistics keep the most common lexemes
+    only; a lexeme absent from them is rarer than all of them. The row with the empty
+    lexeme (no real one is empty) holds the frequency such lexemes count with.
+    """
+
+    lexeme = models.TextField(primary_key=True)
+    frequency = models.FloatField()
+
+    def __str__(self) -> str:
+        return f"{self.lexeme}: {self.frequency:.4f}"
+
+
 class Conversation(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     user = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE)

@@ -222,12 +222,18 @@ RAG_CHUNK_MIN_TOKENS = env_int("RAG_CHUNK_MIN_TOKENS", 150, min_value=0)
 # added to the chunk's, times this weight; 0 ranks chunks alone (rag.services.search_sql).
 # Chosen on the eval (bench/retrieval_eval.py, docs/benchmarks.md).
 RAG_DOCUMENT_WEIGHT = env_float("RAG_DOCUMENT_WEIGHT", 0.7, min_value=0.0, max_value=10.0)
-# Hybrid search: the weight of the full-text rank against the vector score, 0..1. Off by
-# default: on the eval it did not beat vector search alone on every metric.
-RAG_HYBRID_WEIGHT = env_float("RAG_HYBRID_WEIGHT", 0.0, min_value=0.0, max_value=1.0)
-# The chunks the vector search (and the full-text search) propose before scoring, when the
-# document weight or hybrid search is on: at least k.
+# Hybrid search: the weight of the candidates' full-text score (BM25, divided by the best
+# one's) added to their vector score; 0 leaves full text out. Chosen on the eval.
+RAG_HYBRID_WEIGHT = env_float("RAG_HYBRID_WEIGHT", 0.1, min_value=0.0, max_value=10.0)
+# The nearest chunks proposed before scoring with the document and the full text (at least k).
 RAG_SEARCH_CANDIDATES = env_int("RAG_SEARCH_CANDIDATES", 40, min_value=1, max_value=1000)
+# The best full-text matches (every word of the question) proposed too, for what the vectors
+# miss (part numbers, codes, names). 0 by default: on a large knowledge base a question of
+# common words matches most chunks, and ranking them all is slow (docs/benchmarks.md).
+RAG_FULLTEXT_CANDIDATES = env_int("RAG_FULLTEXT_CANDIDATES", 0, min_value=0, max_value=1000)
+# Full-text statistics (the rarity of each word) are refreshed from Postgres's at most this
+# often per process, after chunks are stored (rag.services.term_stats).
+RAG_TERM_STATS_REFRESH_S = env_float("RAG_TERM_STATS_REFRESH_S", 300.0, min_value=0.0)
 # Reranking: a sentence-transformers CrossEncoder folder that reorders what search found;
 # empty = none. Opt-in by path because no installed wheel bundles a reranker, and a small
 # one can make results worse: measure on your own questions before turning it on.

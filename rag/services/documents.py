@@ -26,6 +26,7 @@ from psycopg.types import TypeInfo
 
 from rag.models import Chunk, Collection, Document, storable
 from rag.providers import EmbeddingProvider, embedding_provider
+from rag.services import term_stats
 from rag.services.chunking import ChunkDraft, chunk_text
 from rag.services.connections import release_connection
 from rag.services.vector_index import deferred_vector_indexes, ensure_vector_index
@@ -105,9 +106,12 @@ async def aadd_documents(
     inputs = [DocumentInput(text=item) if isinstance(item, str) else item for item in documents]
     # Many documents into a model without an index: build it once at the end.
     async with deferred_vector_indexes():
-        return await _add_all(
+        results = await _add_all(
             inputs, embedder=embedder, on_progress=on_progress, collection=collection, concurrency=concurrency
         )
+    if len(inputs) > 1:
+        await sync_to_async(term_stats.refresh)()  # the words of the whole load, for full-text scores
+    return results
 
 
 async def _add_all(
@@ -365,6 +369,7 @@ def _swap_chunks_sync(
             document.save(force_update=True)
         _copy_chunks(document, drafts=drafts, vectors=vectors, embedding_model=embedding_model)
         _store_document_vector(document, embedding_model=embedding_model)
+    term_stats.refresh_if_stale()
 
 
 def _store_document_vector(document: Document, *, embedding_model: str) -> None:

@@ -53,13 +53,18 @@ class Plan:
     dimensions: int
     k: int
     shape: Shape
-    #: Weight of the full-text rank, 0..1; 0 is dense search alone.
+    #: Weight of the full-text score (BM25 over the candidates, divided by the best one's);
+    #: 0 leaves full text out.
     lexical_weight: float = 0.0
     #: Weight of the document's similarity (its vector: the mean of its chunks') added to
     #: each chunk's; 0 ranks chunks by their own similarity alone.
     document_weight: float = 0.0
-    #: Chunks taken from each side before scoring (hybrid, or a document weight).
+    #: Nearest chunks taken before scoring (with a document or full-text weight).
     candidates: int = 40
+    #: Best full-text matches added to the candidates; 0 takes the nearest chunks alone.
+    fulltext_candidates: int = 0
+    #: The chunk length BM25 weighs a chunk's word counts against (RAG_CHUNK_TOKENS).
+    chunk_tokens: int = 250
     #: Postgres text-search configuration of the query (hybrid only).
     text_search_config: str = "english"
     #: Only chunks of documents whose metadata matches.
@@ -89,7 +94,7 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
     where, where_params = _scope(plan, queryset_scope)
     distance = _distance("rag_chunk", plan.dimensions)
     batch = "unnest(%s::text[]::vector[], %s::bigint[], %s::text[]) WITH ORDINALITY AS q(vector, reader, text, i)"
-    if plan.lexical_weight <= 0 and plan.document_weight <= 0:
+    if plan.lexical_weight <= 0 and plan.document_weight <= 0 and plan.fulltext_candidates <= 0:
         sql = (
             f"SELECT q.i, r.id, r.document_id, d.title, d.source, r.heading, r.text, r.distance FROM {batch} "
             "CROSS JOIN LATERAL ("
@@ -99,51 +104,80 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
         )
         return sql, tuple(where_params)
 
-    # The candidates: (id, document_id, distance, full-text rank), distances computed once.
+    # 1. The candidates: (id, distance), the distance NULL for a full-text match only.
     n = max(int(plan.candidates), int(plan.k))
-    dense = (
-        f"SELECT rag_chunk.id, rag_chunk.document_id, {distance} AS distance, 0::real AS rank "
-        f"FROM rag_chunk WHERE {where} ORDER BY {distance} LIMIT {n}"
+    candidates = (
+        f"SELECT rag_chunk.id, {distance} AS distance FROM rag_chunk WHERE {where} ORDER BY {distance} LIMIT {n}"
     )
     params = list(where_params)
-    if plan.lexical_weight > 0:
-        query = "websearch_to_tsquery(%s::regconfig, q.text)"
-        pool = (
-            f"SELECT c.id, c.document_id, {_distance('c', plan.dimensions)} AS distance, m.rank "
-            "FROM (SELECT u.id, max(u.rank) AS rank FROM ("
-            f"(SELECT id, rank FROM ({dense}) AS nearest) "
-            "UNION ALL "
-            "(SELECT rag_chunk.id, ts_rank(rag_chunk.search_vector, t.query) "
-            f"FROM rag_chunk, (SELECT {query}) AS t(query) "
-            f"WHERE {where} AND rag_chunk.search_vector @@ t.query ORDER BY 2 DESC LIMIT {n})"
-            ") AS u GROUP BY u.id) AS m JOIN rag_chunk c ON c.id = m.id"
+    if plan.fulltext_candidates > 0:
+        matches = (
+            "SELECT rag_chunk.id, NULL::float8 FROM rag_chunk, "
+            "(SELECT websearch_to_tsquery(%s::regconfig, q.text)) AS t(query) "
+            f"WHERE {where} AND rag_chunk.search_vector @@ t.query "
+            f"ORDER BY ts_rank(rag_chunk.search_vector, t.query) DESC LIMIT {int(plan.fulltext_candidates)}"
+        )
+        candidates = (
+            f"SELECT id, min(distance) AS distance FROM (({candidates}) UNION ALL ({matches})) AS u GROUP BY id"
         )
         params += [plan.text_search_config, *where_params]
-    else:
-        pool = dense
 
-    similarity = "(1 - p.distance)"
+    # 2. What each candidate scores with: its distance, its document's, its full-text score.
+    d = int(plan.dimensions)
+    features = [f"coalesce(m.distance, {_distance('c', d)}) AS distance"]
     join = ""
     if plan.document_weight > 0:
-        # A document without its vector yet (stored a moment later) counts as its chunk.
-        d = int(plan.dimensions)
-        document = f"(1 - coalesce(v.embedding::vector({d}) <=> q.vector::vector({d}), p.distance))"
-        similarity = f"({similarity} + {float(plan.document_weight)!r} * {document})"
-        join = "LEFT JOIN rag_documentvector v ON v.document_id = p.document_id AND v.embedding_model = %s "
+        features.append(f"v.embedding::vector({d}) <=> q.vector::vector({d}) AS document_distance")
+        join = "LEFT JOIN rag_documentvector v ON v.document_id = c.document_id AND v.embedding_model = %s "
         params.append(plan.embedding_model)
-    w = float(plan.lexical_weight)
-    score = similarity
-    if w > 0:
-        score = f"{1 - w!r} * {similarity} + {w!r} * coalesce(p.rank / nullif(max(p.rank) OVER (), 0), 0)"
+    if plan.lexical_weight > 0:
+        features.append(_BM25.format(length=int(plan.chunk_tokens)) + " AS text_score")
+    pool = (
+        f"SELECT c.id, c.document_id, {', '.join(features)} "
+        f"FROM ({candidates}) AS m JOIN rag_chunk c ON c.id = m.id {join}"
+    )
+
+    # 3. The score.
+    score = "(1 - p.distance)"
+    if plan.document_weight > 0:
+        # A document without its vector yet (stored a moment later) counts as its chunk.
+        score += f" + {float(plan.document_weight)!r} * (1 - coalesce(p.document_distance, p.distance))"
+    if plan.lexical_weight > 0:
+        score += f" + {float(plan.lexical_weight)!r} * coalesce(p.text_score / nullif(max(p.text_score) OVER (), 0), 0)"
+    terms = ""
+    if plan.lexical_weight > 0:
+        terms = f"CROSS JOIN LATERAL ({_QUERY_TERMS}) AS qt(lexemes, idfs) "
+        params.insert(0, plan.text_search_config)  # the first placeholder of the statement
     sql = (
-        f"SELECT q.i, r.id, r.document_id, d.title, d.source, c.heading, c.text, r.distance FROM {batch} "
+        f"SELECT q.i, r.id, r.document_id, d.title, d.source, c.heading, c.text, r.distance FROM {batch} {terms}"
         "CROSS JOIN LATERAL ("
-        f"SELECT p.id, p.document_id, p.distance, {score} AS score FROM ({pool}) AS p {join}"
+        f"SELECT p.id, p.document_id, p.distance, {score} AS score FROM ({pool}) AS p "
         f"ORDER BY score DESC LIMIT {int(plan.k)}"
         ") AS r JOIN rag_chunk c ON c.id = r.id JOIN rag_document d ON d.id = r.document_id "
         "ORDER BY q.i, r.score DESC"
     )
     return sql, tuple(params)
+
+
+# The question's lexemes (stemmed, without stop words) and the inverse document frequency
+# of each, -ln(share of chunks holding it), from rag.services.term_stats; a lexeme rarer
+# than all those kept counts with the floor row (''), and 1% before any statistics exist.
+_QUERY_TERMS = (
+    "SELECT coalesce(array_agg(w.lexeme), '{}'), "
+    "coalesce(array_agg(-ln(greatest(coalesce(f.frequency, floor.frequency, 0.01), 1e-9))), '{}') "
+    "FROM unnest(to_tsvector(%s::regconfig, q.text)) AS w "
+    "LEFT JOIN rag_termfrequency f ON f.lexeme = w.lexeme "
+    "LEFT JOIN rag_termfrequency floor ON floor.lexeme = ''"
+)
+# Okapi BM25 (k1 1.2, b 0.75) of the chunk's tsvector (title, heading path and text) for the
+# question's lexemes: each word's IDF times its count, saturating, the count relative to the
+# chunk's length (its tokens, against the RAG_CHUNK_TOKENS chunks are cut to, as the
+# average length BM25 wants: most chunks are near it, and the true average costs a pass).
+_BM25 = (
+    "(SELECT coalesce(sum(w.idf * x.tf * 2.2 / (x.tf + 1.2 * (0.25 + 0.75 * c.token_count / {length}.0))), 0) "
+    "FROM (SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf FROM unnest(c.search_vector) AS u) AS x "
+    "JOIN unnest(qt.lexemes, qt.idfs) AS w(lexeme, idf) ON w.lexeme = x.lexeme)"
+)
 
 
 def _distance(table: str, dimensions: int) -> str:

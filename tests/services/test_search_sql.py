@@ -51,8 +51,10 @@ def chunks() -> dict[str, Chunk]:
     return made
 
 
-def titles(text: str, *, weight: float, settings, k: int = 3) -> list[str]:
+def titles(text: str, *, weight: float, settings, k: int = 3, matches: int = 40) -> list[str]:
     settings.RAG_HYBRID_WEIGHT = weight
+    settings.RAG_FULLTEXT_CANDIDATES = matches
+    settings.RAG_DOCUMENT_WEIGHT = 0.0
     query = QueryVector.from_floats(vector(random.Random(99)))
     return [s.title for s in retrieval.search(query, embedding_model=MODEL, k=k, text=text)]
 
@@ -66,9 +68,13 @@ def test_the_trigger_indexes_title_heading_and_text_with_weights(chunks):
 
 def test_full_text_finds_what_the_vector_misses(chunks, settings):
     assert "Pump manual" not in titles("QX-4471 seal", weight=0.0, settings=settings)
-    assert titles("QX-4471 seal", weight=0.8, settings=settings)[0] == "Pump manual"
+    # The vector side scores it -1 and the filler about +1: a weight of 3 lets full text win.
+    assert titles("QX-4471 seal", weight=3.0, settings=settings)[0] == "Pump manual"
     # A word of the title counts too.
-    assert titles("zephyr 9000", weight=0.8, settings=settings)[0] == "Zephyr 9000 guide"
+    assert titles("zephyr 9000", weight=3.0, settings=settings)[0] == "Zephyr 9000 guide"
+    # Without full-text candidates, full text only reorders the nearest chunks.
+    settings.RAG_SEARCH_CANDIDATES = 10
+    assert "Pump manual" not in titles("QX-4471 seal", weight=3.0, settings=settings, matches=0)
 
 
 def test_without_a_full_text_match_hybrid_ranks_as_dense(chunks, settings):
