@@ -173,9 +173,13 @@ _QUERY_TERMS = (
 # question's lexemes: each word's IDF times its count, saturating, the count relative to the
 # chunk's length (its tokens, against the RAG_CHUNK_TOKENS chunks are cut to, as the
 # average length BM25 wants: most chunks are near it, and the true average costs a pass).
+# The chunk's tsvector is cut to the question's lexemes before it is unnested (marked 'A'
+# by setweight, kept by ts_filter, both in C): unnesting whole tsvectors took the scoring
+# of 40 candidates from 1.1 to 2.2 ms per query on python-faq.
 _BM25 = (
     "(SELECT coalesce(sum(w.idf * x.tf * 2.2 / (x.tf + 1.2 * (0.25 + 0.75 * c.token_count / {length}.0))), 0) "
-    "FROM (SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf FROM unnest(c.search_vector) AS u) AS x "
+    "FROM (SELECT u.lexeme, coalesce(array_length(u.positions, 1), 1) AS tf "
+    "FROM unnest(ts_filter(setweight(setweight(c.search_vector, 'D'), 'A', qt.lexemes), '{{a}}')) AS u) AS x "
     "JOIN unnest(qt.lexemes, qt.idfs) AS w(lexeme, idf) ON w.lexeme = x.lexeme)"
 )
 
