@@ -1,22 +1,26 @@
-"""The search's SQL: one statement for a batch of queries, dense or hybrid.
+"""The search's SQL: one statement for a batch of queries.
 
 Each query of a batch is a row of ``unnest(vectors, readers, texts)``, and the search
 runs once per row inside a LATERAL join, each through the HNSW index as it would on
 its own (tests/test_db.py checks the plan).
 
-- Dense: the k chunks nearest to the query vector (cosine distance).
-- With a document weight: the ``candidates`` nearest chunks, ordered by their cosine
-  similarity plus ``weight`` times their document's (rag.models.DocumentVector): a
-  chunk of a page about the question outranks one that only resembles it inside a long
-  page about something else (docs/benchmarks.md has the eval that chose it).
-- Hybrid: the ``candidates`` nearest chunks and the ``candidates`` best full-text
-  matches, ordered by ``(1 - w) * cosine similarity + w * full-text rank``, the rank
-  divided by the best one among the query's candidates so that both lie in 0..1.
-  The full-text query is ``websearch_to_tsquery``: every word of the question (minus
-  stop words), "quoted phrases", ``or`` and ``-word`` as a search box takes them.
-  ORing the words instead scored the same on the eval (within a query or two) but made
-  Postgres rank every chunk holding any common word: 35 ms at 5,000 chunks, growing
-  with the table (bench/scale_bench.py).
+- Chunks alone (both weights 0): the k chunks nearest to the query vector.
+- Scored (the default): the ``candidates`` nearest chunks, ordered by
+  ``cosine similarity + document_weight * the document's cosine similarity
+  + lexical_weight * BM25 / the best candidate's BM25``, the k best kept.
+  - The document's vector is the mean of its chunks' (rag.models.DocumentVector): a chunk
+    of a page about the question outranks one that only resembles it inside a long page
+    about something else.
+  - BM25 scores the question's lexemes (``to_tsvector``: stemmed, no stop words) in the
+    chunk's tsvector, each weighted by its rarity (rag.services.term_stats). Postgres's
+    ``ts_rank`` has no such weight, and did not help on the eval.
+- ``fulltext_candidates`` adds that many best full-text matches to the candidates
+  (``websearch_to_tsquery``: every word of the question, "quoted phrases", ``or``,
+  ``-word``, as a search box takes them), ranked by ``ts_rank`` through the GIN index: for
+  what vectors miss. Off by default: a question of common words matches most of a large
+  table, and ranking those matches is slow (bench/scale_bench.py).
+
+The weights were chosen on the eval (bench/retrieval_eval.py, docs/benchmarks.md).
 
 The scope (the readable collections, and documents by metadata) is compiled by the
 ORM from ``Chunk.objects.in_collections(...).matching(...)``, so the permission rules
@@ -142,12 +146,12 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
     if plan.document_weight > 0:
         # A document without its vector yet (stored a moment later) counts as its chunk.
         score += f" + {float(plan.document_weight)!r} * (1 - coalesce(p.document_distance, p.distance))"
-    if plan.lexical_weight > 0:
-        score += f" + {float(plan.lexical_weight)!r} * coalesce(p.text_score / nullif(max(p.text_score) OVER (), 0), 0)"
     terms = ""
     if plan.lexical_weight > 0:
+        score += f" + {float(plan.lexical_weight)!r} * coalesce(p.text_score / nullif(max(p.text_score) OVER (), 0), 0)"
+        # The question's words, once per query, before its candidates are scored.
         terms = f"CROSS JOIN LATERAL ({_QUERY_TERMS}) AS qt(lexemes, idfs) "
-        params.insert(0, plan.text_search_config)  # the first placeholder of the statement
+        params.insert(0, plan.text_search_config)  # the statement's first placeholder
     sql = (
         f"SELECT q.i, r.id, r.document_id, d.title, d.source, c.heading, c.text, r.distance FROM {batch} {terms}"
         "CROSS JOIN LATERAL ("
