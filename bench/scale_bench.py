@@ -11,7 +11,8 @@ the app's own statement (rag.services.search_sql) is timed, one query at a time,
   filter keeping 5%;
 - the app's default scoring: the 40 nearest chunks scored with their document's vector
   (weight 0.7) and BM25 (weight 0.1), alone and with the collection filter;
-- the same with the 40 best full-text matches as candidates too (RAG_FULLTEXT_CANDIDATES);
+- the same with 40 chunks holding the rare words of the question as candidates too
+  (RAG_FULLTEXT_CANDIDATES);
 - each at hnsw.ef_search 40, 100 and 200.
 
 Latency is the round trip of that one statement on a warm server (planning and fetching

@@ -14,11 +14,12 @@ its own (tests/test_db.py checks the plan).
   - BM25 scores the question's lexemes (``to_tsvector``: stemmed, no stop words) in the
     chunk's tsvector, each weighted by its rarity (rag.services.term_stats). Postgres's
     ``ts_rank`` has no such weight, and did not help on the eval.
-- ``fulltext_candidates`` adds that many best full-text matches to the candidates
-  (``websearch_to_tsquery``: every word of the question, "quoted phrases", ``or``,
-  ``-word``, as a search box takes them), ranked by ``ts_rank`` through the GIN index: for
-  what vectors miss. Off by default: a question of common words matches most of a large
-  table, and ranking those matches is slow (bench/scale_bench.py).
+- ``fulltext_candidates`` adds that many chunks holding the question's rare words (under
+  1% of chunks: codes, names, part numbers) to the candidates, ranked by ``ts_rank``
+  through the GIN index: for what vectors miss. Common words are left out of that search:
+  they would match most of a large table, and ranking every match was what made the first
+  hybrid search take 5.5 s at 1M chunks. Off by default: on the eval it changed nothing,
+  because a chunk the vectors did not find rarely wins at a full-text weight of 0.1.
 
 The weights were chosen on the eval (bench/retrieval_eval.py, docs/benchmarks.md).
 
@@ -116,15 +117,14 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
     params = list(where_params)
     if plan.fulltext_candidates > 0:
         matches = (
-            "SELECT rag_chunk.id, NULL::float8 FROM rag_chunk, "
-            "(SELECT websearch_to_tsquery(%s::regconfig, q.text)) AS t(query) "
-            f"WHERE {where} AND rag_chunk.search_vector @@ t.query "
-            f"ORDER BY ts_rank(rag_chunk.search_vector, t.query) DESC LIMIT {int(plan.fulltext_candidates)}"
+            "SELECT rag_chunk.id, NULL::float8 FROM rag_chunk "
+            f"WHERE {where} AND rag_chunk.search_vector @@ qt.rare "
+            f"ORDER BY ts_rank(rag_chunk.search_vector, qt.rare) DESC LIMIT {int(plan.fulltext_candidates)}"
         )
         candidates = (
             f"SELECT id, min(distance) AS distance FROM (({candidates}) UNION ALL ({matches})) AS u GROUP BY id"
         )
-        params += [plan.text_search_config, *where_params]
+        params += where_params
 
     # 2. What each candidate scores with: its distance, its document's, its full-text score.
     d = int(plan.dimensions)
@@ -146,11 +146,12 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
     if plan.document_weight > 0:
         # A document without its vector yet (stored a moment later) counts as its chunk.
         score += f" + {float(plan.document_weight)!r} * (1 - coalesce(p.document_distance, p.distance))"
-    terms = ""
     if plan.lexical_weight > 0:
         score += f" + {float(plan.lexical_weight)!r} * coalesce(p.text_score / nullif(max(p.text_score) OVER (), 0), 0)"
-        # The question's words, once per query, before its candidates are scored.
-        terms = f"CROSS JOIN LATERAL ({_QUERY_TERMS}) AS qt(lexemes, idfs) "
+    terms = ""
+    if plan.lexical_weight > 0 or plan.fulltext_candidates > 0:
+        # The question's words, once per query, before its candidates are chosen and scored.
+        terms = f"CROSS JOIN LATERAL ({_QUERY_TERMS}) AS qt(lexemes, idfs, rare) "
         params.insert(0, plan.text_search_config)  # the statement's first placeholder
     sql = (
         f"SELECT q.i, r.id, r.document_id, d.title, d.source, c.heading, c.text, r.distance FROM {batch} {terms}"
@@ -163,12 +164,19 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
     return sql, tuple(params)
 
 
-# The question's lexemes (stemmed, without stop words) and the inverse document frequency
-# of each, -ln(share of chunks holding it), from rag.services.term_stats; a lexeme rarer
-# than all those kept counts with the floor row (''), and 1% before any statistics exist.
+# The question's lexemes (stemmed, without stop words); the inverse document frequency of
+# each, -ln(share of chunks holding it), from rag.services.term_stats (a lexeme rarer than
+# all those kept counts with the floor row '', and 1% before any statistics exist); and the
+# rare ones ORed, for full-text candidates: a lexeme missing from the statistics, or held
+# by under 1% of chunks. Rare words are what vectors miss (codes, names), and a GIN search
+# for them stays cheap however large the table: common words would match most of it.
 _QUERY_TERMS = (
     "SELECT coalesce(array_agg(w.lexeme), '{}'), "
-    "coalesce(array_agg(-ln(greatest(coalesce(f.frequency, floor.frequency, 0.01), 1e-9))), '{}') "
+    "coalesce(array_agg(-ln(greatest(coalesce(f.frequency, floor.frequency, 0.01), 1e-9))), '{}'), "
+    # Each lexeme quoted as tsquery input quotes it (backslash and quote escaped), so that
+    # no character of it reads as an operator.
+    "string_agg('''' || replace(replace(w.lexeme, '\\', '\\\\'), '''', '''''') || '''', ' | ') "
+    "FILTER (WHERE coalesce(f.frequency, 0) < 0.01)::tsquery "
     "FROM unnest(to_tsvector(%s::regconfig, q.text)) AS w "
     "LEFT JOIN rag_termfrequency f ON f.lexeme = w.lexeme "
     "LEFT JOIN rag_termfrequency floor ON floor.lexeme = ''"
