@@ -7,7 +7,7 @@ import random
 import pytest
 from django.db import connection
 
-from rag.models import Chunk, Document, DocumentVector
+from rag.models import Chunk, Document, DocumentVector, TermFrequency
 from rag.providers import QueryVector
 from rag.services import documents, retrieval
 from rag.services.documents import default_collection
@@ -151,3 +151,15 @@ def test_the_score_clients_see_stays_the_chunks_cosine(pages, settings):
     settings.RAG_DOCUMENT_WEIGHT = 0.7
     weighted = {s.chunk_id: s.score for s in retrieval.search(query, embedding_model=MODEL, k=10)}
     assert weighted == pytest.approx(alone)
+
+
+def test_only_rare_words_propose_full_text_candidates(chunks, settings):
+    settings.RAG_SEARCH_CANDIDATES = 10  # the 20 filler chunks are nearer than the two far ones
+    # Statistics as of a large table: "seal" rare (0.5% of chunks), "replace" common. A
+    # question of common words alone proposes nothing beyond the nearest chunks, however
+    # heavily full text counts.
+    TermFrequency.objects.create(lexeme="seal", frequency=0.005)
+    TermFrequency.objects.create(lexeme="replac", frequency=0.5)
+    TermFrequency.objects.create(lexeme="", frequency=0.001)
+    assert titles("seal", weight=3.0, settings=settings)[0] == "Pump manual"
+    assert "Pump manual" not in titles("replace", weight=3.0, settings=settings)
