@@ -20,7 +20,7 @@ from rag.answers.events import LogEvent, parse_id
 from rag.answers.follow import follow
 from rag.forms import BadQuestion, parse_question
 from rag.models import Message, Reader
-from rag.pipeline import RAG
+from rag.python_api import RAG
 from rag.services.metadata_filter import FilterError, MetadataFilter
 from rag.web import sse
 

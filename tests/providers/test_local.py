@@ -15,10 +15,10 @@ import pytest
 
 from rag import providers as rag_providers
 from rag.models import Chunk
-from rag.pipeline import RAG
 from rag.providers.base import ChatChunk, ProviderError, estimate_tokens
 from rag.providers.fake import FakeChat
 from rag.providers.local import LocalChat, LocalEmbeddings
+from rag.python_api import RAG
 from rag.services.prompting import build_prompt
 from rag.services.retrieval import Source
 from tests.conftest import wait_until

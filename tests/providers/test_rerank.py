@@ -13,10 +13,10 @@ from sentence_transformers import CrossEncoder
 
 from rag import providers, warmup
 from rag.models import Chunk, Collection, Document, Reader
-from rag.pipeline import RAG
 from rag.providers import ProviderError, Reranker, embedding_provider
 from rag.providers.fake import FakeEmbeddings, bag_of_words
 from rag.providers.rerank import CrossEncoderReranker
+from rag.python_api import RAG
 from rag.services import answering, retrieval
 from rag.services.retrieval import Source
 from tests.factories import add_corpus

@@ -8,7 +8,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from rag.models import Message
-from rag.pipeline import RAG
+from rag.python_api import RAG
 from rag.services import answer_rows, answering
 from tests.factories import add_corpus
 from tests.fake_openai import CHAT_FAULT_CODES

@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from rag import providers
 from rag.forms import BadQuestion, parse_question
-from rag.pipeline import RAG
+from rag.python_api import RAG
 from rag.services import answering
 
 
