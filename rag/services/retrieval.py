@@ -95,9 +95,10 @@ def search(
 ) -> list[Source]:
     """The k best chunks for a query (sync: call it from a thread; ``asearch`` from async code).
 
-    By the vector alone, or with ``text`` and RAG_HYBRID_WEIGHT above 0, fused with
-    Postgres full-text search (rag.services.search_sql). One statement whatever the
-    scope: the collection filter and the readable-collections subquery run inside it.
+    The nearest chunks, scored with their document's similarity (RAG_DOCUMENT_WEIGHT) and
+    the BM25 of ``text`` (RAG_HYBRID_WEIGHT), as rag.services.search_sql says. One
+    statement whatever the scope: the collection filter and the readable-collections
+    subquery run inside it.
     With a selective filter, pgvector's iterative HNSW scan (hnsw.iterative_scan, set
     per connection in settings) keeps looking until it has k matches.
     """
