@@ -20,10 +20,13 @@ from typing import Any
 
 import openai
 
-from rag.providers.base import EmbeddingProvider, ProviderError
+from rag.providers import onnx_query
+from rag.providers.base import EmbeddingProvider, ProviderError, QueryVector
 from rag.providers.openai_compat import OpenAIChat, OpenAIConfig, httpx
 
 logger = logging.getLogger(__name__)
+
+_UNSET = object()  # the ONNX query encoder not looked for yet (None: looked for, none)
 
 # The bundled model must load from site-packages, never from a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,6 +69,7 @@ class LocalEmbeddings(EmbeddingProvider):
         self.model = model
         self.description = f"local sentence-transformers '{model}' (CPU)"
         self._st: Any = None
+        self._onnx: onnx_query.OnnxQueryEncoder | object | None = _UNSET
         self._lock = threading.Lock()
         # Hugging Face's fast tokenizer keeps its truncation and padding settings on itself:
         # counting tokens in one thread while another encodes broke the batch ("expected
@@ -88,7 +92,23 @@ class LocalEmbeddings(EmbeddingProvider):
 
     def warm(self) -> bool:
         self._load()
+        self._query_encoder()
         return True
+
+    def _query_encoder(self) -> onnx_query.OnnxQueryEncoder | None:
+        """ONNX Runtime for search queries, loaded (and exported, the first time) once."""
+        model = self._load()
+        with self._lock:
+            if self._onnx is _UNSET:
+                self._onnx = onnx_query.load(model, self.model, lock=self._tokenizer_lock)
+            return self._onnx
+
+    async def embed_queries(self, texts: list[str]) -> list[QueryVector]:
+        encoder = await asyncio.to_thread(self._query_encoder)
+        if encoder is None:
+            return await super().embed_queries(texts)
+        vectors = await asyncio.to_thread(encoder.encode, texts)
+        return [QueryVector.from_floats(vector) for vector in vectors.tolist()]
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:
