@@ -14,7 +14,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from rag import providers
-from rag.models import Chunk, Document, Message
+from rag.models import Chunk, Document, Message, TermFrequency
+from rag.services import term_stats
 from tests.factories import add_corpus
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -66,6 +67,23 @@ def test_ingest_folder_adds_text_files_recursively(folder):
     }
     assert Document.objects.get(source=str(folder / "django.md")).title == "Django"
     assert Chunk.objects.filter(document__source=str(folder / "notes.txt"), embedding_model="fake-embed").count() == 1
+
+
+def test_ingest_leaves_full_text_statistics_of_every_file(folder, settings, monkeypatch):
+    # Only the end of the load refreshes them here: not the time, not the growth.
+    settings.RAG_TERM_STATS_REFRESH_S = 3600
+    monkeypatch.setattr(term_stats, "GROWTH", 1000.0)
+    term_stats.refresh()
+    ingest(str(folder))
+    # The words of the last file stored (sorted: nested/deeper/pgvector.MARKDOWN is first,
+    # notes.txt last) are in the statistics the first search will use.
+    assert TermFrequency.objects.filter(lexeme="banana").exists()
+    assert TermFrequency.objects.filter(lexeme="pgvector").exists()
+
+
+def test_a_dry_run_takes_no_statistics(folder):
+    ingest(str(folder), "--dry-run")
+    assert not TermFrequency.objects.exists()
 
 
 def test_ingest_again_reports_unchanged(folder):

@@ -8,11 +8,12 @@ either the old chunks or the new ones, never a mix or none: a failed run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,13 +106,20 @@ async def aadd_documents(
     collection = collection or await adefault_collection()
     inputs = [DocumentInput(text=item) if isinstance(item, str) else item for item in documents]
     # Many documents into a model without an index: build it once at the end.
-    async with deferred_vector_indexes():
-        results = await _add_all(
+    async with bulk_load():
+        return await _add_all(
             inputs, embedder=embedder, on_progress=on_progress, collection=collection, concurrency=concurrency
         )
-    if len(inputs) > 1:
-        await sync_to_async(term_stats.refresh)()  # the words of the whole load, for full-text scores
-    return results
+
+
+@contextlib.asynccontextmanager
+async def bulk_load() -> AsyncIterator[None]:
+    """Around storing many documents: a model without a vector index gets it built once at
+    the end (rag.services.vector_index), and the full-text statistics are refreshed once the
+    load has ended well (rag.services.term_stats), so that the first search sees them all."""
+    async with deferred_vector_indexes():
+        yield
+    await sync_to_async(term_stats.refresh)()
 
 
 async def _add_all(
@@ -369,7 +377,7 @@ def _swap_chunks_sync(
             document.save(force_update=True)
         _copy_chunks(document, drafts=drafts, vectors=vectors, embedding_model=embedding_model)
         _store_document_vector(document, embedding_model=embedding_model)
-    term_stats.refresh_if_stale()
+    term_stats.refresh_if_stale(stored=len(drafts))
 
 
 def _store_document_vector(document: Document, *, embedding_model: str) -> None:

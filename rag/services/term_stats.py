@@ -38,12 +38,20 @@ ORDER BY x.lexeme, x.frequency DESC
 # NULLs, after one frequency per element: hence "lexeme IS NOT NULL" above.
 _FLOOR = "INSERT INTO rag_termfrequency (lexeme, frequency) SELECT '', min(frequency) / 2 FROM rag_termfrequency"
 
-_refreshed_at = float("-inf")
+#: Refresh when this process has stored this share more chunks than the table held at the
+#: last refresh: a new knowledge base gets statistics after its first documents, and a large
+#: one refreshes rarely (about 60 times on the way to a million chunks).
+GROWTH = 0.25
+
 _guard = threading.Lock()
+_refreshed_at = float("-inf")
+_chunks_then = 0  # the table's chunks at the last refresh (Postgres's estimate)
+_stored_since = 0  # chunks this process stored since
 
 
 def refresh() -> int:
     """Take fresh statistics of the chunks' full text and copy them; the lexemes kept."""
+    global _refreshed_at, _chunks_then, _stored_since
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_LOCK_KEY])
         # One column: the sample is read anyway, but no other column's statistics are computed.
@@ -53,24 +61,23 @@ def refresh() -> int:
         kept = cursor.rowcount
         if kept:
             cursor.execute(_FLOOR)
-    logger.info("Full-text statistics: %d lexemes", kept)
+        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = 'rag_chunk'::regclass")
+        [chunks] = cursor.fetchone()
+    with _guard:
+        _refreshed_at, _chunks_then, _stored_since = time.monotonic(), max(int(chunks), 0), 0
+    logger.info("Full-text statistics: %d lexemes of %d chunks", kept, max(int(chunks), 0))
     return kept
 
 
-def refresh_if_stale() -> None:
-    """``refresh`` at most once every RAG_TERM_STATS_REFRESH_S in this process: called
-    after chunks are stored, so that a new knowledge base gets its statistics at once and
-    a large one does not ANALYZE after every document."""
-    global _refreshed_at
+def refresh_if_stale(*, stored: int) -> None:
+    """``refresh`` after ``stored`` chunks were stored, if the table grew by GROWTH since the
+    last refresh, or RAG_TERM_STATS_REFRESH_S passed: statistics follow a growing knowledge
+    base, and a large one does not ANALYZE after every document."""
+    global _stored_since
     with _guard:
-        if time.monotonic() - _refreshed_at < settings.RAG_TERM_STATS_REFRESH_S:
+        _stored_since += stored
+        grown = _stored_since > GROWTH * _chunks_then
+        due = time.monotonic() - _refreshed_at >= settings.RAG_TERM_STATS_REFRESH_S
+        if not (grown or due):
             return
-        _refreshed_at = time.monotonic()
     refresh()
-
-
-def forget_refresh() -> None:
-    """Let the next ``refresh_if_stale`` run (tests, and a bulk load that ended)."""
-    global _refreshed_at
-    with _guard:
-        _refreshed_at = float("-inf")

@@ -71,15 +71,30 @@ def test_words_without_statistics_still_count(settings):
     assert found[0].chunk_id == chunks[1].pk
 
 
-def test_refresh_if_stale_refreshes_once_per_interval(settings):
-    settings.RAG_TERM_STATS_REFRESH_S = 3600
-    term_stats.forget_refresh()
+def analyzes(action) -> int:
     statements: list[str] = []
     with connection.execute_wrapper(lambda execute, sql, *rest: statements.append(sql) or execute(sql, *rest)):
-        term_stats.refresh_if_stale()
-        term_stats.refresh_if_stale()
-    assert sum(sql.startswith("ANALYZE") for sql in statements) == 1
-    term_stats.forget_refresh()
+        action()
+    return sum(sql.startswith("ANALYZE") for sql in statements)
+
+
+def test_statistics_follow_the_table_as_it_grows(settings):
+    settings.RAG_TERM_STATS_REFRESH_S = 3600
+    store([f"Chunk {n} about kettles." for n in range(100)])
+    term_stats.refresh()  # 100 chunks
+    # A quarter more than the table held is needed; what this process stored is counted.
+    assert analyzes(lambda: term_stats.refresh_if_stale(stored=20)) == 0
+    assert analyzes(lambda: term_stats.refresh_if_stale(stored=10)) == 1
+    assert analyzes(lambda: term_stats.refresh_if_stale(stored=10)) == 0
+
+
+def test_statistics_are_refreshed_when_they_are_old(settings):
+    settings.RAG_TERM_STATS_REFRESH_S = 3600
+    store([f"Chunk {n} about kettles." for n in range(100)])
+    term_stats.refresh()
+    assert analyzes(lambda: term_stats.refresh_if_stale(stored=1)) == 0
+    settings.RAG_TERM_STATS_REFRESH_S = 0
+    assert analyzes(lambda: term_stats.refresh_if_stale(stored=1)) == 1
 
 
 def test_the_idf_is_minus_the_log_of_the_frequency():

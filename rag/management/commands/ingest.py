@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import json
 import sys
@@ -22,10 +23,10 @@ from rag.services.documents import (
     EmptyDocumentError,
     aadd_document,
     aplan_document,
+    bulk_load,
     default_collection,
 )
 from rag.services.parsing import SUFFIXES, ParseError
-from rag.services.vector_index import deferred_vector_indexes
 
 OUTCOMES = ("added", "unchanged", "replaced", "failed")
 
@@ -140,8 +141,9 @@ class Command(BaseCommand):
     ) -> list[tuple[str, str, str]]:
         embedder = None if dry_run else embedding_provider()
         results: list[tuple[str, str, str]] = []
-        # A first import into a model builds its search index once, at the end.
-        async with deferred_vector_indexes():
+        # A first import into a model builds its search index once, at the end, and the
+        # full-text statistics are taken once all documents are in (a dry run stores nothing).
+        async with contextlib.nullcontext() if dry_run else bulk_load():
             with tqdm(total=len(sources), unit="doc", file=sys.stderr, disable=None) as bar:
                 for source in sources:
                     bar.set_postfix_str(source[-40:])
