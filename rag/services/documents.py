@@ -119,7 +119,7 @@ async def bulk_load() -> AsyncIterator[None]:
     load has ended well (rag.services.term_stats), so that the first search sees them all."""
     async with deferred_vector_indexes():
         yield
-    await sync_to_async(term_stats.refresh)()
+    await sync_to_async(term_stats.refresh_or_warn)()
 
 
 async def _add_all(

@@ -18,7 +18,7 @@ import threading
 import time
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -80,4 +80,14 @@ def refresh_if_stale(*, stored: int) -> None:
         due = time.monotonic() - _refreshed_at >= settings.RAG_TERM_STATS_REFRESH_S
         if not (grown or due):
             return
-    refresh()
+    refresh_or_warn()
+
+
+def refresh_or_warn() -> None:
+    """``refresh``, but a failure is logged, not raised: the chunks are stored whatever
+    happens to the statistics (a database user that may not ANALYZE, say), and searches
+    still score full text with the statistics they had."""
+    try:
+        refresh()
+    except DatabaseError as exc:
+        logger.warning("Could not refresh the full-text statistics (%s): searches keep the previous ones", exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from django.db import connection
+from django.db import DatabaseError, connection
 
 from rag.models import Chunk, Document, TermFrequency
 from rag.providers import QueryVector
@@ -109,3 +109,16 @@ def test_the_idf_is_minus_the_log_of_the_frequency():
             ["english"],
         )
         assert cursor.fetchone()[0] == pytest.approx(-math.log(0.25))
+
+
+def test_a_failed_refresh_is_logged_and_storing_goes_on(caplog):
+    def refuse_analyze(execute, sql, params, many, context):
+        if sql.startswith("ANALYZE"):
+            raise DatabaseError("must be owner of table rag_chunk")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse_analyze):
+        term_stats.refresh_or_warn()
+    assert "must be owner of table rag_chunk" in caplog.text
+    # The connection is usable afterwards (the failure was rolled back to its savepoint).
+    assert store(["Still works."])
