@@ -40,7 +40,7 @@ _FLOOR = "INSERT INTO rag_termfrequency (lexeme, frequency) SELECT '', min(frequ
 
 #: Refresh when this process has stored this share more chunks than the table held at the
 #: last refresh: a new knowledge base gets statistics after its first documents, and a large
-#: one refreshes rarely (about 60 times on the way to a million chunks).
+#: one refreshes rarely (about 50 times on the way from ten chunks to a million).
 GROWTH = 0.25
 
 _guard = threading.Lock()
