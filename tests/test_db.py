@@ -245,11 +245,11 @@ def test_index_made_inside_a_rolled_back_transaction_is_made_again():
 
 
 @pytest.mark.parametrize(
-    ("lexical_weight", "document_weight"),
-    [(0.0, 0.0), (0.0, 0.7), (0.05, 0.7)],
-    ids=["chunks alone", "document weight", "hybrid"],
+    ("lexical_weight", "document_weight", "fulltext_candidates"),
+    [(0.0, 0.0, 0), (0.1, 0.7, 0), (0.1, 0.7, 40)],
+    ids=["chunks alone", "scored (the default)", "with full-text candidates"],
 )
-def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight, document_weight):
+def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight, document_weight, fulltext_candidates):
     model = "explain-batch-64"
     store(unit_vectors(INDEXED_ROWS, 64, seed=8), model=model)
     ensure_vector_index(embedding_model=model, dimensions=64)
@@ -268,6 +268,7 @@ def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight, d
             shape=shape,
             lexical_weight=lexical_weight,
             document_weight=document_weight,
+            fulltext_candidates=fulltext_candidates,
         )
         sql, params = search_sql.statement(plan)
         texts = ["how do I install it", "", "postgres"]
