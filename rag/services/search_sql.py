@@ -66,11 +66,11 @@ class Plan:
     document_weight: float = 0.0
     #: Nearest chunks taken before scoring (with a document or full-text weight).
     candidates: int = 40
-    #: Best full-text matches added to the candidates; 0 takes the nearest chunks alone.
+    #: Chunks holding the question's rare words added to the candidates; 0: none.
     fulltext_candidates: int = 0
     #: The chunk length BM25 weighs a chunk's word counts against (RAG_CHUNK_TOKENS).
     chunk_tokens: int = 250
-    #: Postgres text-search configuration of the query (hybrid only).
+    #: Postgres text-search configuration the question's words are read with.
     text_search_config: str = "english"
     #: Only chunks of documents whose metadata matches.
     metadata: MetadataFilter | None = None
