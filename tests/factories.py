@@ -6,9 +6,9 @@ import math
 
 from django.contrib.auth.models import Group
 
-from rag.models import Collection, Document
+from rag.models import Chunk, Collection, Document
 from rag.providers.fake import FakeEmbeddings
-from rag.services.documents import DocumentInput, aadd_documents
+from rag.services.documents import DocumentInput, aadd_documents, default_collection
 
 CORPUS = {
     "Django": "Django is a high-level Python web framework that encourages rapid development.",
@@ -49,3 +49,27 @@ class BrokenVectors(FakeEmbeddings):
         if "LAST" in texts[-1]:
             vectors[-1] = [math.nan] * self.dimensions
         return vectors
+
+
+def document_with_chunks(
+    vectors: list[list[float]], *, model: str, title: str = "bulk", texts: list[str] | None = None
+) -> list[Chunk]:
+    """One document in the default collection whose chunks have these vectors (and texts,
+    by default "<model> #<n>"), stored directly: for tests of search itself."""
+    collection = default_collection()
+    texts = texts or [f"{model} #{i}" for i in range(len(vectors))]
+    document = Document.objects.create(
+        collection=collection, title=title, content="\n\n".join(texts), content_hash=f"{title}-{model}"
+    )
+    return Chunk.objects.bulk_create(
+        Chunk(
+            document=document,
+            collection=collection,
+            position=i,
+            text=text,
+            token_count=len(text.split()),
+            embedding=vector,
+            embedding_model=model,
+        )
+        for i, (vector, text) in enumerate(zip(vectors, texts, strict=True))
+    )

@@ -9,13 +9,13 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 
-from rag.models import Chunk, Document, Reader
+from rag.models import Chunk, Reader
 from rag.providers import ProviderError, QueryVector, embedding_provider
 from rag.providers.fake import FakeEmbeddings
 from rag.services import documents, retrieval, search_sql, vector_index
-from rag.services.documents import aadd_documents, default_collection
+from rag.services.documents import aadd_documents
 from rag.services.vector_index import ensure_vector_index, index_name
-from tests.factories import add_corpus
+from tests.factories import add_corpus, document_with_chunks
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -44,25 +44,6 @@ def unit_vectors(n: int, dimensions: int, seed: int) -> list[list[float]]:
 def cosine_distance(a: list[float], b: list[float]) -> float:
     dot = sum(x * y for x, y in zip(a, b, strict=True))
     return 1.0 - dot / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
-
-
-def store(vectors: list[list[float]], *, model: str, title: str = "bulk") -> list[Chunk]:
-    collection = default_collection()
-    document = Document.objects.create(
-        collection=collection, title=title, content=title, content_hash=f"{title}-{model}"
-    )
-    return Chunk.objects.bulk_create(
-        Chunk(
-            document=document,
-            collection=collection,
-            position=i,
-            text=f"{model} #{i}",
-            token_count=1,
-            embedding=v,
-            embedding_model=model,
-        )
-        for i, v in enumerate(vectors)
-    )
 
 
 def analyze() -> None:
@@ -110,7 +91,7 @@ def test_ensure_vector_index_is_idempotent_and_quotes_the_model_name():
     ensure_vector_index(embedding_model=model, dimensions=8)  # IF NOT EXISTS: no error the second time
     definition = indexdef(index_name(model, 8))
     assert definition is not None and "it''s a" in definition
-    store(unit_vectors(3, 8, seed=1), model=model)
+    document_with_chunks(unit_vectors(3, 8, seed=1), model=model)
     assert Chunk.objects.filter(embedding_model=model).count() == 3
 
 
@@ -122,7 +103,7 @@ def test_index_names_differ_per_model_and_dimension():
 
 def test_nearest_uses_the_hnsw_index():
     model = "explain-64"
-    store(unit_vectors(INDEXED_ROWS, 64, seed=2), model=model)
+    document_with_chunks(unit_vectors(INDEXED_ROWS, 64, seed=2), model=model)
     ensure_vector_index(embedding_model=model, dimensions=64)
     analyze()
     [query] = unit_vectors(1, 64, seed=3)
@@ -135,7 +116,7 @@ def test_nearest_matches_brute_force_on_a_small_table():
     # A small table is scanned exactly: the top k must match a Python ranking exactly.
     model = "exact-16"
     vectors = unit_vectors(60, 16, seed=4)
-    chunks = store(vectors, model=model)
+    chunks = document_with_chunks(vectors, model=model)
     rows = {c.pk: v for c, v in zip(chunks, vectors, strict=True)}
     for query in unit_vectors(5, 16, seed=5):
         found = list(Chunk.objects.nearest(query, embedding_model=model, dimensions=16, k=7))
@@ -147,7 +128,7 @@ def test_nearest_matches_brute_force_on_a_small_table():
 def test_nearest_through_the_index_finds_the_true_neighbours():
     model = "recall-64"
     vectors = unit_vectors(INDEXED_ROWS, 64, seed=6)
-    chunks = store(vectors, model=model)
+    chunks = document_with_chunks(vectors, model=model)
     rows = {c.pk: v for c, v in zip(chunks, vectors, strict=True)}
     ensure_vector_index(embedding_model=model, dimensions=64)
     analyze()
@@ -175,10 +156,10 @@ def test_nearest_through_the_index_finds_the_true_neighbours():
 @pytest.mark.parametrize("rows", [40, INDEXED_ROWS], ids=["scan", "index"])
 def test_chunks_of_another_model_are_never_returned(rows):
     mine = unit_vectors(rows, 32, seed=8)
-    store(mine, model="mine-32")
+    document_with_chunks(mine, model="mine-32")
     # The other model's vectors include exact copies of the queries: they would win if mixed in.
     queries = unit_vectors(3, 32, seed=9)
-    store(queries + unit_vectors(rows, 32, seed=10), model="other-32", title="other")
+    document_with_chunks(queries + unit_vectors(rows, 32, seed=10), model="other-32", title="other")
     for model in ("mine-32", "other-32"):
         ensure_vector_index(embedding_model=model, dimensions=32)
     analyze()
@@ -198,7 +179,7 @@ def test_models_of_different_dimensions_get_their_own_indexes_and_coexist():
     stored = {}
     for seed, (model, dimensions) in enumerate(models.items()):
         vectors = unit_vectors(INDEXED_ROWS, dimensions, seed=20 + seed)
-        stored[model] = (store(vectors, model=model, title=model), vectors)
+        stored[model] = (document_with_chunks(vectors, model=model, title=model), vectors)
         ensure_vector_index(embedding_model=model, dimensions=dimensions)
     analyze()
     names = {model: index_name(model, dimensions) for model, dimensions in models.items()}
@@ -220,9 +201,9 @@ def test_models_of_different_dimensions_get_their_own_indexes_and_coexist():
 def test_small_table_of_mixed_dimensions_is_searchable_without_indexes():
     # Without an index Postgres scans; the filter on the model must come before the cast,
     # or casting another model's vectors to this dimension would fail.
-    store(unit_vectors(5, 16, seed=30), model="a-16", title="a")
+    document_with_chunks(unit_vectors(5, 16, seed=30), model="a-16", title="a")
     b = unit_vectors(5, 24, seed=31)
-    b_chunks = store(b, model="b-24", title="b")
+    b_chunks = document_with_chunks(b, model="b-24", title="b")
     [top] = Chunk.objects.nearest(b[2], embedding_model="b-24", dimensions=24, k=1)
     assert top.pk == b_chunks[2].pk
 
@@ -251,7 +232,7 @@ def test_index_made_inside_a_rolled_back_transaction_is_made_again():
 )
 def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight, document_weight, fulltext_candidates):
     model = "explain-batch-64"
-    store(unit_vectors(INDEXED_ROWS, 64, seed=8), model=model)
+    document_with_chunks(unit_vectors(INDEXED_ROWS, 64, seed=8), model=model)
     ensure_vector_index(embedding_model=model, dimensions=64)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")  # statistics of earlier tests' rows would mislead the planner
@@ -334,7 +315,7 @@ async def test_a_bulk_load_that_fails_half_way_still_indexes_what_it_stored():
 def test_a_search_for_many_chunks_widens_ef_search_for_its_own_statement_only():
     model = "wide-k-64"
     vectors = unit_vectors(INDEXED_ROWS, 64, seed=21)
-    chunks = store(vectors, model=model)
+    chunks = document_with_chunks(vectors, model=model)
     rows = {c.pk: v for c, v in zip(chunks, vectors, strict=True)}
     ensure_vector_index(embedding_model=model, dimensions=64)
     analyze()

@@ -11,6 +11,7 @@ from rag.models import Chunk, Document, DocumentVector, TermFrequency
 from rag.providers import QueryVector
 from rag.services import documents, retrieval
 from rag.services.documents import default_collection
+from tests.factories import document_with_chunks
 
 pytestmark = pytest.mark.django_db
 
@@ -91,7 +92,6 @@ def test_stop_words_alone_and_odd_input_do_not_break_the_statement(chunks, setti
 def pages() -> dict[str, Document]:
     """A one-chunk page about the question, and a long page about something else with one
     chunk a little closer to the question than the first page's."""
-    collection = default_collection()
     query = vector(random.Random(99))
     elsewhere = vector(random.Random(5))
     on_topic = [x + 0.5 * y for x, y in zip(query, vector(random.Random(6)), strict=True)]
@@ -107,17 +107,7 @@ def pages() -> dict[str, Document]:
             ],
         ),
     ]:
-        document = Document.objects.create(collection=collection, title=title, content=title, content_hash=title)
-        for position, embedding in enumerate(embeddings):
-            Chunk.objects.create(
-                document=document,
-                collection=collection,
-                position=position,
-                text=f"{title} {position}",
-                token_count=4,
-                embedding=embedding,
-                embedding_model=MODEL,
-            )
+        document = document_with_chunks(embeddings, model=MODEL, title=title)[0].document
         documents._store_document_vector(document, embedding_model=MODEL)
         made[title] = document
     return made

@@ -7,10 +7,10 @@ import math
 import pytest
 from django.db import DatabaseError, connection
 
-from rag.models import Chunk, Document, TermFrequency
+from rag.models import Chunk, TermFrequency
 from rag.providers import QueryVector
 from rag.services import retrieval, search_sql, term_stats
-from rag.services.documents import default_collection
+from tests.factories import document_with_chunks
 
 pytestmark = pytest.mark.django_db
 
@@ -19,22 +19,10 @@ SAME = [1.0, 0.0, 0.0, 0.0]  # every chunk as near the question as the others: f
 
 
 def store(texts: list[str]) -> list[Chunk]:
-    collection = default_collection()
-    made = []
-    for n, text in enumerate(texts):
-        document = Document.objects.create(collection=collection, title=f"doc {n}", content=text, content_hash=str(n))
-        made.append(
-            Chunk.objects.create(
-                document=document,
-                collection=collection,
-                position=0,
-                text=text,
-                token_count=len(text.split()),
-                embedding=SAME,
-                embedding_model=MODEL,
-            )
-        )
-    return made
+    """A document per text, all as near the question: only full text tells them apart."""
+    return [
+        document_with_chunks([SAME], model=MODEL, title=f"doc {n}", texts=[text])[0] for n, text in enumerate(texts)
+    ]
 
 
 def test_refresh_copies_how_common_each_word_is():
