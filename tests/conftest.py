@@ -118,7 +118,10 @@ def llm_server(django_db_setup, django_db_blocker, fake_server: FakeOpenAI) -> I
     """``manage.py llm_server`` serving the bundled model, as make run starts it."""
     with django_db_blocker.unblock():
         db_name = connection.settings_dict["NAME"]
-    server = start_llm_server(app_env(db_name, fake_server.base_url))
+    # HOST and PORT as `make run PORT=...` or a hosting platform sets them for the web
+    # process: the model's server must keep to its own (RAG_LOCAL_LLM_URL). 192.0.2.1 is a
+    # documentation address no interface has, so binding it would fail.
+    server = start_llm_server(app_env(db_name, fake_server.base_url, HOST="192.0.2.1", PORT="9"))
     yield server
     server.stop()
 

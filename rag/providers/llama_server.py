@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -92,6 +93,13 @@ class ServerConfig:
         return argv
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment without HOST and PORT: llama-cpp-python's server binds
+    those over its --host and --port, so `make run PORT=8765` (or a platform that sets PORT
+    for the web process) had the model's server take the web server's port and die."""
+    return {name: value for name, value in os.environ.items() if name not in ("HOST", "PORT")}
+
+
 def serve(
     config: ServerConfig,
     *,
@@ -106,7 +114,7 @@ def serve(
     delay = BACKOFF_START
     while not stop.is_set():
         started = time.monotonic()
-        child = subprocess.Popen(config.argv(), preexec_fn=_die_with_parent)
+        child = subprocess.Popen(config.argv(), env=child_environment(), preexec_fn=_die_with_parent)
         logger.info("Local model process %d: %s at %s", child.pid, config.gguf.name, config.url)
         if on_start:
             on_start(child)
