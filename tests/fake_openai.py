@@ -326,8 +326,10 @@ class FakeOpenAI:
         loop = asyncio.get_running_loop()
         start = loop.time()
         response = web.StreamResponse(headers=_SSE_HEADERS)
-        await response.prepare(request)
         try:
+            # Inside the try: a client that leaves before the headers are out (Stop pressed as
+            # the request was sent) makes prepare() fail like any later write.
+            await response.prepare(request)
             if plan.fault == "hang":
                 await asyncio.Event().wait()  # until aiohttp cancels us because the client left
             await response.write(_chunk(plan.model, {"role": "assistant", "content": ""}))
