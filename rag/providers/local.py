@@ -104,11 +104,15 @@ class LocalEmbeddings(EmbeddingProvider):
             return self._onnx
 
     async def embed_queries(self, texts: list[str]) -> list[QueryVector]:
-        encoder = await asyncio.to_thread(self._query_encoder)
-        if encoder is None:
+        vectors = await asyncio.to_thread(self._encode_queries, texts)
+        if vectors is None:
             return await super().embed_queries(texts)
-        vectors = await asyncio.to_thread(encoder.encode, texts)
-        return [QueryVector.from_floats(vector) for vector in vectors.tolist()]
+        return [QueryVector.from_floats(vector) for vector in vectors]
+
+    def _encode_queries(self, texts: list[str]) -> list[list[float]] | None:
+        """The queries' vectors by ONNX Runtime, or None when queries stay on PyTorch."""
+        encoder = self._query_encoder()
+        return None if encoder is None else encoder.encode(texts).tolist()
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         if not texts:

@@ -105,7 +105,6 @@ async def aadd_documents(
     embedder = embedder or embedding_provider()
     collection = collection or await adefault_collection()
     inputs = [DocumentInput(text=item) if isinstance(item, str) else item for item in documents]
-    # Many documents into a model without an index: build it once at the end.
     async with bulk_load():
         return await _add_all(
             inputs, embedder=embedder, on_progress=on_progress, collection=collection, concurrency=concurrency
