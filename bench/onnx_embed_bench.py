@@ -1,14 +1,14 @@
 """The bundled MiniLM on ONNX Runtime (fp32 and int8) against PyTorch: speed and quality.
 
-    pip install onnxruntime onnx onnxscript     # not project dependencies (see below)
     python bench/eval_corpora.py debian-faq     # once
     python bench/onnx_embed_bench.py [--corpus debian-faq] [--no-write]
 
 sentence-transformers' own ONNX backend needs optimum-onnx, whose releases pin
 transformers below 4.58 while sentence-transformers 6 needs transformers 5, so the
-model is exported here as that backend does it: ``torch.onnx.export`` of the
-transformer, mean pooling and normalisation after it, and onnxruntime's dynamic
-int8 quantisation for the int8 model. Measured on the app's own chunks of a corpus:
+model is exported as that backend does it, by the app's own exporter
+(rag.providers.onnx_query: ``torch.onnx.export`` of the transformer, mean pooling and
+normalisation after it), and onnxruntime's dynamic int8 quantisation for the int8 model.
+Measured on the app's own chunks of a corpus:
 
 - chunks per second, embedding all of them in batches of 32 (what ingestion does), and
   one query at a time (what a question waits for), on the same threads;
@@ -40,79 +40,36 @@ from docs_section import write_section  # noqa: E402
 django.setup()
 
 import numpy as np  # noqa: E402
-import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 from bench_env import machine  # noqa: E402
 from django.conf import settings  # noqa: E402
 from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
 from retrieval_eval import load, scores, unique  # noqa: E402
 
+from rag.providers import onnx_query  # noqa: E402
 from rag.providers.local import LocalEmbeddings  # noqa: E402
 from rag.services.chunking import chunk_text  # noqa: E402
 
 START, END = "<!-- onnx-bench:start -->", "<!-- onnx-bench:end -->"
 BATCH = 32
-INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 THREADS = os.cpu_count() or 1
 
 
 def export(model, folder: Path) -> tuple[Path, Path]:
-    """The transformer as ONNX (fp32), and its dynamic int8 quantisation."""
-    transformer = model[0].auto_model.eval()
-
-    class Encoder(torch.nn.Module):
-        # Named inputs: the transformer's positional order changed between transformers releases.
-        def __init__(self) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.transformer(
-                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-            ).last_hidden_state
-
-    tokens = model.tokenizer(["an example sentence"], return_tensors="pt")
+    """The transformer as ONNX (fp32), as the app exports it, and its dynamic int8 quantisation."""
     fp32, int8 = folder / "model.onnx", folder / "model-int8.onnx"
-    with torch.no_grad():
-        torch.onnx.export(
-            Encoder(),
-            (tokens["input_ids"], tokens["attention_mask"], tokens["token_type_ids"]),
-            str(fp32),
-            input_names=["input_ids", "attention_mask", "token_type_ids"],
-            output_names=["last_hidden_state"],
-            dynamic_axes={
-                name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "token_type_ids")
-            },
-            opset_version=17,
-            dynamo=False,
-        )
+    onnx_query.export(model, fp32)
     quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8)
     return fp32, int8
 
 
-class OnnxEncoder:
-    def __init__(self, path: Path, tokenizer, max_length: int) -> None:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = THREADS
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.tokenizer, self.max_length = tokenizer, max_length
+def batched(encoder: onnx_query.OnnxQueryEncoder):
+    """The app's ONNX encoder over batches of BATCH texts, as ingestion would embed them."""
 
-    def encode(self, texts: list[str]) -> np.ndarray:
-        out = []
-        for start in range(0, len(texts), BATCH):
-            batch = self.tokenizer(
-                texts[start : start + BATCH],
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="np",
-            )
-            inputs = {k: batch[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-            [hidden] = self.session.run(None, inputs)
-            mask = inputs["attention_mask"][..., None].astype(np.float32)
-            pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-            out.append(pooled / np.linalg.norm(pooled, axis=1, keepdims=True))
-        return np.concatenate(out)
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.concatenate([encoder.encode(texts[i : i + BATCH]) for i in range(0, len(texts), BATCH)])
+
+    return encode
 
 
 def measure(encode, texts: list[str], queries: list[str]) -> dict:
@@ -162,8 +119,10 @@ def main() -> None:
         fp32, int8 = export(model, Path(folder))
         backends = {
             "PyTorch (sentence-transformers)": torch_encode,
-            "ONNX Runtime fp32": OnnxEncoder(fp32, model.tokenizer, model.max_seq_length).encode,
-            "ONNX Runtime int8 (dynamic)": OnnxEncoder(int8, model.tokenizer, model.max_seq_length).encode,
+            "ONNX Runtime fp32": batched(onnx_query.OnnxQueryEncoder(fp32, model.tokenizer, model.max_seq_length)),
+            "ONNX Runtime int8 (dynamic)": batched(
+                onnx_query.OnnxQueryEncoder(int8, model.tokenizer, model.max_seq_length)
+            ),
         }
         rows = {}
         for name, encode in backends.items():

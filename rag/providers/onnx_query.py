@@ -124,6 +124,18 @@ def _exported(model: Any, name: str) -> Path:
     path = folder / f"{Path(name).name}-{digest}.onnx"
     if path.exists():
         return path
+    # Written beside, then renamed: another process exporting at the same time (the web
+    # processes and the worker warm up together) never reads half a file.
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    logger.info("Exporting %s to ONNX for search queries (once)", name)
+    export(model, partial)
+    partial.replace(path)
+    return path
+
+
+def export(model: Any, path: Path) -> None:
+    """Write ``model``'s transformer (a SentenceTransformer's first module) to ``path`` as
+    ONNX, with batch and sequence dimensions left free; pooling stays outside, in numpy."""
     import torch
 
     transformer = model[0].auto_model.eval()
@@ -142,22 +154,16 @@ def _exported(model: Any, name: str) -> Path:
     tokens = model.tokenizer(["an example sentence"], return_tensors="pt")
     if "token_type_ids" not in tokens:
         tokens["token_type_ids"] = torch.zeros_like(tokens["input_ids"])
-    # Written beside, then renamed: another process exporting at the same time (the web
-    # processes and the worker warm up together) never reads half a file.
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    logger.info("Exporting %s to ONNX for search queries (once)", name)
     with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about Python branches on shapes; the probes check the result.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             Encoder(),
             tuple(tokens[k] for k in _INPUTS),
-            str(partial),
+            str(path),
             input_names=list(_INPUTS),
             output_names=["last_hidden_state"],
             dynamic_axes={k: {0: "batch", 1: "sequence"} for k in _INPUTS},
             opset_version=17,
             dynamo=False,
         )
-    partial.replace(path)
-    return path
