@@ -14,7 +14,8 @@ run on the same chunks of the same embedder:
   cosine search in NumPy: what a first RAG tutorial does.
 - The app: its own ingestion (structure-aware chunks, heading path and title) and its own
   search through ``rag.services.retrieval.retrieve``: chunks alone, then with the document
-  weight (RAG_DOCUMENT_WEIGHT), then with the full-text score too (RAG_HYBRID_WEIGHT).
+  weight (RAG_DOCUMENT_WEIGHT), then with the full-text score too (RAG_HYBRID_WEIGHT), then
+  with the chunks of the nearest documents among the candidates (RAG_DOCUMENT_CANDIDATES).
 
 Latency is per query, one at a time, the query's embedding included, with the k an answer
 asks for (RAG_DEFAULT_K); the scores ask for 40 chunks, to rank ten documents.
@@ -69,6 +70,7 @@ EVAL_DIR = ROOT / "var" / "eval"
 K_CHUNKS = 40
 #: The ranks scored.
 TOP = 10
+METRICS = ("hit@1", "hit@5", "hit@10", "mrr@10", "ndcg@10")
 
 
 @dataclass(frozen=True)
@@ -202,12 +204,22 @@ def latency(ms: list[float]) -> dict[str, float]:
     return {"p50_ms": round(statistics.median(ordered), 1), "p95_ms": round(ordered[int(len(ordered) * 0.95)], 1)}
 
 
-async def evaluate(corpus: Corpus, embedder: CachedEmbeddings, weights: list[float]) -> dict:
+@dataclass
+class Ingested:
+    """A corpus stored by the app's own ingestion, in a collection of its own."""
+
+    collection: Collection
+    source_of: dict[int, str]  # document pk -> the corpus's document id
+    chunks: list[tuple[str, str, str, str]]  # (document id, title, heading, text)
+    seconds: float
+
+
+async def ingest(corpus: Corpus, embedder: CachedEmbeddings) -> Ingested:
     collection = await Collection.objects.acreate(name=f"eval-{corpus.name}")
     started = time.perf_counter()
     inputs = [docs.DocumentInput(text=d["text"], title=d["title"], source=d["id"]) for d in corpus.documents]
     await docs.aadd_documents(documents=inputs, embedder=embedder, collection=collection, concurrency=2)
-    ingest_s = time.perf_counter() - started
+    seconds = time.perf_counter() - started
     # As autovacuum would soon: without statistics the planner may scan exactly, and the
     # latency would depend on when it got round to it.
     await sync_to_async(analyze)()
@@ -219,6 +231,35 @@ async def evaluate(corpus: Corpus, embedder: CachedEmbeddings, weights: list[flo
             "document_id", "document__title", "heading", "text"
         )
     ]
+    return Ingested(collection, source_of, chunks, seconds)
+
+
+async def plain_dense_ranker(corpus: Corpus, embedder: CachedEmbeddings) -> tuple[Ranker, int]:
+    """The plain-dense baseline's ranker, and how many windows it searches."""
+    plain = [(d["id"], f"{d['title']}\n\n{w}") for d in corpus.documents for w in windows(d["text"])]
+    matrix = np.asarray(await embedder.embed([text for _, text in plain]), dtype=np.float32)
+
+    async def plain_dense(query: str, k: int = K_CHUNKS) -> list[str]:
+        vector = np.asarray(json.loads((await embedder.embed_query(query)).literal), dtype=np.float32)
+        best = np.argsort(-(matrix @ vector))[:k]
+        return unique([plain[i][0] for i in best])
+
+    return plain_dense, len(plain)
+
+
+def app_ranker(stored: Ingested, embedder: CachedEmbeddings) -> Callable[..., Awaitable[list[str]]]:
+    """The app's search, through ``retrieve`` as an answer calls it, with today's settings."""
+
+    async def app(query: str, k: int = K_CHUNKS) -> list[str]:
+        found = await retrieve(question=query, k=k, embedder=embedder, collections=[stored.collection.pk])
+        return unique([stored.source_of[s.document_id] for s in found.sources])
+
+    return app
+
+
+async def evaluate(corpus: Corpus, embedder: CachedEmbeddings, weights: list[float]) -> dict:
+    stored = await ingest(corpus, embedder)
+    chunks = stored.chunks
     questions = [q["query"] for q in corpus.queries]
     answers = [q["answer"] for q in corpus.queries]
     rows: dict[str, dict] = {}
@@ -229,33 +270,27 @@ async def evaluate(corpus: Corpus, embedder: CachedEmbeddings, weights: list[flo
     bm25 = BM25([f"{title}\n{heading}\n{text}" for _, title, heading, text in chunks])
     record("BM25", [unique([chunks[i][0] for i in bm25.top(q, K_CHUNKS)]) for q in questions])
 
-    plain = [(d["id"], f"{d['title']}\n\n{w}") for d in corpus.documents for w in windows(d["text"])]
-    matrix = np.asarray(await embedder.embed([text for _, text in plain]), dtype=np.float32)
-
-    async def plain_dense(query: str, k: int = K_CHUNKS) -> list[str]:
-        vector = np.asarray(json.loads((await embedder.embed_query(query)).literal), dtype=np.float32)
-        best = np.argsort(-(matrix @ vector))[:k]
-        return unique([plain[i][0] for i in best])
-
+    plain_dense, windows_searched = await plain_dense_ranker(corpus, embedder)
     ranked = [await plain_dense(q) for q in questions]
     record("Plain dense (200-token windows, exact)", ranked, await timed(plain_dense, questions))
 
-    async def app(query: str, k: int = K_CHUNKS) -> list[str]:
-        found = await retrieve(question=query, k=k, embedder=embedder, collections=[collection.pk])
-        return unique([source_of[s.document_id] for s in found.sources])
+    app = app_ranker(stored, embedder)
 
     async def app_as_asked(query: str) -> list[str]:
         return await app(query, k=settings.RAG_DEFAULT_K)  # the latency of what an answer asks for
 
-    defaults = {name: getattr(settings, name) for name in ("RAG_DOCUMENT_WEIGHT", "RAG_HYBRID_WEIGHT")}
+    names = ("RAG_DOCUMENT_WEIGHT", "RAG_HYBRID_WEIGHT", "RAG_DOCUMENT_CANDIDATES")
+    defaults = {name: getattr(settings, name) for name in names}
+    alone = {"RAG_DOCUMENT_WEIGHT": 0.0, "RAG_HYBRID_WEIGHT": 0.0, "RAG_DOCUMENT_CANDIDATES": 0}
     configurations = [
-        ("The app, chunks alone", {"RAG_DOCUMENT_WEIGHT": 0.0, "RAG_HYBRID_WEIGHT": 0.0}),
-        (
-            "The app, + document weight",
-            {"RAG_DOCUMENT_WEIGHT": defaults["RAG_DOCUMENT_WEIGHT"], "RAG_HYBRID_WEIGHT": 0.0},
-        ),
+        ("The app, chunks alone", alone),
+        ("The app, + document weight", {**alone, "RAG_DOCUMENT_WEIGHT": defaults["RAG_DOCUMENT_WEIGHT"]}),
+        ("The app, + document weight + full text", {**defaults, "RAG_DOCUMENT_CANDIDATES": 0}),
         *[
-            (f"The app, + document weight + full text {weight}", {**defaults, "RAG_HYBRID_WEIGHT": weight})
+            (
+                f"The app, + document weight + full text {weight} + document candidates",
+                {**defaults, "RAG_HYBRID_WEIGHT": weight},
+            )
             for weight in sorted({defaults["RAG_HYBRID_WEIGHT"], *weights})
             if weight > 0
         ],
@@ -275,8 +310,8 @@ async def evaluate(corpus: Corpus, embedder: CachedEmbeddings, weights: list[flo
         "answers": sum(d["kind"] == "answer" for d in corpus.documents),
         "queries": len(questions),
         "chunks": len(chunks),
-        "plain_windows": len(plain),
-        "ingest_s": round(ingest_s, 1),
+        "plain_windows": windows_searched,
+        "ingest_s": round(stored.seconds, 1),
         "rows": rows,
     }
 

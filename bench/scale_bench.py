@@ -9,8 +9,9 @@ the app's own statement (rag.services.search_sql) is timed, one query at a time,
 
 - dense (chunks alone), no filter; with a collection filter keeping 10%; with a metadata
   filter keeping 5%;
-- the app's default scoring: the 40 nearest chunks scored with their document's vector
-  (weight 0.7) and BM25 (weight 0.1), alone and with the collection filter;
+- the app's default scoring: the 40 nearest chunks and the nearest chunk of each of the 10
+  nearest documents, scored with their document's vector and BM25 (the settings' weights),
+  alone and with the collection filter; and without the documents' candidates;
 - the same with 40 chunks holding the rare words of the question as candidates too
   (RAG_FULLTEXT_CANDIDATES);
 - each at hnsw.ef_search 40, 100 and 200.
@@ -161,14 +162,21 @@ def run_size(rows: int, queries: int) -> dict:
         )
         index_size, table_size, shared_buffers = cursor.fetchone()
     first = int(chunk_collection.min())
-    scored = {"document_weight": 0.7, "lexical_weight": 0.1}
+    scored = {
+        "document_weight": settings.RAG_DOCUMENT_WEIGHT,
+        "lexical_weight": settings.RAG_HYBRID_WEIGHT,
+        "document_candidates": settings.RAG_DOCUMENT_CANDIDATES,
+    }
     matches = {**scored, "fulltext_candidates": 40}
+    chunks_only = {**scored, "document_candidates": 0}
     cases = {
         "dense": (None, None, np.ones(rows, bool), {}),
         "dense, collection filter (10%)": ((first,), None, chunk_collection == first, {}),
         "dense, metadata filter (5%)": (None, MetadataFilter.parse({"tag": "rare"}), chunk_rare, {}),
-        "default: + document and BM25": (None, None, None, scored),
+        "default: + documents and BM25": (None, None, None, scored),
         "default, collection filter (10%)": ((first,), None, None, scored),
+        "default without document candidates": (None, None, None, chunks_only),
+        "default without document candidates, collection filter (10%)": ((first,), None, None, chunks_only),
         "+ full-text candidates": (None, None, None, matches),
         "+ full-text candidates, collection filter (10%)": ((first,), None, None, matches),
     }
@@ -206,6 +214,7 @@ def run_size(rows: int, queries: int) -> dict:
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE rag_chunk, rag_document, rag_collection CASCADE")
         cursor.execute(f"DROP INDEX IF EXISTS {index_name(MODEL, DIM)}")
+        cursor.execute(f"DROP INDEX IF EXISTS {index_name(MODEL, DIM, table='rag_documentvector')}")
     vector_index._ensured.discard((MODEL, DIM))  # the next size builds its own index
     return {
         "rows": rows,

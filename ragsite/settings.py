@@ -225,16 +225,20 @@ RAG_CHUNK_MIN_TOKENS = env_int("RAG_CHUNK_MIN_TOKENS", 150, min_value=0)
 # How much a chunk's document counts: its similarity (the mean of its chunks' vectors) is
 # added to the chunk's, times this weight; 0 ranks chunks alone (rag.services.search_sql).
 # Chosen on the eval (bench/retrieval_eval.py, docs/benchmarks.md).
-RAG_DOCUMENT_WEIGHT = env_float("RAG_DOCUMENT_WEIGHT", 0.7, min_value=0.0, max_value=10.0)
+RAG_DOCUMENT_WEIGHT = env_float("RAG_DOCUMENT_WEIGHT", 2.5, min_value=0.0, max_value=10.0)
 # Hybrid search: the weight of the candidates' full-text score (BM25, divided by the best
 # one's) added to their vector score; 0 leaves full text out. Chosen on the eval.
-RAG_HYBRID_WEIGHT = env_float("RAG_HYBRID_WEIGHT", 0.1, min_value=0.0, max_value=10.0)
+RAG_HYBRID_WEIGHT = env_float("RAG_HYBRID_WEIGHT", 0.3, min_value=0.0, max_value=10.0)
 # The nearest chunks proposed before scoring with the document and the full text (at least k).
 RAG_SEARCH_CANDIDATES = env_int("RAG_SEARCH_CANDIDATES", 40, min_value=1, max_value=1000)
 # Chunks holding the question's rare words proposed too, for what the vectors miss (part
 # numbers, codes, names); they need a larger RAG_HYBRID_WEIGHT to win. 0 by default: at the
 # default weights it changed nothing on the eval.
 RAG_FULLTEXT_CANDIDATES = env_int("RAG_FULLTEXT_CANDIDATES", 0, min_value=0, max_value=1000)
+# The nearest chunk of each of this many documents nearest to the question (by the mean of
+# their chunks' vectors) proposed too: an answer on a page about the question whose own
+# chunks are not among the nearest. Chosen on the eval.
+RAG_DOCUMENT_CANDIDATES = env_int("RAG_DOCUMENT_CANDIDATES", 10, min_value=0, max_value=1000)
 # Full-text statistics (the rarity of each word) are refreshed from Postgres's at most this
 # often per process, after chunks are stored (rag.services.term_stats).
 RAG_TERM_STATS_REFRESH_S = env_float("RAG_TERM_STATS_REFRESH_S", 300.0, min_value=0.0)

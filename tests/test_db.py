@@ -226,13 +226,16 @@ def test_index_made_inside_a_rolled_back_transaction_is_made_again():
 
 
 @pytest.mark.parametrize(
-    ("lexical_weight", "document_weight", "fulltext_candidates"),
-    [(0.0, 0.0, 0), (0.1, 0.7, 0), (0.1, 0.7, 40)],
-    ids=["chunks alone", "scored (the default)", "with full-text candidates"],
+    ("lexical_weight", "document_weight", "fulltext_candidates", "document_candidates"),
+    [(0.0, 0.0, 0, 0), (0.3, 2.5, 0, 10), (0.3, 2.5, 0, 0), (0.3, 2.5, 40, 10)],
+    ids=["chunks alone", "scored (the default)", "without document candidates", "with full-text candidates"],
 )
-def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight, document_weight, fulltext_candidates):
+def test_a_batch_of_searches_still_goes_through_the_hnsw_index(
+    lexical_weight, document_weight, fulltext_candidates, document_candidates
+):
     model = "explain-batch-64"
-    document_with_chunks(unit_vectors(INDEXED_ROWS, 64, seed=8), model=model)
+    [chunk, *_] = document_with_chunks(unit_vectors(INDEXED_ROWS, 64, seed=8), model=model)
+    documents._store_document_vector(chunk.document, embedding_model=model)
     ensure_vector_index(embedding_model=model, dimensions=64)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")  # statistics of earlier tests' rows would mislead the planner
@@ -250,6 +253,7 @@ def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight, d
             lexical_weight=lexical_weight,
             document_weight=document_weight,
             fulltext_candidates=fulltext_candidates,
+            document_candidates=document_candidates,
         )
         sql, params = search_sql.statement(plan)
         texts = ["how do I install it", "", "postgres"]
@@ -259,6 +263,9 @@ def test_a_batch_of_searches_still_goes_through_the_hnsw_index(lexical_weight, d
             plan = "\n".join(row[0] for row in cursor.fetchall())
         assert f"Index Scan using {index_name(model, 64)}" in plan, plan
         assert "Order By" in plan, plan  # the index orders each vector's neighbours
+        # The nearest documents come through their own index.
+        documents_index = f"Index Scan using {index_name(model, 64, table='rag_documentvector')}"
+        assert (documents_index in plan) == bool(document_candidates), plan
 
 
 def _record_index_during_copies(monkeypatch, name: str) -> list[bool]:

@@ -205,6 +205,7 @@ def _search_rows(
         document_weight=settings.RAG_DOCUMENT_WEIGHT,
         candidates=settings.RAG_SEARCH_CANDIDATES,
         fulltext_candidates=settings.RAG_FULLTEXT_CANDIDATES if any(text for _, _, text in queries) else 0,
+        document_candidates=settings.RAG_DOCUMENT_CANDIDATES,
         chunk_tokens=settings.RAG_CHUNK_TOKENS,
         text_search_config=settings.RAG_TEXT_SEARCH_CONFIG,
         metadata=metadata,
@@ -221,7 +222,7 @@ def _search_rows(
         # more chunks than half that lost recall (k=40 at 40 missed up to 42% of the exact
         # nearest on the Debian FAQ eval), so a large k widens it for its own statement.
         # Candidates for scoring need ef_search at least as large, or the scan returns fewer.
-        scored = plan.document_weight or plan.lexical_weight or plan.fulltext_candidates
+        scored = plan.document_weight or plan.lexical_weight or plan.fulltext_candidates or plan.document_candidates
         ef_search = max(2 * k, plan.candidates if scored else 0)
         widen = ef_search > settings.RAG_HNSW_EF_SEARCH
         if widen:

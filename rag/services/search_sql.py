@@ -4,8 +4,10 @@ Each query of a batch is a row of ``unnest(vectors, readers, texts)``, and the s
 runs once per row inside a LATERAL join, each through the HNSW index as it would on
 its own (tests/test_db.py checks the plan).
 
-- Chunks alone (both weights 0): the k chunks nearest to the query vector.
-- Scored (the default): the ``candidates`` nearest chunks, ordered by
+- Chunks alone (both weights 0, no extra candidates): the k chunks nearest to the query vector.
+- Scored (the default): the ``candidates`` nearest chunks, and the nearest chunk of each
+  of the ``document_candidates`` documents nearest to the query (their vectors have an HNSW
+  index too, and only documents with a chunk in scope count), ordered by
   ``cosine similarity + document_weight * the document's cosine similarity
   + lexical_weight * BM25 / the best candidate's BM25``, the k best kept.
   - The document's vector is the mean of its chunks' (rag.models.DocumentVector): a chunk
@@ -19,9 +21,10 @@ its own (tests/test_db.py checks the plan).
   through the GIN index: for what vectors miss. Common words are left out of that search:
   they would match most of a large table, and ranking every match was what made the first
   hybrid search take 5.5 s at 1M chunks. Off by default: on the eval it changed nothing,
-  because a chunk the vectors did not find rarely wins at a full-text weight of 0.1.
+  because a chunk the vectors did not find rarely wins at a small full-text weight.
 
-The weights were chosen on the eval (bench/retrieval_eval.py, docs/benchmarks.md).
+The weights were chosen on one corpus of the eval (bench/retrieval_tune.py) and reported on
+all of them (bench/retrieval_eval.py); docs/benchmarks.md has both.
 
 The scope (the readable collections, and documents by metadata) is compiled by the
 ORM from ``Chunk.objects.in_collections(...).matching(...)``, so the permission rules
@@ -68,6 +71,9 @@ class Plan:
     candidates: int = 40
     #: Chunks holding the question's rare words added to the candidates; 0: none.
     fulltext_candidates: int = 0
+    #: The nearest chunk of each of this many documents nearest to the question (by their
+    #: vectors) added to the candidates; 0: none.
+    document_candidates: int = 0
     #: The chunk length BM25 weighs a chunk's word counts against (RAG_CHUNK_TOKENS).
     chunk_tokens: int = 250
     #: Postgres text-search configuration the question's words are read with.
@@ -99,7 +105,12 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
     where, where_params = _scope(plan, queryset_scope)
     distance = _distance("rag_chunk", plan.dimensions)
     batch = "unnest(%s::text[]::vector[], %s::bigint[], %s::text[]) WITH ORDINALITY AS q(vector, reader, text, i)"
-    if plan.lexical_weight <= 0 and plan.document_weight <= 0 and plan.fulltext_candidates <= 0:
+    if (
+        plan.lexical_weight <= 0
+        and plan.document_weight <= 0
+        and plan.fulltext_candidates <= 0
+        and plan.document_candidates <= 0
+    ):
         sql = (
             f"SELECT q.i, r.id, r.document_id, d.title, d.source, r.heading, r.text, r.distance FROM {batch} "
             "CROSS JOIN LATERAL ("
@@ -115,30 +126,51 @@ def _build(plan: Plan, queryset_scope: QuerySet | None) -> tuple[str, tuple]:
         f"SELECT rag_chunk.id, {distance} AS distance FROM rag_chunk WHERE {where} ORDER BY {distance} LIMIT {n}"
     )
     params = list(where_params)
+    extra: list[str] = []
+    if plan.document_candidates > 0:
+        # The documents nearest to the question that have a chunk in scope (through their
+        # own HNSW index, rag.services.vector_index), and the nearest such chunk of each.
+        # "+ 0" orders a document's chunks by an expression the chunks' HNSW index does not
+        # hold, so that they are read through the document's own index, not the graph.
+        in_scope = f"SELECT 1 FROM rag_chunk WHERE {where} AND rag_chunk.document_id = v.document_id"
+        extra.append(
+            "SELECT b.id, b.distance FROM ("
+            f"SELECT v.document_id FROM rag_documentvector v WHERE v.embedding_model = %s AND EXISTS ({in_scope}) "
+            f"ORDER BY {_distance('v', plan.dimensions)} LIMIT {int(plan.document_candidates)}"
+            ") AS nd CROSS JOIN LATERAL ("
+            f"SELECT rag_chunk.id, {distance} AS distance FROM rag_chunk "
+            f"WHERE {where} AND rag_chunk.document_id = nd.document_id ORDER BY ({distance}) + 0 LIMIT 1"
+            ") AS b"
+        )
+        params += [plan.embedding_model, *where_params, *where_params]
     if plan.fulltext_candidates > 0:
         matches = (
             "SELECT rag_chunk.id, NULL::float8 FROM rag_chunk "
             f"WHERE {where} AND rag_chunk.search_vector @@ qt.rare "
             f"ORDER BY ts_rank(rag_chunk.search_vector, qt.rare) DESC LIMIT {int(plan.fulltext_candidates)}"
         )
-        candidates = (
-            f"SELECT id, min(distance) AS distance FROM (({candidates}) UNION ALL ({matches})) AS u GROUP BY id"
-        )
+        extra.append(matches)
         params += where_params
+    if extra:
+        union = " UNION ALL ".join(f"({part})" for part in [candidates, *extra])
+        candidates = f"SELECT id, min(distance) AS distance FROM ({union}) AS u GROUP BY id"
 
     # 2. What each candidate scores with: its distance, its document's, its full-text score.
     d = int(plan.dimensions)
     features = [f"coalesce(m.distance, {_distance('c', d)}) AS distance"]
     join = ""
     if plan.document_weight > 0:
-        features.append(f"v.embedding::vector({d}) <=> q.vector::vector({d}) AS document_distance")
+        features.append(f"{_distance('v', d)} AS document_distance")
         join = "LEFT JOIN rag_documentvector v ON v.document_id = c.document_id AND v.embedding_model = %s "
         params.append(plan.embedding_model)
     if plan.lexical_weight > 0:
         features.append(_BM25.format(length=int(plan.chunk_tokens)) + " AS text_score")
+    # OFFSET 0 keeps the pool a subquery of its own: pulled up into the score, BM25 was
+    # computed twice per candidate, once for the score and once for its best (python-faq,
+    # 60 queries: 3.4-4.8 ms per statement p50 without it, 2.4-2.6 ms with it).
     pool = (
         f"SELECT c.id, c.document_id, {', '.join(features)} "
-        f"FROM ({candidates}) AS m JOIN rag_chunk c ON c.id = m.id {join}"
+        f"FROM ({candidates}) AS m JOIN rag_chunk c ON c.id = m.id {join}OFFSET 0"
     )
 
     # 3. The score.

@@ -9,7 +9,10 @@ dimension, so each model gets a partial expression index:
 
 and ChunkQuerySet.nearest() queries with the same cast and filter, which is
 what makes the planner choose it. The index is created the first time chunks
-of a model are stored, so a new model needs no migration.
+of a model are stored, so a new model needs no migration. The documents'
+vectors (rag.models.DocumentVector) get the same index, in the same step:
+search proposes the chunks of the documents nearest to a question too
+(rag.services.search_sql).
 
 A bulk load into a model that has no index yet (a first import, ``RAG.aadd``
 of many texts) runs inside ``deferred_vector_indexes()``: its chunks are stored
@@ -43,9 +46,11 @@ _ensured: set[tuple[str, int]] = set()
 _deferred: contextvars.ContextVar[dict[str, int] | None] = contextvars.ContextVar("rag_deferred_index", default=None)
 
 
-def index_name(embedding_model: str, dimensions: int) -> str:
+def index_name(embedding_model: str, dimensions: int, *, table: str = "rag_chunk") -> str:
+    """The HNSW index of one model's vectors in ``table`` (rag_chunk or rag_documentvector)."""
     digest = hashlib.sha1(f"{embedding_model}:{dimensions}".encode()).hexdigest()[:12]
-    return f"rag_chunk_hnsw_{digest}"
+    prefix = "rag_chunk" if table == "rag_chunk" else "rag_docvec"
+    return f"{prefix}_hnsw_{digest}"
 
 
 def ensure_vector_index(*, embedding_model: str, dimensions: int) -> None:
@@ -68,20 +73,28 @@ def ensure_vector_index(*, embedding_model: str, dimensions: int) -> None:
     if deferred is not None and (deferred.get(embedding_model) == dimensions or not _exists(name)):
         deferred[embedding_model] = dimensions
         return
-    with connection.cursor() as cursor:
-        # DDL takes no parameters: the name is a hex digest, the dimension an
-        # int, and the model name is quoted by psycopg.
-        cursor.execute(
-            f"CREATE INDEX IF NOT EXISTS {name} ON rag_chunk "
-            f"USING hnsw ((embedding::vector({int(dimensions)})) vector_cosine_ops) "
-            f"WITH (m = {int(settings.RAG_HNSW_M)}, ef_construction = {int(settings.RAG_HNSW_EF_CONSTRUCTION)}) "
-            f"WHERE embedding_model = {Literal(embedding_model).as_string(connection.connection)}"
-        )
+    create_indexes(embedding_model=embedding_model, dimensions=dimensions)
     # Inside a transaction the index may yet be rolled back: remember it only
     # once it is committed.
     if not connection.in_atomic_block:
         _ensured.add(key)
     logger.info("HNSW index %s ready for %s (%d dimensions)", name, embedding_model, dimensions)
+
+
+def create_indexes(*, embedding_model: str, dimensions: int) -> None:
+    """CREATE INDEX IF NOT EXISTS, for the chunks' and the documents' vectors of one model.
+    (Migration 0013 repeats it for the documents of models stored before it.)"""
+    model = Literal(embedding_model).as_string(connection.connection)
+    with connection.cursor() as cursor:
+        for table in ("rag_chunk", "rag_documentvector"):
+            # DDL takes no parameters: the name is a hex digest, the dimension an int, and
+            # the model name is quoted by psycopg.
+            cursor.execute(
+                f"CREATE INDEX IF NOT EXISTS {index_name(embedding_model, dimensions, table=table)} ON {table} "
+                f"USING hnsw ((embedding::vector({int(dimensions)})) vector_cosine_ops) "
+                f"WITH (m = {int(settings.RAG_HNSW_M)}, ef_construction = {int(settings.RAG_HNSW_EF_CONSTRUCTION)}) "
+                f"WHERE embedding_model = {model}"
+            )
 
 
 def _exists(name: str) -> bool:

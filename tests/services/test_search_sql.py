@@ -7,7 +7,7 @@ import random
 import pytest
 from django.db import connection
 
-from rag.models import Chunk, Document, DocumentVector, TermFrequency
+from rag.models import Chunk, Collection, Document, DocumentVector, TermFrequency
 from rag.providers import QueryVector
 from rag.services import documents, retrieval
 from rag.services.documents import default_collection
@@ -113,16 +113,38 @@ def pages() -> dict[str, Document]:
     return made
 
 
-def nearest_title(settings, *, document_weight: float) -> str:
+def nearest_title(settings, *, document_weight: float, collections=None) -> str:
     settings.RAG_DOCUMENT_WEIGHT = document_weight
     settings.RAG_HYBRID_WEIGHT = 0.0
     query = QueryVector.from_floats(vector(random.Random(99)))
-    return retrieval.search(query, embedding_model=MODEL, k=1)[0].title
+    return retrieval.search(query, embedding_model=MODEL, k=1, collections=collections)[0].title
 
 
 def test_the_document_weight_prefers_a_chunk_of_a_page_about_the_question(pages, settings):
     assert nearest_title(settings, document_weight=0.0) == "About something else"
     assert nearest_title(settings, document_weight=0.7) == "About the question"
+
+
+def test_the_nearest_documents_propose_their_chunks_beyond_the_nearest_chunks(pages, settings):
+    # One candidate from the chunks: the long page's chunk that resembles the question.
+    settings.RAG_SEARCH_CANDIDATES = 1
+    settings.RAG_DOCUMENT_CANDIDATES = 0
+    assert nearest_title(settings, document_weight=2.5) == "About something else"
+    # The page about the question is the nearest document: its chunk is proposed, and wins.
+    settings.RAG_DOCUMENT_CANDIDATES = 1
+    assert nearest_title(settings, document_weight=2.5) == "About the question"
+
+
+def test_documents_out_of_scope_are_not_proposed(pages, settings):
+    elsewhere = Collection.objects.create(name="elsewhere")
+    Document.objects.filter(pk=pages["About the question"].pk).update(collection=elsewhere)
+    Chunk.objects.filter(document=pages["About the question"]).update(collection=elsewhere)
+    settings.RAG_SEARCH_CANDIDATES = 1
+    settings.RAG_DOCUMENT_CANDIDATES = 1
+    home = [default_collection().pk]
+    # The nearest document is in another collection: the nearest one in scope is proposed.
+    assert nearest_title(settings, document_weight=2.5, collections=home) == "About something else"
+    assert nearest_title(settings, document_weight=2.5, collections=[elsewhere.pk]) == "About the question"
 
 
 def test_a_document_without_its_vector_ranks_by_its_chunk(pages, settings):
