@@ -41,6 +41,10 @@ def check_s() -> float:
 
 
 INTERRUPTED = "This answer was interrupted: the server stopped while writing it. Regenerate it to try again."
+#: More events than a dead process can have numbered after its last flush (store.FLUSH_S,
+#: a tenth of a second, at a few hundred tokens a second): its interruption is numbered
+#: after this gap.
+LOST_EVENTS_GAP = 100_000
 
 
 async def follow(answer_id: int, *, key: str, after: int = 0) -> AsyncIterator[LogEvent]:
@@ -99,6 +103,11 @@ async def _completed(answer: Message, *, after: int) -> AsyncIterator[LogEvent]:
     rest.append((DONE, {"status": answer.status}))
     for kind, data in rest:
         seq += 1
+        if kind == ERROR and answer.finish_reason == store.INTERRUPTED:
+            # Its process died between two flushes: events it numbered and sent to its own
+            # streams may never have been stored, and a client resuming from one of them is
+            # ahead of the log. It has seen the text; the end is numbered past any such id.
+            seq += LOST_EVENTS_GAP
         if seq > after:
             yield LogEvent(answer.pk, key, seq, kind, data)
 

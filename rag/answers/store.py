@@ -26,13 +26,15 @@ from asgiref.sync import sync_to_async
 from django.db import connection as django_connection
 from django.utils import timezone
 
-from rag.answers.events import SOURCES, LogEvent
+from rag.answers.events import SOURCES, TOKEN, LogEvent
 from rag.models import AnswerEvents, Message, storable
 from rag.services.connections import release_connection
 
 logger = logging.getLogger(__name__)
 
 FLUSH_S = 0.1
+#: The finish reason of an answer whose process died (rag.answers.follow).
+INTERRUPTED = "interrupted"
 FLUSH_EVENTS = 2000
 EVENTS_CHANNEL = "rag_answer_events"
 #: Postgres caps a NOTIFY payload at 8,000 bytes; a flush naming more answers sends several.
@@ -213,10 +215,16 @@ async def stop_unclaimed(answer_id: int) -> bool:
 
 @sync_to_async
 def interrupt(answer: Message, *, message: str) -> bool:
-    """End an answer whose claim went stale as interrupted, keeping the text of its last
-    renewal; False if its claim moved meanwhile (it is alive) or it ended."""
+    """End an answer whose claim went stale as interrupted, keeping the longer of the text
+    of its last renewal and the text in its log (flushed more often); False if its claim
+    moved meanwhile (it is alive) or it ended."""
     try:
+        runs = AnswerEvents.objects.filter(message_id=answer.pk).order_by("first_seq").values_list("events", flat=True)
+        logged = "".join(data for events in runs for kind, data in json.loads(events) if kind == TOKEN)
+        text = logged if len(logged) > len(answer.text) else answer.text
         stale = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at=answer.claimed_at)
-        return bool(stale.update(status=Message.Status.ERROR, finish_reason="interrupted", error=message))
+        return bool(
+            stale.update(status=Message.Status.ERROR, finish_reason=INTERRUPTED, error=message, text=storable(text))
+        )
     finally:
         release_connection()

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import uuid
 from contextlib import aclosing
 
@@ -347,6 +348,37 @@ async def test_an_answer_left_claimed_by_a_dead_process_is_replayed_as_interrupt
     assert events[0].data == "pgvector adds" and "interrupted" in events[1].data["message"]
     saved = await Message.objects.aget(pk=answer.pk)
     assert (saved.status, saved.text, saved.finish_reason) == (Message.Status.ERROR, "pgvector adds", "interrupted")
+
+
+async def test_an_interrupted_answer_keeps_its_logged_text_when_longer_than_its_renewal(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
+    long_ago = timezone.now() - dt.timedelta(seconds=follow.claim_stale_s() + 1)
+    await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=long_ago, text="pgvector")
+    # Flushed every tenth of a second, the log is ahead of the last renewal.
+    run = json.dumps([["token", "pgvector"], ["token", " adds"], ["token", " vectors"]])
+    await AnswerEvents.objects.acreate(message_id=answer.pk, first_seq=1, last_seq=3, events=run)
+
+    events = await asyncio.wait_for(collect(ALICE_SESSION, answer.pk), timeout=10)
+
+    assert text(events) == "pgvector adds vectors" and kinds(events)[-2:] == ["error", "done"]
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert (saved.status, saved.text) == (Message.Status.ERROR, "pgvector adds vectors")
+
+
+async def test_a_client_ahead_of_an_interrupted_log_still_gets_its_end(fake_llm):
+    """The dead process numbered and sent events it never stored: a client resuming from
+    one of them is ahead of the log, and must still be told the answer ended."""
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
+    long_ago = timezone.now() - dt.timedelta(seconds=follow.claim_stale_s() + 1)
+    await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=long_ago, text="pgvector adds")
+
+    from_start = await asyncio.wait_for(collect(ALICE_SESSION, answer.pk), timeout=10)
+    ahead = await asyncio.wait_for(collect(ALICE_SESSION, answer.pk, after=40), timeout=10)
+
+    assert kinds(ahead) == ["error", "done"]
+    assert [e.seq for e in ahead] == [e.seq for e in from_start[-2:]]  # numbered the same for everyone
 
 
 async def test_a_follower_of_a_live_claim_elsewhere_wakes_when_it_dies(fake_llm, monkeypatch):
