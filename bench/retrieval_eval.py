@@ -14,8 +14,9 @@ run on the same chunks of the same embedder:
   cosine search in NumPy: what a first RAG tutorial does.
 - The app: its own ingestion (structure-aware chunks, heading path and title) and its own
   search through ``rag.services.retrieval.retrieve``: chunks alone, then with the document
-  weight (RAG_DOCUMENT_WEIGHT), then with the full-text score too (RAG_HYBRID_WEIGHT), then
-  with the chunks of the nearest documents among the candidates (RAG_DOCUMENT_CANDIDATES).
+  weight (RAG_DOCUMENT_WEIGHT), then with the full-text score too (RAG_HYBRID_WEIGHT, the
+  default), then with the chunks of the nearest documents among the candidates too
+  (RAG_DOCUMENT_CANDIDATES, opt-in: it is slow on a large knowledge base).
 
 Latency is per query, one at a time, the query's embedding included, with the k an answer
 asks for (RAG_DEFAULT_K); the scores ask for 40 chunks, to rank ten documents.
@@ -282,18 +283,19 @@ async def evaluate(corpus: Corpus, embedder: CachedEmbeddings, weights: list[flo
     names = ("RAG_DOCUMENT_WEIGHT", "RAG_HYBRID_WEIGHT", "RAG_DOCUMENT_CANDIDATES")
     defaults = {name: getattr(settings, name) for name in names}
     alone = {"RAG_DOCUMENT_WEIGHT": 0.0, "RAG_HYBRID_WEIGHT": 0.0, "RAG_DOCUMENT_CANDIDATES": 0}
+    document_candidates = defaults["RAG_DOCUMENT_CANDIDATES"] or 10
     configurations = [
         ("The app, chunks alone", alone),
         ("The app, + document weight", {**alone, "RAG_DOCUMENT_WEIGHT": defaults["RAG_DOCUMENT_WEIGHT"]}),
-        ("The app, + document weight + full text", {**defaults, "RAG_DOCUMENT_CANDIDATES": 0}),
         *[
-            (
-                f"The app, + document weight + full text {weight} + document candidates",
-                {**defaults, "RAG_HYBRID_WEIGHT": weight},
-            )
+            (f"The app, + document weight + full text {weight}", {**defaults, "RAG_HYBRID_WEIGHT": weight})
             for weight in sorted({defaults["RAG_HYBRID_WEIGHT"], *weights})
             if weight > 0
         ],
+        (
+            f"The app, + document weight + full text + {document_candidates} document candidates",
+            {**defaults, "RAG_DOCUMENT_CANDIDATES": document_candidates},
+        ),
     ]
     for name, values in configurations:
         for setting, value in values.items():

@@ -9,9 +9,10 @@ the app's own statement (rag.services.search_sql) is timed, one query at a time,
 
 - dense (chunks alone), no filter; with a collection filter keeping 10%; with a metadata
   filter keeping 5%;
-- the app's default scoring: the 40 nearest chunks and the nearest chunk of each of the 10
-  nearest documents, scored with their document's vector and BM25 (the settings' weights),
-  alone and with the collection filter; and without the documents' candidates;
+- the app's default scoring: the RAG_SEARCH_CANDIDATES nearest chunks, scored with their
+  document's vector and BM25 (the settings' weights), alone and with the collection filter;
+  and the same with the nearest chunk of each of the 10 nearest documents as candidates too
+  (RAG_DOCUMENT_CANDIDATES);
 - the same with 40 chunks holding the rare words of the question as candidates too
   (RAG_FULLTEXT_CANDIDATES);
 - each at hnsw.ef_search 40, 100 and 200.
@@ -163,20 +164,23 @@ def run_size(rows: int, queries: int) -> dict:
         index_size, table_size, shared_buffers = cursor.fetchone()
     first = int(chunk_collection.min())
     scored = {
+        "candidates": settings.RAG_SEARCH_CANDIDATES,
         "document_weight": settings.RAG_DOCUMENT_WEIGHT,
         "lexical_weight": settings.RAG_HYBRID_WEIGHT,
         "document_candidates": settings.RAG_DOCUMENT_CANDIDATES,
     }
     matches = {**scored, "fulltext_candidates": 40}
-    chunks_only = {**scored, "document_candidates": 0}
+    near_documents = {**scored, "document_candidates": settings.RAG_DOCUMENT_CANDIDATES or 10}
+    default = f"default: {scored['candidates']} nearest chunks, document and BM25"
+    with_documents = f"+ {near_documents['document_candidates']} document candidates"
     cases = {
         "dense": (None, None, np.ones(rows, bool), {}),
         "dense, collection filter (10%)": ((first,), None, chunk_collection == first, {}),
         "dense, metadata filter (5%)": (None, MetadataFilter.parse({"tag": "rare"}), chunk_rare, {}),
-        "default: + documents and BM25": (None, None, None, scored),
+        default: (None, None, None, scored),
         "default, collection filter (10%)": ((first,), None, None, scored),
-        "default without document candidates": (None, None, None, chunks_only),
-        "default without document candidates, collection filter (10%)": ((first,), None, None, chunks_only),
+        with_documents: (None, None, None, near_documents),
+        f"{with_documents}, collection filter (10%)": ((first,), None, None, near_documents),
         "+ full-text candidates": (None, None, None, matches),
         "+ full-text candidates, collection filter (10%)": ((first,), None, None, matches),
     }

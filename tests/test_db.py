@@ -227,8 +227,8 @@ def test_index_made_inside_a_rolled_back_transaction_is_made_again():
 
 @pytest.mark.parametrize(
     ("lexical_weight", "document_weight", "fulltext_candidates", "document_candidates"),
-    [(0.0, 0.0, 0, 0), (0.3, 2.5, 0, 10), (0.3, 2.5, 0, 0), (0.3, 2.5, 40, 10)],
-    ids=["chunks alone", "scored (the default)", "without document candidates", "with full-text candidates"],
+    [(0.0, 0.0, 0, 0), (0.3, 2.5, 0, 0), (0.3, 2.5, 0, 10), (0.3, 2.5, 40, 10)],
+    ids=["chunks alone", "scored (the default)", "with document candidates", "with full-text candidates"],
 )
 def test_a_batch_of_searches_still_goes_through_the_hnsw_index(
     lexical_weight, document_weight, fulltext_candidates, document_candidates

@@ -5,9 +5,7 @@ runs once per row inside a LATERAL join, each through the HNSW index as it would
 its own (tests/test_db.py checks the plan).
 
 - Chunks alone (both weights 0, no extra candidates): the k chunks nearest to the query vector.
-- Scored (the default): the ``candidates`` nearest chunks, and the nearest chunk of each
-  of the ``document_candidates`` documents nearest to the query (their vectors have an HNSW
-  index too, and only documents with a chunk in scope count), ordered by
+- Scored (the default): the ``candidates`` nearest chunks, ordered by
   ``cosine similarity + document_weight * the document's cosine similarity
   + lexical_weight * BM25 / the best candidate's BM25``, the k best kept.
   - The document's vector is the mean of its chunks' (rag.models.DocumentVector): a chunk
@@ -22,6 +20,12 @@ its own (tests/test_db.py checks the plan).
   they would match most of a large table, and ranking every match was what made the first
   hybrid search take 5.5 s at 1M chunks. Off by default: on the eval it changed nothing,
   because a chunk the vectors did not find rarely wins at a small full-text weight.
+- ``document_candidates`` adds the nearest chunk of each of that many documents nearest to
+  the query (their vectors have an HNSW index too, and only documents with a chunk in scope
+  count): an answer on a page about the question whose own chunks are not among the
+  nearest. Off by default: it adds little on the eval (python-faq hit@10 0.960 against
+  0.954, nothing elsewhere), and finding each document's nearest chunk made the search
+  1.6-2x slower at 1M chunks.
 
 The weights were chosen on one corpus of the eval (bench/retrieval_tune.py) and reported on
 all of them (bench/retrieval_eval.py); docs/benchmarks.md has both.
