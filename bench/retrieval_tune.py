@@ -11,8 +11,10 @@ worst metric beats plain dense by the most, then the largest sum of margins: a s
 that wins on four metrics and loses one is worse than one that wins a little on all five.
 
 The shipped defaults (ragsite/settings.py) were chosen this way on python-faq alone, the
-largest corpus; debian-faq and git-faq were not looked at. Prints JSON; writes the best
-settings to docs/benchmarks.md between the retrieval-tune markers.
+largest corpus, among the settings without document candidates (they are slow at scale);
+where several tie on the worst margin, the one kept is not the tie-break's first but the
+earlier weights (docs/benchmarks.md says why). Prints JSON; writes the best settings to
+docs/benchmarks.md between the retrieval-tune markers.
 """
 
 from __future__ import annotations
