@@ -15,6 +15,7 @@ live ``<img onerror>``.)
 from __future__ import annotations
 
 import re
+import threading
 from xml.etree.ElementTree import Element
 
 import markdown
@@ -50,13 +51,30 @@ class _Citations(InlineProcessor):
         return link, m.start(0), m.end(0)
 
 
-def _markdown(*, prefix: str, count: int) -> markdown.Markdown:
+def _new_markdown() -> markdown.Markdown:
     md = markdown.Markdown(extensions=["fenced_code", "tables", "sane_lists"], output_format="html")
     # Without these two passes raw HTML is escaped like any other text.
     md.preprocessors.deregister("html_block")
     md.inlinePatterns.deregister("html")
     # Lower priority than links (160) and references (170): they run first.
-    md.inlinePatterns.register(_Citations(prefix=prefix, count=count), "citation", 150)
+    md.inlinePatterns.register(_Citations(prefix="", count=0), "citation", 150)
+    return md
+
+
+# One Markdown per thread, reset between texts, as Python-Markdown documents: a new one per
+# answer made rendering a 50-word answer 0.54-0.60 ms instead of 0.34-0.36 ms, paid on the
+# event loop once per answer (the chat page's `done` event). A Markdown object is not
+# thread-safe.
+_per_thread = threading.local()
+
+
+def _markdown(*, prefix: str, count: int) -> markdown.Markdown:
+    md = getattr(_per_thread, "markdown", None)
+    if md is None:
+        md = _per_thread.markdown = _new_markdown()
+    md.reset()
+    citations = md.inlinePatterns["citation"]
+    citations.prefix, citations.count = prefix, count
     return md
 
 

@@ -73,3 +73,16 @@ def test_nothing_is_added_to_the_html_after_it_is_sanitized(monkeypatch):
     html = render("See [1] and [2], and `code [3]`.")
     assert returned and html == returned[-1]
     assert cites(html) == ["1", "2"]
+
+
+def test_one_answer_leaves_nothing_behind_for_the_next():
+    """Renders reuse one Markdown per thread: its references, footnote-like state and
+    citation settings must not carry over from one answer to the next."""
+    first = render("See [the docs][ref] [3].\n\n[ref]: https://example.com/first", count=3)
+    assert 'href="https://example.com/first"' in first and cites(first) == ["3"]
+
+    second = str(render_answer("See [the docs][ref] [3] [1].", source_prefix="src-8-", source_count=1))
+
+    assert "example.com/first" not in second  # the first answer's reference is gone
+    assert re.findall(r'href="#([^"]+)"', second) == ["src-8-1"]  # its own prefix and count
+    assert "[3]" in second  # out of range for this answer: left as text
