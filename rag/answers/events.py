@@ -9,6 +9,7 @@ an id cannot be guessed from another.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,11 @@ class LogEvent:
     @property
     def terminal(self) -> bool:
         return self.kind == DONE
+
+
+def text_of(events: Iterable[LogEvent]) -> str:
+    """The answer's text so far: its token events, joined."""
+    return "".join(e.data for e in events if e.kind == TOKEN)
 
 
 def parse_id(last_event_id: str | None) -> tuple[str, int] | None:

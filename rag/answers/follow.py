@@ -22,7 +22,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from rag.answers import live, notify, store
-from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN, LogEvent
+from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN, LogEvent, text_of
 from rag.models import Message
 from rag.services import answering
 from rag.services.connections import release_connection
@@ -87,7 +87,7 @@ async def _completed(answer: Message, *, after: int) -> AsyncIterator[LogEvent]:
     logged = await store.read_after(answer.pk, key, 0)
     if logged and logged[-1].terminal:
         return  # the log is complete: nothing is left after ``after``
-    text = "".join(e.data for e in logged if e.kind == TOKEN)
+    text = text_of(logged)
     seq = logged[-1].seq if logged else 0
     rest: list[tuple[str, object]] = []
     if answer.sources and not any(e.kind == SOURCES for e in logged):

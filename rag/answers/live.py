@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Any
 
 from rag.answers import store
-from rag.answers.events import TOKEN, LogEvent
+from rag.answers.events import LogEvent, text_of
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Live:
         return event
 
     def text(self) -> str:
-        return "".join(e.data for e in self.events if e.kind == TOKEN)
+        return text_of(self.events)
 
     async def follow(self, *, after: int) -> AsyncIterator[LogEvent]:
         """The events after ``after``, then each new one as it comes, to the end."""

@@ -26,7 +26,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection as django_connection
 from django.utils import timezone
 
-from rag.answers.events import SOURCES, TOKEN, LogEvent
+from rag.answers.events import SOURCES, LogEvent, text_of
 from rag.models import AnswerEvents, Message, storable
 from rag.services.connections import release_connection
 
@@ -180,15 +180,19 @@ def read_after(answer_id: int, key: str, seq: int) -> list[LogEvent]:
     """The stored events of an answer after sequence number ``seq``, in order. The
     connection goes back to the pool: a follower may wait a while before its next read."""
     try:
-        runs = AnswerEvents.objects.filter(message_id=answer_id, last_seq__gt=seq).order_by("first_seq")
-        return [
-            LogEvent(answer_id, key, first + i, kind, data)
-            for first, events in runs.values_list("first_seq", "events")
-            for i, (kind, data) in enumerate(json.loads(events))
-            if first + i > seq
-        ]
+        return _stored_after(answer_id, key, seq)
     finally:
         release_connection()
+
+
+def _stored_after(answer_id: int, key: str, seq: int) -> list[LogEvent]:
+    runs = AnswerEvents.objects.filter(message_id=answer_id, last_seq__gt=seq).order_by("first_seq")
+    return [
+        LogEvent(answer_id, key, first + i, kind, data)
+        for first, events in runs.values_list("first_seq", "events")
+        for i, (kind, data) in enumerate(json.loads(events))
+        if first + i > seq
+    ]
 
 
 # --- the answer's row, while it lives ---------------------------------------------------------
@@ -219,8 +223,7 @@ def interrupt(answer: Message, *, message: str) -> bool:
     of its last renewal and the text in its log (flushed more often); False if its claim
     moved meanwhile (it is alive) or it ended."""
     try:
-        runs = AnswerEvents.objects.filter(message_id=answer.pk).order_by("first_seq").values_list("events", flat=True)
-        logged = "".join(data for events in runs for kind, data in json.loads(events) if kind == TOKEN)
+        logged = text_of(_stored_after(answer.pk, str(answer.public_id), 0))
         text = logged if len(logged) > len(answer.text) else answer.text
         stale = Message.objects.filter(pk=answer.pk, status=Message.Status.STREAMING, claimed_at=answer.claimed_at)
         return bool(
