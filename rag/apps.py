@@ -15,8 +15,8 @@ class RagConfig(AppConfig):
 
         import rag.checks  # noqa: F401  (registers the local model's check)
         import ragsite.checks  # noqa: F401  (registers the middleware deploy checks)
+        from rag.answers.access import adopt_on_login
         from rag.providers import ProviderError, chat_provider, embedding_provider
-        from rag.sessions import adopt_on_login
 
         user_logged_in.connect(adopt_on_login, dispatch_uid="rag.adopt_on_login")
 

@@ -1,7 +1,7 @@
 """An answer's life as a durable, ordered log of events in Postgres.
 
 - ``events``: the vocabulary (sources, token, metrics, error, done) and event ids.
-- ``access``: who is asking (a user, an anonymous session), for every transport.
+- ``access``: who is asking (a user, an anonymous visitor's key), for every transport.
 - ``generate``: where an answer is generated, once, in a task of one process; Stop.
 - ``oneshot``: /rag/stream's answers, each a conversation of its own.
 - ``store``: batched appends, reading what came after a sequence number, and the

@@ -3,7 +3,7 @@
 A turn is a POST that saves the question, starts the answer and returns the
 fragment subscribing to the answer's stream; the stream is a GET on the answer's id whose events
 carry HTML fragments rendered (and so escaped) by Django templates. Every view
-resolves the owner (user, else anonymous session) and lets rag.services.chat
+resolves the owner (user, else an anonymous visitor's key) and lets rag.services.chat
 filter by it: someone else's conversation or answer is a 404.
 """
 
@@ -21,7 +21,7 @@ from django.utils.html import escape
 from django.views.decorators.http import require_GET, require_POST
 
 from rag.answers import events
-from rag.answers.access import request_owner
+from rag.answers.access import remember_owner, request_owner
 from rag.answers.events import LogEvent
 from rag.forms import BadQuestion, parse_question
 from rag.models import Collection, Document, Message, Reader
@@ -82,7 +82,9 @@ async def ask(request: HttpRequest) -> HttpResponse:
         )
     except chat.NotFound:
         raise Http404("No such conversation.") from None
-    return await _new_turn(request, answer=answer, question=q.question, new=conversation_id is None)
+    response = await _new_turn(request, answer=answer, question=q.question, new=conversation_id is None)
+    remember_owner(response, owner)
+    return response
 
 
 async def _readable_collection_id(request: HttpRequest, raw: str) -> int | None:
@@ -190,45 +192,90 @@ async def html_event_stream(
 ) -> AsyncIterator[bytes]:
     """SSE whose data are HTML fragments for htmx: sources, token, metrics | error, done.
 
-    Tokens are escaped text, appended as they come; ``done`` carries the whole
-    answer rendered from what was saved (Markdown, citations, actions), which
-    replaces the streaming element and is also what a page reload shows.
+    Tokens are escaped text, appended as they come; ``done`` carries the whole answer
+    rendered (Markdown, citations, actions), which replaces the streaming element and is
+    also what a page reload shows.
     """
-    done = False
-
-    async def encode(event: LogEvent) -> bytes:
-        nonlocal done
-        done = done or event.terminal
-        return await _frame(event, answer_id=answer_id)
+    fragments = _Fragments(answer_id)
 
     def failure(exc: Exception) -> bytes:
         message = f"The answer failed: {type(exc).__name__}. Reload the page to see what was saved."
         return sse.frame(render_to_string("rag/_error.html", {"message": message}), "error")
 
-    async with aclosing(sse.frames(events, encode=encode, failure=failure, heartbeat=heartbeat)) as chunks:
+    async with aclosing(sse.frames(events, encode=fragments.frame, failure=failure, heartbeat=heartbeat)) as chunks:
         async for chunk in chunks:
             yield chunk
-    if not done:
+    if not fragments.done:
         answer = await Message.objects.select_related("conversation").aget(pk=answer_id)
         yield sse.frame(await render_answer_fragment(answer), "done")
 
 
-async def _frame(event: LogEvent, *, answer_id: int) -> bytes:
-    match event.kind:
-        case events.TOKEN:
-            html = escape(event.data)
-        case events.SOURCES:
-            html = render_to_string("rag/_sources.html", {"sources": event.data, "answer_id": answer_id})
-        case events.METRICS:
-            html = render_to_string("rag/_metrics.html", {"m": event.data})
-        case events.ERROR:
-            html = render_to_string("rag/_error.html", {"message": event.data["message"]})
-        case events.DONE:
-            answer = await Message.objects.select_related("conversation", "feedback").aget(pk=answer_id)
-            html = await render_answer_fragment(answer)
-        case _:
-            raise TypeError(f"not an answer event: {event!r}")
-    return sse.frame(html, event.kind, id=event.id)
+class _Fragments:
+    """One stream's events as HTML. A stream that saw its answer from the first event to
+    the metrics renders ``done`` from what it saw, leaving the sources it already put on
+    the page in place: reading the answer back and rendering its sources again was a
+    fifth of the chat page's rendering at c=100 (docs/benchmarks.md)."""
+
+    def __init__(self, answer_id: int) -> None:
+        self.answer_id = answer_id
+        self.done = False
+        self.first_seq: int | None = None
+        self.failed = False
+        self.sources: list | None = None
+        self.tokens: list[str] = []
+        self.metrics: dict | None = None
+
+    async def frame(self, event: LogEvent) -> bytes:
+        self._remember(event)
+        match event.kind:
+            case events.TOKEN:
+                html = escape(event.data)
+            case events.SOURCES:
+                html = render_to_string("rag/_sources.html", {"sources": event.data, "answer_id": self.answer_id})
+            case events.METRICS:
+                html = render_to_string("rag/_metrics.html", {"m": event.data})
+            case events.ERROR:
+                html = render_to_string("rag/_error.html", {"message": event.data["message"]})
+            case events.DONE:
+                html = await self._finished()
+            case _:
+                raise TypeError(f"not an answer event: {event!r}")
+        return sse.frame(html, event.kind, id=event.id)
+
+    def _remember(self, event: LogEvent) -> None:
+        if self.first_seq is None:
+            self.first_seq = event.seq
+        match event.kind:
+            case events.TOKEN:
+                self.tokens.append(event.data)
+            case events.SOURCES:
+                self.sources = event.data
+            case events.METRICS:
+                self.metrics = event.data
+            case events.ERROR:
+                self.failed = True  # its message and partial metrics are on the row
+            case events.DONE:
+                self.done = True
+
+    async def _finished(self) -> str:
+        if self.first_seq != 1 or self.failed or self.metrics is None:
+            answer = await Message.objects.select_related("conversation", "feedback").aget(pk=self.answer_id)
+            return await render_answer_fragment(answer)
+        m = self.metrics
+        answer = Message(
+            pk=self.answer_id,
+            role=Message.Role.ASSISTANT,
+            status=m["status"],
+            text="".join(self.tokens),
+            sources=self.sources or [],
+            model=m["model"],
+            tokens=m["tokens"],
+            ttft_ms=m["ttft_ms"],
+            tokens_per_s=m["tokens_per_s"],
+            gap_p95_ms=m["gap_p95_ms"],
+        )
+        context = {"answer": answer, "sources_shown": self.sources is not None}
+        return render_to_string("rag/_answer_final.html", context)
 
 
 async def render_answer_fragment(answer: Message) -> str:

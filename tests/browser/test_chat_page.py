@@ -70,7 +70,16 @@ async def test_a_question_streams_progressively_with_sources_first_then_markdown
     await ask(page, "What does pgvector add to Postgres?")
 
     await wait_for_js(page, "window.__seen.lengths.length >= 6")  # seen growing, still streaming
+    # The reader folds the sources while the answer streams: they stay as they are when it ends.
+    still_streaming = await page.evaluate(
+        """() => { const panel = document.querySelector('.sources-panel');
+                   panel.open = false; panel.dataset.folded = 'by the reader';
+                   return document.querySelector('.answer-text.streaming') !== null; }"""
+    )
+    assert still_streaming
     await page.wait_for_selector(".answer .markdown strong")  # done: rendered Markdown replaced the text
+    assert await page.evaluate("document.querySelector('.sources-panel').dataset.folded") == "by the reader"
+    assert await page.evaluate("document.querySelector('.sources-panel').open") is False
     seen = await page.evaluate("window.__seen")
     assert seen["order"] == ["sources", "token"]
     assert seen["lengths"] == sorted(seen["lengths"]) and len(seen["lengths"]) >= 6

@@ -8,9 +8,13 @@ import re
 import aiohttp
 import pytest
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.contrib.auth.models import User
+from django.contrib.sessions.models import Session
 from django.test import AsyncClient
+from django.utils.html import escape
 
+from rag.answers.access import OWNER_COOKIE
 from rag.models import Feedback, Message
 from tests.conftest import answer_ended
 from tests.factories import add_corpus, group_collection
@@ -75,6 +79,23 @@ async def test_ask_returns_the_turn_fragment_and_the_stream_delivers_html_events
     assert (await Message.objects.aget(pk=answer_id)).status == Message.Status.COMPLETE
 
 
+async def test_a_first_question_gives_the_visitor_an_owner_cookie_and_no_session(fake_llm):
+    """The owner key is a cookie of its own: a first question saves no session, and its
+    stream reads none."""
+    await add_corpus()
+    client = AsyncClient()
+    response = await post_question(client, "What colour are bananas?")
+    assert OWNER_COOKIE in response.cookies and response.cookies[OWNER_COOKIE]["httponly"]
+    assert settings.SESSION_COOKIE_NAME not in response.cookies
+    assert await Session.objects.acount() == 0
+    _, events = await read_stream(client, answer_id_in(response.content.decode()))
+    assert events[-1].type == "done"
+    assert "What colour are bananas?" in (await client.get("/")).content.decode()
+    # Without the cookie, the same visitor is a stranger.
+    client.cookies.pop(OWNER_COOKIE)
+    assert "What colour are bananas?" not in (await client.get("/")).content.decode()
+
+
 async def test_reconnecting_to_the_stream_replays_instead_of_generating_again(fake_llm):
     await add_corpus()
     client = AsyncClient()
@@ -101,13 +122,68 @@ async def test_a_reconnect_with_last_event_id_gets_only_the_events_after_it(fake
     response = await client.get(f"/chat/answers/{answer_id}/stream", headers={"Last-Event-ID": f"{key}.3"})
     rest = parse_sse(b"".join([chunk async for chunk in response.streaming_content]).decode())
 
-    assert [(e.id, e.data) for e in rest] == [(e.id, e.data) for e in first[3:]]
+    assert [e.id for e in rest] == [e.id for e in first[3:]]
+    # The same events; done renders the sources too, as this page may not show them yet.
+    assert [e.data for e in rest[:-1]] == [e.data for e in first[3:-1]]
     assert [e.data for e in rest if e.type == "token"] == [" three", " four"]
     # An id of another answer, or no id at all, starts from the beginning.
     other = await client.get(
         f"/chat/answers/{answer_id}/stream", headers={"Last-Event-ID": "6f1c0d1e-0000-4000-8000-000000000000.3"}
     )
     assert len(parse_sse(b"".join([c async for c in other.streaming_content]).decode())) == len(first)
+
+
+def without_metrics(html: str) -> str:
+    # The live metrics are rounded to 0.1 ms before the template formats them: a reload
+    # formats the saved ones, which may round the other way by 1 ms.
+    return re.sub(r'<p class="metrics">.*?</p>', "", html).strip()
+
+
+async def test_a_stream_from_the_start_renders_done_as_a_reload_would_keeping_its_sources(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["**Bananas**", " are yellow", " [1]"]
+    client = AsyncClient()
+    answer_id = answer_id_in((await post_question(client, "What colour are bananas?", k="2")).content.decode())
+    _, events = await read_stream(client, answer_id)
+    done = events[-1].data
+
+    # The sources the stream already put on the page stay there (htmx moves them in).
+    assert f'<div id="sources-{answer_id}">' in events[0].data
+    assert f'<div id="sources-{answer_id}" hx-preserve="true"></div>' in done and "<details" not in done
+    # Everything else is what a reload of the saved answer shows.
+    reload = (await client.get(f"/chat/answers/{answer_id}")).content.decode()
+    sources = re.search(rf'<div id="sources-{answer_id}">.*?</details></div>\n', reload, re.S).group(0)
+    assert without_metrics(done.replace(f'<div id="sources-{answer_id}" hx-preserve="true"></div>', sources)) == (
+        without_metrics(reload)
+    )
+    assert re.search(r"first token \d+ ms · .* · 3 tokens · ", done)
+
+
+async def test_a_resumed_stream_renders_done_from_the_saved_answer_sources_included(fake_llm):
+    await add_corpus()
+    fake_llm.tokens = ["one", " two", " three"]
+    client = AsyncClient()
+    answer_id = answer_id_in((await post_question(client, "pgvector?", k="2")).content.decode())
+    await read_stream(client, answer_id)
+    key = (await Message.objects.aget(pk=answer_id)).public_id
+
+    response = await client.get(f"/chat/answers/{answer_id}/stream", headers={"Last-Event-ID": f"{key}.3"})
+    rest = parse_sse(b"".join([chunk async for chunk in response.streaming_content]).decode())
+
+    done = rest[-1].data
+    assert rest[-1].type == "done" and "hx-preserve" not in done
+    assert f'<div id="sources-{answer_id}"><details' in done and "one two three" in done
+
+
+async def test_an_answer_that_failed_renders_done_with_its_error(fake_llm):
+    await add_corpus()
+    client = AsyncClient()
+    answer_id = answer_id_in((await post_question(client, "pgvector? fault=drop_after=2")).content.decode())
+    _, events = await read_stream(client, answer_id)
+    assert [e.type for e in events][-2:] == ["error", "done"]
+    answer = await Message.objects.aget(pk=answer_id)
+    assert answer.status == Message.Status.ERROR
+    assert 'class="answer answer-error"' in events[-1].data and escape(answer.error) in events[-1].data
 
 
 async def test_a_follow_up_continues_the_conversation(fake_llm):
