@@ -25,7 +25,7 @@ class ReuseRequestThreads:
     stream), so a burst of 100 questions needs 200. Keeping 64 made every burst start
     threads again: 13.9-14.7 ms of CPU per chat question at c=100 against 13.4-13.6
     with 256, and 10.4-11.1 against 9.9-10.3 for /rag/stream. An idle thread costs
-    its stack's touched pages, tens of KB.
+    about 18 KB of RSS (measured here with 256 of them).
     """
 
     def __init__(self, app, *, keep_idle: int = 256) -> None:
