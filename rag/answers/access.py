@@ -91,8 +91,15 @@ def session_owner_key(session: SessionBase | None) -> str:
 
 
 async def request_owner(request: HttpRequest, *, create: bool = False) -> Owner:
-    """The owner of what a chat page request may see."""
-    return await owner_for(user=await request.auser(), cookies=request.COOKIES, session=request.session, create=create)
+    """The owner of what a chat page request may see.
+
+    Looking them up used a database connection only if the request carried a session cookie
+    (a signed-in user, or a visitor from before the owner cookie); that one goes back to the
+    pool, as what follows may be a long stream."""
+    owner = await owner_for(user=await request.auser(), cookies=request.COOKIES, session=request.session, create=create)
+    if settings.SESSION_COOKIE_NAME in request.COOKIES:
+        await arelease_connection()
+    return owner
 
 
 def remember_owner(response: HttpResponse, owner: Owner) -> None:

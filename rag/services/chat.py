@@ -37,7 +37,7 @@ from rag.answers.follow import follow
 from rag.models import Conversation, Feedback, Message, Reader
 from rag.providers import ChatProvider, EmbeddingProvider, chat_provider
 from rag.services import answer_rows
-from rag.services.connections import arelease_connection, release_connection
+from rag.services.connections import release_connection
 from rag.services.history import condense, turns_before
 from rag.services.retrieval import CollectionScope
 
@@ -142,7 +142,6 @@ async def ask(
         raise ValueError("An anonymous owner needs a session key.")
     model = (chat or chat_provider()).model
     if conversation_id is None and start:
-        await arelease_connection()  # the session's; the batch has its own
         answer = await answer_rows.open_new_turn(
             question=question,
             user_id=owner.user_id,
@@ -200,10 +199,8 @@ async def stream_turn(
     running = live.get(answer_id)
     if running is not None and running.asker == owner:
         # Asked by this owner in this process (the usual stream right after its POST): no
-        # query to check who is reading (5% of the chat's CPU at c=100). The connection that
-        # looked up the session goes back to the pool all the same: the stream may be long.
+        # query to check who is reading (5% of the chat's CPU at c=100).
         claimed, key = None, running.key
-        await arelease_connection()
     else:
         claimed = await _claim(owner=owner, answer_id=answer_id, reader=_whole(collections))
         key = str(claimed.answer.public_id)

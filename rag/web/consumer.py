@@ -36,6 +36,7 @@ from rag.answers.events import LogEvent, parse_id
 from rag.forms import BadQuestion, parse_question
 from rag.models import Reader
 from rag.services import chat
+from rag.services.connections import arelease_connection
 
 
 class RagConsumer(AsyncJsonWebsocketConsumer):
@@ -98,6 +99,7 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
             {"type": "started", "answer_id": answer.pk, "conversation_id": str(answer.conversation_id)}
         )
         self.answer_id = answer.pk
+        await arelease_connection()  # the lookups' connection: the answer may take a while
         self.task = asyncio.create_task(self.relay(events))
 
     async def resume(self, content: dict) -> None:
@@ -119,6 +121,7 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
             await self.bad_request("No such answer of yours to resume.")
             return
         self.answer_id = answer.pk
+        await arelease_connection()
         self.task = asyncio.create_task(self.relay(events))
 
     async def stop(self) -> None:

@@ -1,0 +1,45 @@
+"""ragsite.middleware: Django's middleware on the event loop, CSRF included."""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import pytest
+from django.test import AsyncClient, RequestFactory
+
+from rag.models import Message
+from ragsite.middleware import SMALL_FORM_BYTES, _small_form
+
+pytestmark = pytest.mark.django_db(transaction=True)
+FORM = "application/x-www-form-urlencoded"
+
+
+async def test_a_small_form_checked_on_the_event_loop_still_needs_its_csrf_token(fake_llm):
+    client = AsyncClient(enforce_csrf_checks=True)
+    token = (await client.get("/")).cookies["csrftoken"].value
+
+    async def ask(question: str, csrf: str):
+        body = urlencode({"question": question, "csrfmiddlewaretoken": csrf})
+        return await client.post("/chat/ask", body, content_type=FORM, headers={"HX-Request": "true"})
+
+    assert (await ask("a wrong token", "x" * 32)).status_code == 403
+    assert (await ask("no token", "")).status_code == 403
+    assert (await ask("the page's token", token)).status_code == 200
+    assert not await Message.objects.filter(text__in=["a wrong token", "no token"]).aexists()
+    assert await Message.objects.filter(text="the page's token").aexists()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "length", "inline"),
+    [
+        (FORM, "120", True),
+        (FORM, str(SMALL_FORM_BYTES), True),
+        (FORM, str(SMALL_FORM_BYTES + 1), False),  # parsed in a thread, as Django does
+        (FORM, "", False),  # length unknown
+        ("multipart/form-data; boundary=x", "120", False),  # upload handlers may write to disk
+    ],
+)
+def test_which_bodies_are_parsed_on_the_event_loop(content_type, length, inline):
+    request = RequestFactory().post("/chat/ask", content_type=content_type)
+    request.META["CONTENT_LENGTH"] = length
+    assert _small_form(request) is inline
