@@ -213,8 +213,9 @@ async def html_event_stream(
 class _Fragments:
     """One stream's events as HTML. A stream that saw its answer from the first event to
     the metrics renders ``done`` from what it saw, leaving the sources it already put on
-    the page in place: reading the answer back and rendering its sources again was a
-    fifth of the chat page's rendering at c=100 (docs/benchmarks.md)."""
+    the page in place (and as the reader left them, folded or not). Reading the answer back
+    and rendering its sources again cost about 3 ms of CPU per question at c=100
+    (docs/benchmarks.md)."""
 
     def __init__(self, answer_id: int) -> None:
         self.answer_id = answer_id
