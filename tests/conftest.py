@@ -7,7 +7,7 @@ import pytest
 from django.db import connection
 
 from rag import providers
-from rag.answers import live
+from rag.answers import live, notify, store
 from tests import processes
 from tests.fake_openai import FakeOpenAI
 from tests.processes import ROOT, Process, app_env, start_daphne, start_llm_server
@@ -41,9 +41,12 @@ def _close_db_pools(django_db_setup, django_db_blocker) -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 async def _close_provider_clients() -> AsyncIterator[None]:
-    """The async tests share one event loop; close its HTTP clients before it ends."""
+    """The async tests share one event loop; close its HTTP clients and the answers' own
+    database connections (the event log's writer, the LISTEN connection) before it ends."""
     yield
     await providers.aclose()
+    await store.aclose()
+    await notify.aclose()
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ what it may have missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import weakref
@@ -47,6 +48,15 @@ class Listener:
             loop = asyncio.get_running_loop()
             self._task = loop.create_task(self._run(), context=contextvars.Context())
         await self._ready.wait()
+
+    async def aclose(self) -> None:
+        """Stop listening and close the connection (``start`` opens it again)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+        self._ready.clear()
 
     def follow(self, answer_id: int) -> asyncio.Event:
         """An event set whenever ``answer_id`` has new events stored."""
@@ -104,6 +114,13 @@ async def listener() -> Listener:
     found = _listeners[loop]
     await found.start()
     return found
+
+
+async def aclose() -> None:
+    """Close this event loop's listener, if it has one."""
+    found = _listeners.get(asyncio.get_running_loop())
+    if found is not None:
+        await found.aclose()
 
 
 @sync_to_async

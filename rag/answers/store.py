@@ -100,6 +100,11 @@ class EventWriter:
                 except psycopg.errors.ForeignKeyViolation:
                     logger.warning("Dropped the events of answer %d: it no longer exists", answer_id)
 
+    async def aclose(self) -> None:
+        """Write what is pending, then close the connection (a new append opens it again)."""
+        await self.flushed()
+        await self._reconnect()
+
     async def _reconnect(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(psycopg.Error, OSError):
@@ -115,6 +120,13 @@ def writer() -> EventWriter:
     if loop not in _writers:
         _writers[loop] = EventWriter()
     return _writers[loop]
+
+
+async def aclose() -> None:
+    """Close this event loop's writer's connection, once what is pending is written."""
+    found = _writers.get(asyncio.get_running_loop())
+    if found is not None:
+        await found.aclose()
 
 
 _INSERT = (

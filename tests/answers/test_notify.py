@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from django.utils import timezone
 
-from rag.answers import follow, notify
+from rag.answers import follow, live, notify, store
 from rag.answers.access import Owner
 from rag.models import AnswerEvents, Message
 from rag.services import chat
@@ -63,3 +63,44 @@ async def test_followers_are_woken_after_the_listening_connection_comes_back(fak
     got = [await asyncio.wait_for(first, timeout=10)] + [e async for e in events]
     assert [e.kind for e in got] == ["token", "metrics", "done"]
     assert got[0].data == "from elsewhere"
+
+
+@sync_to_async
+def backend_alive(pid: int | None) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+        return cursor.fetchone()[0] == 1
+
+
+async def test_closing_the_listener_ends_its_connection_and_listening_again_reopens_it(fake_llm):
+    listener = await notify.listener()
+    before = listener.backend_pid
+    assert await backend_alive(before)
+
+    await notify.aclose()
+    deadline = asyncio.get_running_loop().time() + 10
+    while await backend_alive(before):  # the server ends the backend as the connection closes
+        assert asyncio.get_running_loop().time() < deadline, "the LISTEN connection is still open"
+        await asyncio.sleep(0.01)
+
+    again = await notify.listener()
+    assert again is listener and again.backend_pid != before and await backend_alive(again.backend_pid)
+
+
+async def test_closing_the_writer_writes_what_is_pending_first(fake_llm):
+    await add_corpus()
+    fake_llm.inter_token_ms = 20
+    answer = await chat.ask(owner=OWNER, question="What does pgvector add?", k=2)
+    key = str(answer.public_id)
+    seen = []
+    async for event in follow.follow(answer.pk, key=key):
+        seen.append(event)
+        if event.kind == "token":
+            break
+    await store.aclose()  # mid-answer, within a flush interval of the first token
+    assert store.writer()._conn is None
+    assert [e.seq for e in await store.read_after(answer.pk, key, 0)][: len(seen)] == [e.seq for e in seen]
+    # The answer goes on, and the writer opens a connection again for the rest.
+    rest = [event async for event in follow.follow(answer.pk, key=key, after=seen[-1].seq)]
+    await live.wait_idle()
+    assert [e.seq for e in await store.read_after(answer.pk, key, 0)] == [e.seq for e in seen + rest]
