@@ -148,6 +148,8 @@ class RequestResult:
     closed_at: float | None = None  # when the client chose to close the connection (cancellation runs)
     error: str | None = None
     named: dict[str, str] = field(default_factory=dict)  # the last data of each other event type
+    #: Seconds between consecutive tokens as they arrived (0 for tokens read in the same chunk).
+    token_gaps: list[float] = field(default_factory=list)
 
     @property
     def ttft(self) -> float | None:
@@ -207,6 +209,8 @@ async def stream_once(
                             result.tokens_after_done += 1
                             continue
                         result.tokens += 1
+                        if result.last_token_at is not None:
+                            result.token_gaps.append(now - result.last_token_at)
                         result.last_token_at = now
                         if result.first_token_at is None:
                             result.first_token_at = now

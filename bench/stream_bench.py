@@ -610,6 +610,8 @@ def summarize(run: LevelRun, upstream: dict[str, dict[str, Any]]) -> dict[str, A
         "upstream_matched": len(joined),
         "until_upstream_request_ms": ms_stats(to_upstream, (50, 99)),
         "upstream_first_token_to_client_ms": ms_stats(relay, (50, 99)),
+        # Per-token latency as the client saw it, all the answers' gaps pooled.
+        "client_token_gap_ms": ms_stats([gap for r in ok for gap in r.token_gaps], (50, 95, 99)),
     }
     # The app's own view, from its `metrics` event (milliseconds already).
     metrics = [json.loads(r.named["metrics"]) for r in ok if "metrics" in r.named]
@@ -618,7 +620,8 @@ def summarize(run: LevelRun, upstream: dict[str, dict[str, Any]]) -> dict[str, A
             key: {
                 f"p{q}": rounded(percentile([m[key] for m in metrics if m.get(key) is not None], q)) for q in (50, 99)
             }
-            for key in ("retrieval_ms", "ttft_ms", "total_ms")
+            # The gaps are each answer's own, between tokens as they came from the LLM.
+            for key in ("retrieval_ms", "ttft_ms", "total_ms", "gap_p50_ms", "gap_p95_ms", "gap_max_ms", "tokens_per_s")
         }
     return summary
 
@@ -712,6 +715,27 @@ def render_markdown(summary: dict[str, Any]) -> str:
                 f"| {fmt(chat_p50)} / {fmt(chat['ttft_overhead_ms']['p99'])} | {ratio} "
                 f"| {fmt(app.get('server_cpu_ms_per_request'))} / {fmt(chat.get('server_cpu_ms_per_request'))} ms "
                 f"| {chat['errors']} / {chat['n']} |"
+            )
+        lines += [
+            "",
+            f"Per-token latency of `/rag/stream` (the fake sends a token every {INTER_TOKEN_MS} ms): the gaps "
+            "between consecutive tokens as the client received them, all answers pooled (p50 / p95 / max; tokens "
+            "read in one chunk count as 0); and the app's own figures from each answer's metrics event, the gaps "
+            "between tokens as they came from the LLM (the median answer's p50 / p95 / max) and its tokens per "
+            "second:",
+            "",
+            "| level | client gap p50 / p95 / max | app gap p50 / p95 / max | app tokens/s per answer |",
+            "|---|---|---|---|",
+        ]
+        for level in result["levels"]:
+            client = level["app"]["client_token_gap_ms"]
+            own = level["app"].get("app_reported_ms", {})
+            gap_keys = ("gap_p50_ms", "gap_p95_ms", "gap_max_ms")
+            app_gaps = " / ".join(fmt(own.get(key, {}).get("p50")) for key in gap_keys)
+            lines.append(
+                f"| c={level['concurrency']} (n={level['n']}) "
+                f"| {fmt(client['p50'])} / {fmt(client['p95'])} / {fmt(client['max'])} "
+                f"| {app_gaps} | {fmt(own.get('tokens_per_s', {}).get('p50'))} |"
             )
         levels = result["levels"]
         before = "/".join(fmt(lv["app"]["until_upstream_request_ms"]["p50"]) for lv in levels)
