@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
@@ -8,6 +9,7 @@ from django.db import connection
 
 from rag import providers
 from rag.answers import live, notify, store
+from rag.models import Message
 from tests import processes
 from tests.fake_openai import FakeOpenAI
 from tests.processes import ROOT, Process, app_env, start_daphne, start_llm_server
@@ -134,6 +136,19 @@ async def answer_ended(answer_id: int) -> None:
     running = live.get(answer_id)
     if running is not None and running.task is not None:
         await running.task
+
+
+async def logs_stored(answer_ids: list[int]) -> None:
+    """Until the event log of each answer, whichever process generates it, is stored to its
+    ``done`` (or 10 s pass): a server process's last INSERTs may still be on their way when
+    its clients have read ``done``, and the test database's teardown (a TRUNCATE) would
+    deadlock with them."""
+    keys = {pk: str(key) async for pk, key in Message.objects.filter(pk__in=answer_ids).values_list("pk", "public_id")}
+    async with asyncio.timeout(10):
+        for answer_id, key in keys.items():
+            # Polled: the server's rows are not an event this process can await.
+            while not ((logged := await store.read_after(answer_id, key, 0)) and logged[-1].terminal):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
 
 
 def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, what: str = "condition") -> object:

@@ -11,8 +11,8 @@ An anonymous visitor's owner key is a random token in a cookie of its own (``rag
 set by the response to their first question. Like a session id, whoever holds it owns what
 was asked under it; unlike a database session, reading it costs no query. With the key kept
 in the session, every first question saved a session and every answer's stream read one:
-3 ms of the server's CPU per question, a seventh of the chat page's, with 100 visitors
-asking at once (docs/benchmarks.md).
+3–6 ms of the server's CPU per question (of 17–24) with 100 visitors asking at once
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -227,36 +227,27 @@ class _Fragments:
         self.metrics: dict | None = None
 
     async def frame(self, event: LogEvent) -> bytes:
-        self._remember(event)
-        match event.kind:
-            case events.TOKEN:
-                html = escape(event.data)
-            case events.SOURCES:
-                html = render_to_string("rag/_sources.html", {"sources": event.data, "answer_id": self.answer_id})
-            case events.METRICS:
-                html = render_to_string("rag/_metrics.html", {"m": event.data})
-            case events.ERROR:
-                html = render_to_string("rag/_error.html", {"message": event.data["message"]})
-            case events.DONE:
-                html = await self._finished()
-            case _:
-                raise TypeError(f"not an answer event: {event!r}")
-        return sse.frame(html, event.kind, id=event.id)
-
-    def _remember(self, event: LogEvent) -> None:
         if self.first_seq is None:
             self.first_seq = event.seq
         match event.kind:
             case events.TOKEN:
                 self.tokens.append(event.data)
+                html = escape(event.data)
             case events.SOURCES:
                 self.sources = event.data
+                html = render_to_string("rag/_sources.html", {"sources": event.data, "answer_id": self.answer_id})
             case events.METRICS:
                 self.metrics = event.data
+                html = render_to_string("rag/_metrics.html", {"m": event.data})
             case events.ERROR:
                 self.failed = True  # its message and partial metrics are on the row
+                html = render_to_string("rag/_error.html", {"message": event.data["message"]})
             case events.DONE:
                 self.done = True
+                html = await self._finished()
+            case _:
+                raise TypeError(f"not an answer event: {event!r}")
+        return sse.frame(html, event.kind, id=event.id)
 
     async def _finished(self) -> str:
         if self.first_seq != 1 or self.failed or self.metrics is None:

@@ -16,7 +16,7 @@ from django.utils.html import escape
 
 from rag.answers.access import OWNER_COOKIE
 from rag.models import Feedback, Message
-from tests.conftest import answer_ended
+from tests.conftest import answer_ended, logs_stored
 from tests.factories import add_corpus, group_collection
 from tests.sse import SSEParser, parse_sse
 
@@ -414,7 +414,7 @@ async def test_more_chat_streams_than_pooled_connections_all_answer(live_server_
     fake_llm.first_token_ms = 1200
     fake_llm.tokens = ["fine"]
 
-    async def visit(i: int) -> tuple[int, str]:
+    async def visit(i: int) -> tuple[int, str, int]:
         jar = aiohttp.CookieJar(unsafe=True)  # the server is an IP address
         async with aiohttp.ClientSession(cookie_jar=jar, timeout=aiohttp.ClientTimeout(total=30)) as http:
             page = await (await http.get(f"{live_server_url}/")).text()
@@ -423,11 +423,12 @@ async def test_more_chat_streams_than_pooled_connections_all_answer(live_server_
             async with http.post(f"{live_server_url}/chat/ask", data=data, headers=HTMX) as asked:
                 answer_id = answer_id_in(await asked.text())
             async with http.get(f"{live_server_url}/chat/answers/{answer_id}/stream") as streamed:
-                return streamed.status, await streamed.text()
+                return streamed.status, await streamed.text(), answer_id
 
     results = await asyncio.gather(*(visit(i) for i in range(24)))
-    assert [status for status, _ in results] == [200] * 24
-    assert all("event: done" in body and "event: error" not in body for _, body in results)
+    assert [status for status, _, _ in results] == [200] * 24
+    assert all("event: done" in body and "event: error" not in body for _, body, _ in results)
+    await logs_stored([answer_id for _, _, answer_id in results])
 
 
 async def test_the_chat_stream_dropped_mid_answer_over_http_resumes_where_it_broke(live_server_url, fake_llm):
@@ -459,6 +460,7 @@ async def test_the_chat_stream_dropped_mid_answer_over_http_resumes_where_it_bro
     ids = [e.id for e in before + after if e.id]
     assert len(ids) == len(set(ids)) and after[-1].type == "done"
     assert len(fake_llm.records) == 1 and not fake_llm.records[0].closed_by_client
+    await logs_stored([int(stream_url.split("/")[-2])])
 
 
 async def test_access_removed_hides_the_stored_answer_and_keeps_it_out_of_the_next_prompt(fake_llm):
