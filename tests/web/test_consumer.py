@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from channels.testing import WebsocketCommunicator
@@ -10,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth.models import User
 from django.test import AsyncClient
 
+from rag.answers.access import OWNER_COOKIE
 from rag.models import Message
 from ragsite.asgi import application
 from tests.factories import add_corpus, agroup_collection
@@ -286,3 +288,32 @@ async def test_an_open_socket_reads_with_the_users_flags_as_they_are_now(fake_ll
     await User.objects.filter(username="former").aupdate(is_staff=False)  # no longer staff
     assert "0815" not in await sources_of("And the staff room code again?")
     await communicator.disconnect()
+
+
+async def test_an_anonymous_visitors_socket_is_theirs_by_the_owner_cookie(fake_llm):
+    """An answer asked on the chat page resumes on a socket from the same browser (its
+    rag_owner cookie), and on no other."""
+    await add_corpus()
+    page = AsyncClient()
+    asked = await page.post("/chat/ask", {"question": "pgvector?"}, headers={"HX-Request": "true"})
+    owner_key = asked.cookies[OWNER_COOKIE].value
+    answer_id = int(re.search(r"/chat/answers/(\d+)/stream", asked.content.decode()).group(1))
+    key = (await Message.objects.aget(pk=answer_id)).public_id
+
+    def socket(cookie: str | None) -> WebsocketCommunicator:
+        headers = ORIGIN + ([(b"cookie", f"{OWNER_COOKIE}={cookie}".encode())] if cookie else [])
+        return WebsocketCommunicator(application, "/ws/rag/", headers=headers)
+
+    theirs = socket(owner_key)
+    assert (await theirs.connect())[0]
+    await theirs.send_json_to({"type": "resume", "last_event_id": f"{key}.1"})
+    rest = await receive_until_done(theirs)
+    assert rest[0]["id"] == f"{key}.2" and rest[-1]["answer_id"] == answer_id
+    await theirs.disconnect()
+
+    for cookie in (None, "s" * 32):  # no cookie; someone else's key
+        stranger = socket(cookie)
+        assert (await stranger.connect())[0]
+        await stranger.send_json_to({"type": "resume", "last_event_id": f"{key}.1"})
+        assert "No such answer" in (await stranger.receive_json_from(timeout=5))["message"]
+        await stranger.disconnect()
