@@ -14,8 +14,8 @@ module. A turn has two steps so that the answer has an id before it streams:
 The generation belongs to no request: closing the tab does not stop it. ``stop`` does,
 from any process (a NOTIFY reaches the one generating), and so does the LLM timeout.
 
-Every lookup is filtered by the owner (rag.answers.access: the user, or the anonymous
-session), so a conversation or answer of someone else is indistinguishable from a missing one.
+Every lookup is filtered by the owner (rag.answers.access: the user, or an anonymous
+visitor's key), so a conversation or answer of someone else is indistinguishable from a missing one.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ async def ask(
     transports pass what the asking user may read), so naming another one finds nothing.
     """
     if owner.user_id is None and not owner.session_key:
-        raise ValueError("An anonymous owner needs a session key.")
+        raise ValueError("An anonymous owner needs a key (Owner.session_key).")
     model = (chat or chat_provider()).model
     if conversation_id is None and start:
         answer = await answer_rows.open_new_turn(
