@@ -253,18 +253,18 @@ class _Fragments:
         if self.first_seq != 1 or self.failed or self.metrics is None:
             answer = await Message.objects.select_related("conversation", "feedback").aget(pk=self.answer_id)
             return await render_answer_fragment(answer)
-        m = self.metrics
+        m = self.metrics  # .get(): a log written by an older version may lack a figure
         answer = Message(
             pk=self.answer_id,
             role=Message.Role.ASSISTANT,
             status=m["status"],
             text="".join(self.tokens),
             sources=self.sources or [],
-            model=m["model"],
-            tokens=m["tokens"],
-            ttft_ms=m["ttft_ms"],
-            tokens_per_s=m["tokens_per_s"],
-            gap_p95_ms=m["gap_p95_ms"],
+            model=m.get("model", ""),
+            tokens=m.get("tokens"),
+            ttft_ms=m.get("ttft_ms"),
+            tokens_per_s=m.get("tokens_per_s"),
+            gap_p95_ms=m.get("gap_p95_ms"),
         )
         context = {"answer": answer, "sources_shown": self.sources is not None}
         return render_to_string("rag/_answer_final.html", context)

@@ -15,7 +15,9 @@ from django.test import AsyncClient
 from django.utils.html import escape
 
 from rag.answers.access import OWNER_COOKIE
+from rag.answers.events import LogEvent
 from rag.models import Feedback, Message
+from rag.web.chat import html_event_stream
 from tests.conftest import answer_ended, logs_stored
 from tests.factories import add_corpus, group_collection
 from tests.sse import SSEParser, parse_sse
@@ -488,3 +490,17 @@ async def test_access_removed_hides_the_stored_answer_and_keeps_it_out_of_the_ne
     await read_stream(client, answer_id_in(follow_up.content.decode()))
     since = fake_llm.records[asked_before:]  # the follow-up's requests (condensing, answering)
     assert since and all("4711" not in str(record.request["messages"]) for record in since)
+
+
+async def test_done_renders_from_a_log_written_before_the_gap_figures():
+    """A process of the previous version may have written the log this stream reads."""
+    metrics = {"status": "complete", "model": "old-model", "tokens": 1, "ttft_ms": 12.0}  # no gap, no tokens/s
+    log = [("sources", []), ("token", "Hello"), ("metrics", metrics), ("done", {"status": "complete"})]
+
+    async def events():
+        for seq, (kind, data) in enumerate(log, start=1):
+            yield LogEvent(7, "k", seq, kind, data)
+
+    body = b"".join([chunk async for chunk in html_event_stream(events(), answer_id=7, heartbeat=10)])
+    done = parse_sse(body.decode())[-1]
+    assert (done.type, done.id) == ("done", "k.4") and "Hello" in done.data and "old-model" in done.data
