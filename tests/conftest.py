@@ -148,7 +148,7 @@ async def logs_stored(answer_ids: list[int]) -> None:
         for answer_id, key in keys.items():
             # Polled: the server's rows are not an event this process can await.
             while not ((logged := await store.read_after(answer_id, key, 0)) and logged[-1].terminal):  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the poll interval of a condition wait
 
 
 def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, what: str = "condition") -> object:

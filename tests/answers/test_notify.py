@@ -81,7 +81,7 @@ async def test_closing_the_listener_ends_its_connection_and_listening_again_reop
     deadline = asyncio.get_running_loop().time() + 10
     while await backend_alive(before):  # the server ends the backend as the connection closes
         assert asyncio.get_running_loop().time() < deadline, "the LISTEN connection is still open"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the poll interval of a condition wait, not a race-hiding delay
 
     again = await notify.listener()
     assert again is listener and again.backend_pid != before and await backend_alive(again.backend_pid)
