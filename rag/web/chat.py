@@ -206,8 +206,7 @@ async def html_event_stream(
         async for chunk in chunks:
             yield chunk
     if not fragments.done:
-        answer = await Message.objects.select_related("conversation").aget(pk=answer_id)
-        yield sse.frame(await render_answer_fragment(answer), "done")
+        yield sse.frame(await fragments.saved(), "done")
 
 
 class _Fragments:
@@ -251,8 +250,7 @@ class _Fragments:
 
     async def _finished(self) -> str:
         if self.first_seq != 1 or self.failed or self.metrics is None:
-            answer = await Message.objects.select_related("conversation", "feedback").aget(pk=self.answer_id)
-            return await render_answer_fragment(answer)
+            return await self.saved()
         m = self.metrics  # .get(): a log written by an older version may lack a figure
         answer = Message(
             pk=self.answer_id,
@@ -268,6 +266,11 @@ class _Fragments:
         )
         context = {"answer": answer, "sources_shown": self.sources is not None}
         return render_to_string("rag/_answer_final.html", context)
+
+    async def saved(self) -> str:
+        """The answer as saved, sources included: what a reload of the page shows."""
+        answer = await Message.objects.select_related("conversation", "feedback").aget(pk=self.answer_id)
+        return await render_answer_fragment(answer)
 
 
 async def render_answer_fragment(answer: Message) -> str:
