@@ -69,12 +69,15 @@ async def owner_for(
     to ask something: the transport then hands it back (``remember_owner``)."""
     if user is not None and user.is_authenticated:
         return Owner(user_id=user.pk)
-    key = cookies.get(OWNER_COOKIE, "")
-    if not _OWNER_KEY.fullmatch(key):
-        key = await _session_owner_key(session)
+    key = _cookie_owner_key(cookies) or await _session_owner_key(session)
     if not key and create:
         key = secrets.token_urlsafe(24)
     return Owner(user_id=None, session_key=key)
+
+
+def _cookie_owner_key(cookies: Mapping[str, str]) -> str:
+    key = cookies.get(OWNER_COOKIE, "")
+    return key if _OWNER_KEY.fullmatch(key) else ""
 
 
 async def _session_owner_key(session: SessionBase | None) -> str:
@@ -83,8 +86,8 @@ async def _session_owner_key(session: SessionBase | None) -> str:
     return await session.aget(SESSION_OWNER_KEY) or session.session_key or ""
 
 
-def session_owner_key(session: SessionBase | None) -> str:
-    """Sync ``_session_owner_key``, for login (``adopt_on_login``)."""
+def _session_owner_key_sync(session: SessionBase | None) -> str:
+    """``_session_owner_key`` for login (``adopt_on_login``), which runs sync."""
     if session is None or session.session_key is None:
         return ""
     return session.get(SESSION_OWNER_KEY) or session.session_key or ""
@@ -129,9 +132,9 @@ async def scope_owner(scope: dict) -> Owner:
 
 def adopt_on_login(sender: Any, *, request: Any, user: Any, **kwargs: Any) -> None:
     """``user_logged_in``: the conversations asked anonymously in this browser become the user's."""
-    key = getattr(request, "COOKIES", {}).get(OWNER_COOKIE, "")
-    if not _OWNER_KEY.fullmatch(key):
-        key = session_owner_key(getattr(request, "session", None))
+    key = _cookie_owner_key(getattr(request, "COOKIES", {})) or _session_owner_key_sync(
+        getattr(request, "session", None)
+    )
     if key:
         from rag.services.chat import adopt_anonymous  # chat files conversations under these keys
 
