@@ -75,8 +75,11 @@ format: setup-dev
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# Every figure of docs/benchmarks.md's streaming sections, on this machine, in one run.
 bench: setup-dev
 	$(PY) bench/stream_bench.py
+	$(PY) bench/floor_bench.py
+	$(PY) bench/answers_bench.py
 
 bench-ingest: setup-dev
 	$(PY) bench/ingest_bench.py

@@ -360,19 +360,20 @@ def ms_stats(seconds: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> dict
 
 @dataclass(frozen=True)
 class Target:
-    name: str  # "app" or "fake"
+    name: str  # "app", "chat", "fake", or one of floor_bench's floors
     base: str  # http://127.0.0.1:PORT
+    path: str = "/rag/stream"  # what a GET streams, for every target but the fake
 
     def spec(self, question: str) -> RequestSpec:
-        if self.name == "app":
-            return RequestSpec("GET", f"{self.base}/rag/stream", params={"question": question})
+        if self.name != "fake":
+            return RequestSpec("GET", f"{self.base}{self.path}", params={"question": question})
         message = {"role": "user", "content": question}
         body = {"model": "bench-chat", "stream": True, "messages": [message], "max_tokens": 512}
         return RequestSpec("POST", f"{self.base}/v1/chat/completions", json_body=body)
 
     @property
     def kind_of(self) -> Callable[[Event], Kind]:
-        return app_event_kind if self.name == "app" else openai_event_kind
+        return openai_event_kind if self.name == "fake" else app_event_kind
 
 
 _ANSWER_STREAM = re.compile(r'sse-connect="(/chat/answers/\d+/stream)"')
@@ -435,14 +436,13 @@ async def chat_once(base: str, visitor: Visitor, question: str, *, index: int, r
 class Bench:
     """One server's measurements: the levels, the cancellation run, memory."""
 
-    def __init__(self, *, app_url: str, fake_url: str, server_pid: int, levels: Sequence[tuple[int, int]]) -> None:
+    def __init__(self, *, app_url: str, fake_url: str, server_pid: int) -> None:
         self.app = Target("app", app_url)
         self.chat = Target("chat", app_url)
         self.visitors: list[Visitor] = []
         self.fake = Target("fake", fake_url)
         self.fake_url = fake_url
         self.server_pid = server_pid
-        self.levels = levels
         self.questions = [f"How does {subject} {aspect} work" for subject, aspect in topics()]
 
     def question(self, label: str, index: int) -> tuple[str, str]:
@@ -544,11 +544,11 @@ class Bench:
             "tokens_sent_after_close": {"total": sum(after_close), "max": max(after_close, default=None)},
         }
 
-    async def run(self) -> dict[str, Any]:
+    async def run(self, levels: Sequence[tuple[int, int]]) -> dict[str, Any]:
         memory_before = memory_mb(self.server_pid)
         await self.warm_up()
-        levels: list[dict[str, Any]] = []
-        for concurrency, n in self.levels:
+        results: list[dict[str, Any]] = []
+        for concurrency, n in levels:
             fake = await self.level(self.fake, concurrency, n)
             app = await self.level(self.app, concurrency, n)
             chat = await self.level(self.chat, concurrency, n)
@@ -556,7 +556,7 @@ class Bench:
             app_p50 = app["ttft_overhead_ms"]["p50"]
             ratio = app_p50 / fake_p50 if app_p50 is not None and fake_p50 else None
             level = {"concurrency": concurrency, "n": n, "fake": fake, "app": app, "chat": chat}
-            levels.append({**level, "ratio_p50": rounded(ratio)})
+            results.append({**level, "ratio_p50": rounded(ratio)})
             log(
                 f"c={concurrency} n={n}: TTFT overhead p50 app {app_p50} ms / fake {fake_p50} ms, "
                 f"p99 app {app['ttft_overhead_ms']['p99']} ms; errors app {app['errors']} fake {fake['errors']}; "
@@ -573,7 +573,7 @@ class Bench:
         )
         await asyncio.sleep(0.5)  # let the server settle (saving stopped answers) before reading memory
         return {
-            "levels": levels,
+            "levels": results,
             "cancellation": cancellation,
             "memory": {"before_load": memory_before, "after_all_runs": memory_mb(self.server_pid)},
         }
@@ -786,7 +786,8 @@ def update_docs(section: str) -> None:
 def command_line(argv: Sequence[str]) -> str:
     python = Path(sys.executable)
     shown = os.path.relpath(python, ROOT) if python.is_relative_to(ROOT) else str(python)
-    return shlex.join([shown, os.path.relpath(Path(__file__).resolve(), ROOT), *argv])
+    script = Path(sys.argv[0]).resolve()  # this benchmark, or one that imports it (floor_bench)
+    return shlex.join([shown, os.path.relpath(script, ROOT), *argv])
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -806,8 +807,44 @@ def started_fake(processes: Processes) -> Iterator[tuple[str, int]]:
         processes.stop(proc)
 
 
+def prepare_database(env: dict[str, str], *, documents: int) -> list[str]:
+    """Migrate the var/bench database and ingest the generated documents; the ingest's output."""
+    run_step("migrate", [sys.executable, "manage.py", "migrate", "--noinput"], env)
+    with tempfile.TemporaryDirectory(prefix="stream-bench-docs-") as folder:
+        write_documents(Path(folder), min(documents, len(topics())))
+        ingest = run_step("ingest", [sys.executable, "manage.py", "ingest", folder], env).splitlines()
+    log(f"database ready ({ingest[-1] if ingest else 'ingested'})")
+    return ingest
+
+
+Measure = Callable[[Bench], Awaitable[dict[str, Any]]]
+
+
+def measure_servers(
+    servers: Sequence[str], *, measure: Measure, documents: int, keep_db: bool, env: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Start the fake LLM and the database, then each server in turn, and run ``measure``
+    against it: each server's results, and the ingest's output. ``env`` is added to the
+    app's. Everything started is stopped, the database too unless ``keep_db``."""
+    processes = Processes()
+    app: dict[str, str] | None = None
+    try:
+        with started_fake(processes) as (fake_url, fake_port):
+            log(f"fake LLM on {fake_url}; logs in {LOG_DIR.relative_to(ROOT)}/")
+            app = app_env(fake_port) | (env or {})
+            ingest = prepare_database(app, documents=documents)
+            results = [
+                measure_server(s, env=app, fake_url=fake_url, processes=processes, measure=measure) for s in servers
+            ]
+    finally:
+        processes.stop_all()
+        if app is not None and not keep_db:
+            stop_embedded_db(app)
+    return results, ingest
+
+
 def measure_server(
-    server: str, *, env: dict[str, str], fake_url: str, processes: Processes, levels: Sequence[tuple[int, int]]
+    server: str, *, env: dict[str, str], fake_url: str, processes: Processes, measure: Measure
 ) -> dict[str, Any]:
     port = free_port()
     proc = processes.start(server, server_argv(server, port), env)
@@ -815,9 +852,9 @@ def measure_server(
         url = f"http://127.0.0.1:{port}"
         wait_http_ok(f"{url}/healthz", proc, server)
         log(f"{server} (pid {proc.pid}) is up on {url}")
-        bench = Bench(app_url=url, fake_url=fake_url, server_pid=proc.pid, levels=levels)
+        bench = Bench(app_url=url, fake_url=fake_url, server_pid=proc.pid)
         with client_runner() as runner:
-            result = runner.run(bench.run())
+            result = runner.run(measure(bench))
         if proc.poll() is not None:
             raise RuntimeError(f"{server} exited during the run ({proc.returncode})")
     finally:
@@ -863,33 +900,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    processes = Processes()
-    env: dict[str, str] | None = None
-    ingest: list[str] = []
-    results: list[dict[str, Any]] = []
+    servers = SERVERS if args.server == "both" else (args.server,)
     try:
-        with started_fake(processes) as (fake_url, fake_port):
-            log(f"fake LLM on {fake_url}; logs in {LOG_DIR.relative_to(ROOT)}/")
-            env = app_env(fake_port)
-            run_step("migrate", [sys.executable, "manage.py", "migrate", "--noinput"], env)
-            with tempfile.TemporaryDirectory(prefix="stream-bench-docs-") as folder:
-                write_documents(Path(folder), min(args.docs, len(topics())))
-                ingest = run_step("ingest", [sys.executable, "manage.py", "ingest", folder], env).splitlines()
-            log(f"database ready ({ingest[-1] if ingest else 'ingested'})")
-            servers = SERVERS if args.server == "both" else (args.server,)
-            results = [
-                measure_server(s, env=env, fake_url=fake_url, processes=processes, levels=levels) for s in servers
-            ]
+        results, ingest = measure_servers(
+            servers, measure=lambda bench: bench.run(levels), documents=args.docs, keep_db=args.keep_db
+        )
     except KeyboardInterrupt as exc:
         log(f"interrupted ({str(exc) or 'SIGINT'}); stopping everything")
         return 130
     except Exception as exc:
         log(f"failed: {exc}")
         raise
-    finally:
-        processes.stop_all()
-        if env is not None and not args.keep_db:
-            stop_embedded_db(env)
 
     summary: dict[str, Any] = {
         "benchmark": "stream_bench",

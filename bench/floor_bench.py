@@ -1,0 +1,221 @@
+"""1,000 streams on one process: ``/rag/stream`` against the floors under it.
+
+What it measures
+    ``stream_bench.py --level 1000:1000`` says how far ``/rag/stream`` is from its target at
+    1,000 simultaneous clients. This says why: the same server process (started with
+    ``bench/floor_settings.py``, the app's settings plus the views of ``bench/floor_urls.py``)
+    serves streams that each do one layer less than an answer, and the same client measures
+    them one after the other, 1,000 at once, on the same fake LLM (200 ms to the first token,
+    then 50 tokens 20 ms apart):
+
+    * ``bare``: a Django view that sleeps like the fake and streams 50 tokens; no LLM, no
+      database. What the server, Django and the middleware cost for 1,000 streams.
+    * ``aiohttp``: relays the fake's stream read with a plain aiohttp session.
+    * ``client``: relays it through the app's chat provider (the ``openai`` client).
+    * ``app``: ``/rag/stream``, which adds the question's embedding, the search, the answer's
+      row and its event log.
+    * ``fake``: the client straight to the fake, the floor of the machine itself.
+
+    For each: TTFT overhead (client TTFT - 200 ms) p50 / p99, the first-to-last token span
+    (the fake's own is about 1,000 ms), errors, and the server's CPU per stream. The targets
+    run in rounds, each round in the same order, so that the machine's drift spreads over
+    all of them; the app's peak RSS per open stream comes from its level in the first round,
+    the first load the process sees after warming up.
+
+How to run
+    ``.venv/bin/python bench/floor_bench.py [--server daphne|uvicorn|both] [--rounds 2]``
+    from the repository root (about a minute per round and server). Like stream_bench, it
+    binds loopback only, stops what it started, keeps logs in ``var/bench/logs/``, prints
+    one JSON object as its last line and rewrites its section of ``docs/benchmarks.md``
+    unless ``--no-docs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import signal
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from docs_section import write_section
+from sse_client import run_level
+from stream_bench import (
+    DOCUMENTS,
+    FIRST_TOKEN_MS,
+    INTER_TOKEN_MS,
+    LOG_DIR,
+    ROOT,
+    SERVERS,
+    TOKENS,
+    WARMUP_REQUESTS,
+    Bench,
+    Target,
+    _on_sigterm,
+    command_line,
+    fmt,
+    log,
+    machine,
+    measure_servers,
+    memory_mb,
+)
+
+START, END = "<!-- floor-bench:start -->", "<!-- floor-bench:end -->"
+TARGET_P50_MS = 1500.0  # /rag/stream at c=1000 (issue 12)
+# In the order each round runs them: the app first, so that its peak RSS is its own.
+FLOORS = (
+    ("app", "/rag/stream", "`/rag/stream`: the whole answer"),
+    ("client", "/_floor/client", "the fake's stream relayed through the app's chat provider (`openai` client)"),
+    ("aiohttp", "/_floor/aiohttp", "the fake's stream relayed through a plain aiohttp session"),
+    ("bare", "/_floor/bare", "no LLM, no database: sleeps and streams like the fake"),
+    ("fake", "", "the client straight to the fake LLM"),
+)
+
+
+async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, Any]:
+    targets = [Target(name, bench.fake_url if name == "fake" else bench.app.base, path) for name, path, _ in FLOORS]
+    for target in targets:
+        await run_level(bench.requester(target, f"warmup-{target.name}"), n=WARMUP_REQUESTS, concurrency=1)
+    before = memory_mb(bench.server_pid)
+    runs: dict[str, list[dict[str, Any]]] = {target.name: [] for target in targets}
+    peak_after_app: float | None = None
+    for round_ in range(1, rounds + 1):
+        for target in targets:
+            summary = await bench.level(target, concurrency, concurrency)
+            runs[target.name].append(summary)
+            if target.name == "app" and peak_after_app is None:
+                peak_after_app = summary["server_memory"]["peak_rss_mb"]
+            log(
+                f"round {round_} {target.name}: TTFT overhead p50 {summary['ttft_overhead_ms']['p50']} ms, "
+                f"CPU {summary.get('server_cpu_ms_per_request')} ms per stream, errors {summary['errors']}"
+            )
+    rss_before = before["rss_mb"]
+    per_stream_kb = (
+        (peak_after_app - rss_before) * 1024 / concurrency if peak_after_app is not None and rss_before else None
+    )
+    return {
+        "concurrency": concurrency,
+        "rounds": rounds,
+        "rss_before_mb": rss_before,
+        "app_peak_rss_mb": peak_after_app,
+        "app_rss_per_open_stream_kb": round(per_stream_kb, 1) if per_stream_kb is not None else None,
+        "targets": {name: [_brief(summary) for summary in summaries] for name, summaries in runs.items()},
+    }
+
+
+def _brief(summary: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ttft_overhead_ms": summary["ttft_overhead_ms"],
+        "first_to_last_token_ms_p50": summary["first_to_last_token_ms"]["p50"],
+        "until_upstream_request_ms_p50": summary["until_upstream_request_ms"]["p50"],
+        "errors": summary["errors"],
+        "error_kinds": summary["error_kinds"],
+        "server_cpu_ms_per_request": summary.get("server_cpu_ms_per_request"),
+        "server_cpu_share_of_wall": summary.get("server_cpu_share_of_wall"),
+    }
+
+
+def _p50s(runs: Sequence[dict[str, Any]], key: str) -> str:
+    return " / ".join(fmt(run[key]) for run in runs)
+
+
+def render_markdown(summary: dict[str, Any]) -> str:
+    m = summary["machine"]
+    c = summary["concurrency"]
+    lines = [
+        START,
+        f"### {c:,} streams on one process: `/rag/stream` against its floors (`bench/floor_bench.py`)",
+        "",
+        f"Measured {summary['date']} on {m['cpu']} (nproc {m['nproc']}), Python {m['python']}; the fake LLM, "
+        "Postgres and the client share the two cores with the server. Command, from the repository root:",
+        "",
+        "```bash",
+        summary["command"],
+        "```",
+        "",
+        f"{c:,} clients at once against each target in turn, {summary['rounds']} rounds, one server process; "
+        f"the fake LLM sends its first token after {FIRST_TOKEN_MS} ms, then {TOKENS} tokens {INTER_TOKEN_MS} ms "
+        f"apart. TTFT overhead = client TTFT − {FIRST_TOKEN_MS} ms, p50 of each round, and the worst p99. "
+        f"The target for `/rag/stream` is ≤ {TARGET_P50_MS:,.0f} ms p50.",
+    ]
+    for result in summary["servers"]:
+        lines += [
+            "",
+            f"**{result['server']} {result['version']}**",
+            "",
+            "| target | what it streams | TTFT overhead p50 (each round) | p99 | first-to-last token p50 "
+            "| server CPU per stream | errors |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, _, what in FLOORS:
+            runs = result["targets"][name]
+            cpu = "–" if name == "fake" else f"{_p50s(runs, 'server_cpu_ms_per_request')} ms"
+            p50s = " / ".join(fmt(run["ttft_overhead_ms"]["p50"]) for run in runs)
+            p99 = max((run["ttft_overhead_ms"]["p99"] or 0) for run in runs)
+            lines.append(
+                f"| {name} | {what} | {p50s} | {fmt(p99)} | {_p50s(runs, 'first_to_last_token_ms_p50')} "
+                f"| {cpu} | {sum(run['errors'] for run in runs)} / {c * len(runs)} |"
+            )
+        app = [run["ttft_overhead_ms"]["p50"] for run in result["targets"]["app"]]
+        met = all(p50 is not None and p50 <= TARGET_P50_MS for p50 in app)
+        lines += [
+            "",
+            f"`/rag/stream`: {'met' if met else 'missed'} (median of the rounds "
+            f"{fmt(statistics.median(app))} ms). Its peak RSS: {fmt(result['rss_before_mb'])} MB before the "
+            f"load, {fmt(result['app_peak_rss_mb'])} MB after its first round, "
+            f"{fmt(result['app_rss_per_open_stream_kb'])} KB per open stream.",
+        ]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", choices=(*SERVERS, "both"), default="daphne")
+    parser.add_argument("--concurrency", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--keep-db", action="store_true", help="leave the var/bench Postgres running afterwards")
+    args = parser.parse_args(argv)
+    raw_args = list(sys.argv[1:] if argv is None else argv)
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    began = time.monotonic()
+    date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    try:
+        results, _ = measure_servers(
+            SERVERS if args.server == "both" else (args.server,),
+            measure=lambda bench: measure(bench, concurrency=args.concurrency, rounds=args.rounds),
+            documents=DOCUMENTS,
+            keep_db=args.keep_db,
+            # bench/ on the path: the server imports floor_settings and floor_urls from it.
+            env={"DJANGO_SETTINGS_MODULE": "floor_settings", "PYTHONPATH": str(ROOT / "bench")},
+        )
+    except KeyboardInterrupt as exc:
+        log(f"interrupted ({str(exc) or 'SIGINT'}); stopping everything")
+        return 130
+
+    summary = {
+        "benchmark": "floor_bench",
+        "date": date,
+        "command": command_line(raw_args),
+        "machine": machine(),
+        "concurrency": args.concurrency,
+        "rounds": args.rounds,
+        "servers": results,
+        "duration_s": round(time.monotonic() - began, 1),
+    }
+    if not args.no_docs:
+        write_section(start=START, end=END, section=render_markdown(summary))
+        log("updated docs/benchmarks.md")
+    print(json.dumps(summary, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The floors of ``bench/floor_bench.py``: streams that do less than ``/rag/stream``, served by
+the same process, so that a run says what each layer of an answer costs at 1,000 streams.
+
+Each view speaks the app's text format (unnamed ``data:`` tokens, then ``data: [DONE]``):
+
+* ``/_floor/bare``: no LLM and no database, 50 tokens 20 ms apart after 200 ms, like the
+  fake LLM. What daphne (or uvicorn), Django and the middleware cost for a stream.
+* ``/_floor/aiohttp``: the fake LLM's stream relayed through a plain aiohttp session and
+  ``json.loads`` per chunk. Adds an upstream HTTP stream.
+* ``/_floor/client``: the same relayed through the app's chat provider (the ``openai`` client).
+  Adds the client. ``/rag/stream`` adds the embedding, the search and the event log to this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+from django.conf import settings
+from django.http import HttpRequest, StreamingHttpResponse
+from django.urls import include, path
+
+OPEN, DONE = b": stream open\n\n", b"data: [DONE]\n\n"
+_sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+
+
+def _stream(tokens: AsyncIterator[str]) -> StreamingHttpResponse:
+    async def body() -> AsyncIterator[bytes]:
+        yield OPEN
+        async for token in tokens:
+            yield f"data: {token}\n\n".encode()
+        yield DONE
+
+    return StreamingHttpResponse(body(), content_type="text/event-stream")
+
+
+async def bare(request: HttpRequest) -> StreamingHttpResponse:
+    async def tokens() -> AsyncIterator[str]:
+        # Due at fixed times from the start, as an LLM produces them: a late write does not
+        # delay the tokens after it.
+        start = asyncio.get_running_loop().time()
+        for n in range(50):
+            await asyncio.sleep(start + 0.2 + n * 0.02 - asyncio.get_running_loop().time())
+            yield f"t{n}"
+
+    return _stream(tokens())
+
+
+def _messages(request: HttpRequest) -> list[dict[str, str]]:
+    return [{"role": "user", "content": request.GET.get("question", "")}]
+
+
+async def relay_aiohttp(request: HttpRequest) -> StreamingHttpResponse:
+    loop = asyncio.get_running_loop()
+    if loop not in _sessions:
+        _sessions[loop] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    body = {"model": settings.RAG_CHAT_MODEL, "messages": _messages(request), "max_tokens": 512, "stream": True}
+    headers = {"Authorization": f"Bearer {settings.OPENAI_API_KEY}"}
+
+    async def tokens() -> AsyncIterator[str]:
+        url = f"{settings.OPENAI_BASE_URL}/chat/completions"
+        async with _sessions[loop].post(url, json=body, headers=headers) as response:
+            async for line in response.content:
+                data = line[5:].strip() if line.startswith(b"data:") else b""
+                if not data or data == b"[DONE]":
+                    continue
+                for choice in json.loads(data)["choices"]:
+                    if text := choice["delta"].get("content"):
+                        yield text
+
+    return _stream(tokens())
+
+
+async def relay_client(request: HttpRequest) -> StreamingHttpResponse:
+    from rag.providers import chat_provider
+
+    async def tokens() -> AsyncIterator[str]:
+        async for chunk in chat_provider().stream(_messages(request), max_tokens=512, temperature=0.0):
+            if chunk.text:
+                yield chunk.text
+
+    return _stream(tokens())
+
+
+urlpatterns = [
+    path("_floor/bare", bare),
+    path("_floor/aiohttp", relay_aiohttp),
+    path("_floor/client", relay_client),
+    path("", include("ragsite.urls")),
+]
