@@ -80,13 +80,18 @@ async def follow(answer_id: int, *, key: str, after: int = 0) -> AsyncIterator[L
 
 
 async def _completed(answer: Message, *, after: int) -> AsyncIterator[LogEvent]:
-    """The end of an answer whose log stops short of ``done``: one saved before answers
-    had a log, or whose process died after saving it. Made from the saved row, the same
-    way every time, so that a client resuming in the middle of it gets the rest."""
+    """The rest of an answer that is no longer generated. Its log, when it is complete;
+    else (saved before answers had a log, or its process died after saving it) an end
+    made from the saved row, the same way every time, so that a client resuming in the
+    middle of it gets the rest."""
     key = str(answer.public_id)
     logged = await store.read_after(answer.pk, key, 0)
     if logged and logged[-1].terminal:
-        return  # the log is complete: nothing is left after ``after``
+        # Complete after all: its process stored the end after this follower's last read.
+        for event in logged:
+            if event.seq > after:
+                yield event
+        return
     text = text_of(logged)
     seq = logged[-1].seq if logged else 0
     rest: list[tuple[str, object]] = []

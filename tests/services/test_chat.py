@@ -381,6 +381,29 @@ async def test_a_client_ahead_of_an_interrupted_log_still_gets_its_end(fake_llm)
     assert [e.seq for e in ahead] == [e.seq for e in from_start[-2:]]  # numbered the same for everyone
 
 
+async def test_an_answer_that_ends_elsewhere_between_two_reads_gives_its_follower_the_stored_end(fake_llm, monkeypatch):
+    """Its process saves the row, then stores the end of the log, both after the follower
+    last read the log: the follower gets that end as stored, not one made from the row."""
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
+    await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=timezone.now())
+    run = json.dumps([["token", "pgvector"], ["token", " adds"]])
+    await AnswerEvents.objects.acreate(message_id=answer.pk, first_seq=1, last_seq=2, events=run)
+    read_row = follow._answer
+
+    async def ended_meanwhile(answer_id: int) -> Message:
+        await Message.objects.filter(pk=answer_id).aupdate(status=Message.Status.COMPLETE, text="pgvector adds")
+        end = json.dumps([["metrics", {"status": "complete", "tokens": 2}], ["done", {"status": "complete"}]])
+        await AnswerEvents.objects.acreate(message_id=answer_id, first_seq=3, last_seq=4, events=end)
+        return await read_row(answer_id)
+
+    monkeypatch.setattr(follow, "_answer", ended_meanwhile)
+    events = await asyncio.wait_for(collect(ALICE_SESSION, answer.pk), timeout=10)
+
+    assert [(e.seq, e.kind) for e in events] == [(1, "token"), (2, "token"), (3, "metrics"), (4, "done")]
+    assert events[2].data == {"status": "complete", "tokens": 2}
+
+
 async def test_a_follower_of_a_live_claim_elsewhere_wakes_when_it_dies(fake_llm, monkeypatch):
     """No 300 s wait: a follower checks the claim every check_s() and ends the answer once
     the claim is stale, keeping the text its process saved."""
