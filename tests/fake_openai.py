@@ -103,6 +103,7 @@ class _Plan:
     finish_reason: str
     fault: str
     arg: int | None
+    hold_after: int | None
 
 
 def embed_text(text: str, dimensions: int) -> list[float]:
@@ -192,6 +193,9 @@ class FakeOpenAI:
     inter_token_ms: float
     fault: str | None
     finish_reason: str
+    #: Streams stop after this many tokens until release(): an answer that is still being
+    #: written for as long as a test needs, however slow the machine.
+    hold_after: int | None
 
     def __init__(self, *, dimensions: int = 64) -> None:
         self.dimensions = dimensions
@@ -213,7 +217,14 @@ class FakeOpenAI:
             self.inter_token_ms = 0.0
             self.fault = None
             self.finish_reason = "stop"
+            self.hold_after = None
+            self._released = asyncio.Event()
         self.clear_records()
+
+    def release(self) -> None:
+        """Let the streams held at ``hold_after`` (and any later ones) go on."""
+        assert self._loop is not None, "the fake is not started"
+        self._loop.call_soon_threadsafe(self._released.set)
 
     def clear_records(self) -> None:
         """Forget the requests seen so far, keeping the configuration (``POST /_reset``)."""
@@ -300,6 +311,7 @@ class FakeOpenAI:
                 finish_reason="length" if name == "length" else self.finish_reason,
                 fault=name,
                 arg=arg,
+                hold_after=self.hold_after,
             )
             record = StreamRecord(
                 request=body, stream=bool(body.get("stream")), started_at=time.monotonic(), fault=fault
@@ -341,6 +353,9 @@ class FakeOpenAI:
                     await response.write(b'data: {"id":"chatcmpl-fake","object":"chat.comp\n\n')
                 if i == len(plan.tokens):
                     break
+                if i == plan.hold_after:
+                    await self._released.wait()
+                    start = loop.time() - plan.first_s - i * plan.inter_s  # the rest keeps its pace
                 # Token i is due at an absolute time, so that the time spent writing (which grows
                 # with the number of open streams) does not add up into a drifting schedule.
                 await asyncio.sleep(max(0.0, start + plan.first_s + i * plan.inter_s - loop.time()))

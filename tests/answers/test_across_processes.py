@@ -69,11 +69,18 @@ async def ask(http: aiohttp.ClientSession, web: Process, question: str = "pgvect
 
 
 async def read(
-    http: aiohttp.ClientSession, web: Process, answer_id: int, *, last_event_id: str | None = None, tokens: int = 0
+    http: aiohttp.ClientSession,
+    web: Process,
+    answer_id: int,
+    *,
+    last_event_id: str | None = None,
+    tokens: int = 0,
+    into: list[Event] | None = None,
 ) -> list[Event]:
-    """The answer's stream from ``web``: to the end, or until ``tokens`` tokens came (then the client leaves)."""
+    """The answer's stream from ``web``: to the end, or until ``tokens`` tokens came (then the
+    client leaves). The events go to ``into`` as they come, for a test that watches a read."""
     headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
-    parser, events = SSEParser(), []
+    parser, events = SSEParser(), [] if into is None else into
     async with http.get(f"{web.url}/chat/answers/{answer_id}/stream", headers=headers) as response:
         assert response.status == 200
         async for chunk in response.content.iter_any():
@@ -113,20 +120,24 @@ async def test_a_stream_dropped_on_one_process_resumes_on_the_other_with_no_gap(
 async def test_a_reload_on_the_other_process_catches_up_live(two_webs, http, slow_llm):
     a, b = two_webs
     await add_corpus()
+    slow_llm.hold_after = 10  # still being written, however slow the machine, until released
     answer_id = await ask(http, a)
     await read(http, a, answer_id, tokens=3)
     conversation_id = (await Message.objects.aget(pk=answer_id)).conversation_id
 
     page = await (await http.get(f"{b.url}/c/{conversation_id}")).text()
     assert f'sse-connect="/chat/answers/{answer_id}/stream"' in page  # still streaming: the page subscribes
-    replay = await read(http, b, answer_id)
+    replay: list[Event] = []
+    reading = asyncio.ensure_future(read(http, b, answer_id, into=replay))
+    # It caught up with what process a had generated, while a was still generating...
+    await asyncio.to_thread(wait_until, lambda: len(tokens_of(replay)) == 10, timeout=20, what="the catch-up")
+    assert slow_llm.records[-1].ended_at is None
+    slow_llm.release()
+    await asyncio.wait_for(reading, timeout=30)  # ...then followed it live to the end
 
     assert "".join(tokens_of(replay)) == "".join(TOKENS)
     key = (await Message.objects.aget(pk=answer_id)).public_id
     assert [e.id for e in replay] == [f"{key}.{n}" for n in range(1, len(replay) + 1)]
-    record = slow_llm.records[-1]
-    # It caught up while the answer was still being written, not after.
-    assert record.ended_at is not None
 
 
 async def test_stop_pressed_on_the_other_process_closes_the_upstream_request(two_webs, http, slow_llm):
