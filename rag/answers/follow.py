@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import suppress
 
 from asgiref.sync import sync_to_async
@@ -68,10 +68,12 @@ async def follow(answer_id: int, *, key: str, after: int = 0) -> AsyncIterator[L
                 continue
             answer = await _answer(answer_id)
             if answer.status != Message.Status.STREAMING:
-                async for event in _completed(answer, after=after):
-                    yield event
-                return
-            if await _interrupt_if_abandoned(answer):
+                logged = await store.read_after(answer_id, key, 0)
+                if (logged and logged[-1].terminal) or not _storing_its_end(answer):
+                    for event in _rest(answer, logged, after=after):
+                        yield event
+                    return
+            elif await _interrupt_if_abandoned(answer):
                 continue
             with suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), check_s())
@@ -79,19 +81,25 @@ async def follow(answer_id: int, *, key: str, after: int = 0) -> AsyncIterator[L
         listener.unfollow(answer_id, wake)
 
 
-async def _completed(answer: Message, *, after: int) -> AsyncIterator[LogEvent]:
-    """The rest of an answer that is no longer generated. Its log, when it is complete;
-    else (saved before answers had a log, or its process died after saving it) an end
-    made from the saved row, the same way every time, so that a client resuming in the
-    middle of it gets the rest."""
-    key = str(answer.public_id)
-    logged = await store.read_after(answer.pk, key, 0)
+def _storing_its_end(answer: Message) -> bool:
+    """Whether an ended answer's process is alive (its claim is fresh), and so stores the
+    rest of its log within a flush (store.FLUSH_S). Its followers wait for that rather than
+    make an end of their own from the row, which would number the events otherwise than
+    the log (the last tokens as one, say) and break a resume from one of them."""
+    if answer.claimed_at is None or answer.finish_reason == store.INTERRUPTED:
+        return False  # stopped before anyone began it, or its process died
+    return timezone.now() - answer.claimed_at < dt.timedelta(seconds=claim_stale_s())
+
+
+def _rest(answer: Message, logged: list[LogEvent], *, after: int) -> Iterator[LogEvent]:
+    """What follows ``after`` of an ended answer: from its log when the log is complete;
+    else (saved before answers had a log, stopped before it began, or its process died
+    after saving it) an end made from the saved row, the same way every time, so that a
+    client resuming in the middle of it gets the rest."""
     if logged and logged[-1].terminal:
-        # Complete after all: its process stored the end after this follower's last read.
-        for event in logged:
-            if event.seq > after:
-                yield event
+        yield from (event for event in logged if event.seq > after)
         return
+    key = str(answer.public_id)
     text = text_of(logged)
     seq = logged[-1].seq if logged else 0
     rest: list[tuple[str, object]] = []

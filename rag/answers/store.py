@@ -228,11 +228,10 @@ def renew_claim(answer_id: int, *, text: str) -> None:
 
 
 async def stop_unclaimed(answer_id: int) -> bool:
-    """Stop an answer nobody has begun, so that it never begins; False if someone had."""
+    """Stop an answer nobody has begun, so that it never begins; False if someone had.
+    It stays unclaimed: no process will store a log for it (rag.answers.follow)."""
     unclaimed = Message.objects.filter(pk=answer_id, status=Message.Status.STREAMING, claimed_at__isnull=True)
-    return bool(
-        await unclaimed.aupdate(status=Message.Status.STOPPED, finish_reason="stopped", claimed_at=timezone.now())
-    )
+    return bool(await unclaimed.aupdate(status=Message.Status.STOPPED, finish_reason="stopped"))
 
 
 @sync_to_async

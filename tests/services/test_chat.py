@@ -10,7 +10,7 @@ import pytest
 from django.contrib.auth.models import User
 from django.utils import timezone
 
-from rag.answers import follow, live
+from rag.answers import follow, live, store
 from rag.answers.access import Owner
 from rag.models import AnswerEvents, Feedback, Message
 from rag.services import chat
@@ -381,12 +381,18 @@ async def test_a_client_ahead_of_an_interrupted_log_still_gets_its_end(fake_llm)
     assert [e.seq for e in ahead] == [e.seq for e in from_start[-2:]]  # numbered the same for everyone
 
 
-async def test_an_answer_that_ends_elsewhere_between_two_reads_gives_its_follower_the_stored_end(fake_llm, monkeypatch):
+@pytest.mark.parametrize("claim", ["fresh", "stale"])
+async def test_an_answer_that_ends_elsewhere_between_two_reads_gives_its_follower_the_stored_end(
+    fake_llm, monkeypatch, claim
+):
     """Its process saves the row, then stores the end of the log, both after the follower
-    last read the log: the follower gets that end as stored, not one made from the row."""
+    last read the log: the follower gets that end as stored, not one made from the row,
+    whether it waits for the process (fresh claim) or not."""
+    monkeypatch.setattr(follow, "check_s", lambda: 0.05)
     await add_corpus()
     answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
-    await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=timezone.now())
+    claimed = timezone.now() - dt.timedelta(seconds=0 if claim == "fresh" else follow.claim_stale_s() + 1)
+    await Message.objects.filter(pk=answer.pk).aupdate(claimed_at=claimed)
     run = json.dumps([["token", "pgvector"], ["token", " adds"]])
     await AnswerEvents.objects.acreate(message_id=answer.pk, first_seq=1, last_seq=2, events=run)
     read_row = follow._answer
@@ -402,6 +408,49 @@ async def test_an_answer_that_ends_elsewhere_between_two_reads_gives_its_followe
 
     assert [(e.seq, e.kind) for e in events] == [(1, "token"), (2, "token"), (3, "metrics"), (4, "done")]
     assert events[2].data == {"status": "complete", "tokens": 2}
+
+
+async def test_a_follower_waits_for_the_stored_end_of_an_answer_saved_by_a_live_process(fake_llm, monkeypatch):
+    """Saved, with its last tokens not stored yet (a flush away): a follower waits for them
+    rather than make an end from the row, which would number the events otherwise."""
+    monkeypatch.setattr(follow, "check_s", lambda: 0.05)
+    rows_read = []
+    read_row = follow._answer
+
+    async def counted(answer_id: int) -> Message:
+        rows_read.append(answer_id)
+        return await read_row(answer_id)
+
+    monkeypatch.setattr(follow, "_answer", counted)
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
+    run = json.dumps([["token", "pgvector"], ["token", " adds"]])
+    await AnswerEvents.objects.acreate(message_id=answer.pk, first_seq=1, last_seq=2, events=run)
+    saved = {"status": Message.Status.COMPLETE, "text": "pgvector adds vectors", "claimed_at": timezone.now()}
+    await Message.objects.filter(pk=answer.pk).aupdate(**saved)
+
+    reading = asyncio.ensure_future(collect(ALICE_SESSION, answer.pk))
+    await asyncio.to_thread(wait_until, lambda: len(rows_read) >= 2, what="the follower waiting for the log")
+    rest = json.dumps([["token", " vectors"], ["metrics", {"status": "complete"}], ["done", {"status": "complete"}]])
+    await AnswerEvents.objects.acreate(message_id=answer.pk, first_seq=3, last_seq=5, events=rest)
+    events = await asyncio.wait_for(reading, timeout=10)
+
+    assert [(e.seq, e.kind, e.data) for e in events[:3]] == [
+        (1, "token", "pgvector"),
+        (2, "token", " adds"),
+        (3, "token", " vectors"),
+    ]
+    assert [(e.seq, e.kind) for e in events[3:]] == [(4, "metrics"), (5, "done")]
+
+
+async def test_an_answer_stopped_before_it_began_ends_at_once_for_its_follower(fake_llm):
+    await add_corpus()
+    answer = await chat.ask(owner=ALICE_SESSION, question="pgvector?", k=1, start=False)
+    assert await store.stop_unclaimed(answer.pk)
+
+    events = await asyncio.wait_for(collect(ALICE_SESSION, answer.pk), timeout=2)
+
+    assert kinds(events) == ["metrics", "done"] and events[-1].data == {"status": "stopped"}
 
 
 async def test_a_follower_of_a_live_claim_elsewhere_wakes_when_it_dies(fake_llm, monkeypatch):
