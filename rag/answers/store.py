@@ -140,9 +140,15 @@ _INSERT = (
 # The sources go on the answer's row as soon as they are known, not only with the final
 # save: the admin hides answers that quote a collection the staff user may not read
 # (Message.objects.citing_unreadable), the ones still being written included.
+# The rows are locked in id order first, as the final saves lock theirs
+# (answer_rows._save_fills): locked in the join's order, a flush and a batch of saves
+# sharing two answers deadlocked at c=1000, and the flush waited a second to be retried.
 _SOURCES = (
+    "WITH s AS (SELECT * FROM json_to_recordset(%s::json) AS s(id bigint, sources jsonb)), "
+    f"locked AS (SELECT id FROM {Message._meta.db_table} WHERE id IN (SELECT id FROM s) AND status = 'streaming' "
+    "ORDER BY id FOR NO KEY UPDATE) "
     f"UPDATE {Message._meta.db_table} AS m SET sources = s.sources "
-    "FROM json_to_recordset(%s::json) AS s(id bigint, sources jsonb) WHERE m.id = s.id AND m.status = 'streaming'"
+    "FROM s JOIN locked ON locked.id = s.id WHERE m.id = s.id"
 )
 
 

@@ -99,6 +99,7 @@ def _save_fills(answers: list[Message]) -> list[Message]:
         values = [getattr(answer, column) for column in _FILLED]
         values[_FILLED.index("sources")] = json.dumps(answer.sources, ensure_ascii=False)
         rows.append([*values, answer.pk])
+    rows.sort(key=lambda row: row[-1])  # locked in id order, as store._SOURCES locks: no deadlock
     try:
         with transaction.atomic(), connection.cursor() as cursor:
             cursor.executemany(_FILL_SQL, rows)

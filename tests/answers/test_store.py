@@ -1,0 +1,39 @@
+"""rag.answers.store: what a flush of the event log writes, and the locks it takes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from rag.answers import store
+from rag.answers.events import SOURCES, LogEvent
+from rag.models import Message
+from rag.services import answer_rows
+from tests.locks import lockable, row_locked, until_one_waits_for_a_lock
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+async def streaming_answers(n: int) -> list[Message]:
+    return [
+        await answer_rows.open_new_turn(question=f"q{i}?", user_id=None, session_key="store", model="m", k=1)
+        for i in range(n)
+    ]
+
+
+async def test_a_flush_locks_the_rows_it_updates_in_id_order():
+    """As a batch of final saves does: a flush and a batch of saves that lock two
+    answers in different orders deadlock (it happened at c=1000)."""
+    first, second = await streaming_answers(2)
+    sources = [{"n": 1, "title": "t"}]
+    batch = {a.pk: [LogEvent(a.pk, str(a.public_id), 1, SOURCES, sources)] for a in (second, first)}
+    async with await psycopg.AsyncConnection.connect(**store.connection_params(), autocommit=True) as writer:
+        async with row_locked(first.pk):
+            flushing = asyncio.ensure_future(store._insert(writer, batch))
+            await until_one_waits_for_a_lock()
+            assert await lockable(second.pk)  # it waits for the first row before it locks the second
+        await asyncio.wait_for(flushing, timeout=10)
+
+    assert [m.sources async for m in Message.objects.filter(pk__in=[first.pk, second.pk])] == [sources, sources]
