@@ -5,9 +5,10 @@
 
 - in this process: from memory, as they are made;
 - in another process: from Postgres, woken by NOTIFY when new events are stored;
-- nowhere any more: an answer that ended, or whose process died, is read from the log
-  and completed from its saved row. A claim not renewed for claim_stale_s() belonged to a
-  dead process: the answer is marked interrupted, with its text so far, and ends.
+- nowhere any more: an answer that ended is read from its log, completed from its saved
+  row when nobody will store the rest (see ``_rest``). A claim not renewed for
+  claim_stale_s() belonged to a dead process: the answer is marked interrupted, with its
+  text so far, and ends.
 """
 
 from __future__ import annotations
