@@ -14,6 +14,8 @@ Each view speaks the app's text format (unnamed ``data:`` tokens, then ``data: [
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 from collections.abc import AsyncIterator
 
@@ -24,6 +26,16 @@ from django.urls import include, path
 
 OPEN, DONE = b": stream open\n\n", b"data: [DONE]\n\n"
 _sessions: dict[asyncio.AbstractEventLoop, aiohttp.ClientSession] = {}
+
+
+@atexit.register
+def _close_sessions() -> None:
+    """On the server's stopped loop, as rag.providers.openai_compat does for its clients: or
+    aiohttp logs "Unclosed client session" at every shutdown."""
+    for loop, session in _sessions.items():
+        if not loop.is_running() and not loop.is_closed():
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(session.close())
 
 
 def _stream(tokens: AsyncIterator[str]) -> StreamingHttpResponse:
