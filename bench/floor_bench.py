@@ -67,7 +67,7 @@ from stream_bench import (
 START, END = "<!-- floor-bench:start -->", "<!-- floor-bench:end -->"
 TARGET_P50_MS = 1500.0  # /rag/stream at c=1000 (issue 12)
 # In the order each round runs them: the app first, so that its peak RSS is its own.
-FLOORS = (
+TARGETS = (
     ("app", "/rag/stream", "`/rag/stream`: the whole answer"),
     ("client", "/_floor/client", "the fake's stream relayed through the app's chat provider (`openai` client)"),
     ("aiohttp", "/_floor/aiohttp", "the fake's stream relayed through a plain aiohttp session"),
@@ -77,7 +77,7 @@ FLOORS = (
 
 
 async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, Any]:
-    targets = [Target(name, bench.fake_url if name == "fake" else bench.app.base, path) for name, path, _ in FLOORS]
+    targets = [Target(name, bench.fake_url if name == "fake" else bench.app.base, path) for name, path, _ in TARGETS]
     for target in targets:
         await run_level(bench.requester(target, f"warmup-{target.name}"), n=WARMUP_REQUESTS, concurrency=1)
     before = memory_mb(bench.server_pid)
@@ -119,7 +119,7 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _p50s(runs: Sequence[dict[str, Any]], key: str) -> str:
+def _per_round(runs: Sequence[dict[str, Any]], key: str) -> str:
     return " / ".join(fmt(run[key]) for run in runs)
 
 
@@ -151,13 +151,13 @@ def render_markdown(summary: dict[str, Any]) -> str:
             "| server CPU per stream | errors |",
             "|---|---|---|---|---|---|---|",
         ]
-        for name, _, what in FLOORS:
+        for name, _, what in TARGETS:
             runs = result["targets"][name]
-            cpu = "–" if name == "fake" else f"{_p50s(runs, 'server_cpu_ms_per_request')} ms"
+            cpu = "–" if name == "fake" else f"{_per_round(runs, 'server_cpu_ms_per_request')} ms"
             p50s = " / ".join(fmt(run["ttft_overhead_ms"]["p50"]) for run in runs)
             p99 = max((run["ttft_overhead_ms"]["p99"] or 0) for run in runs)
             lines.append(
-                f"| {name} | {what} | {p50s} | {fmt(p99)} | {_p50s(runs, 'first_to_last_token_ms_p50')} "
+                f"| {name} | {what} | {p50s} | {fmt(p99)} | {_per_round(runs, 'first_to_last_token_ms_p50')} "
                 f"| {cpu} | {sum(run['errors'] for run in runs)} / {c * len(runs)} |"
             )
         app = [run["ttft_overhead_ms"]["p50"] for run in result["targets"]["app"]]
