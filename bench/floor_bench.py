@@ -22,8 +22,12 @@ What it measures
     all of them; the app's peak RSS per open stream comes from its level in the first round,
     the first load the process sees after warming up.
 
+    With ``--processes N``, N server processes on the one database take the requests in turn
+    (a load balancer's round robin, without its cost): what more processes buy on this
+    machine. Its figures go to a section of their own.
+
 How to run
-    ``.venv/bin/python bench/floor_bench.py [--server daphne|uvicorn|both] [--rounds 2]``
+    ``.venv/bin/python bench/floor_bench.py [--server daphne|uvicorn|both] [--rounds 2] [--processes 1]``
     from the repository root (about a minute per round and server). Like stream_bench, it
     binds loopback only, stops what it started, keeps logs in ``var/bench/logs/``, prints
     one JSON object as its last line and rewrites its section of ``docs/benchmarks.md``
@@ -64,7 +68,13 @@ from stream_bench import (
     memory_mb,
 )
 
-START, END = "<!-- floor-bench:start -->", "<!-- floor-bench:end -->"
+
+def markers(processes: int) -> tuple[str, str]:
+    """Its section of docs/benchmarks.md: one of its own for a run on several processes."""
+    name = "floor-bench" if processes == 1 else f"floor-bench-{processes}p"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
 TARGET_P50_MS = 1500.0  # /rag/stream at c=1000 (issue 12)
 # In the order each round runs them: the app first, so that its peak RSS is its own.
 TARGETS = (
@@ -77,7 +87,10 @@ TARGETS = (
 
 
 async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, Any]:
-    targets = [Target(name, bench.fake_url if name == "fake" else bench.app.base, path) for name, path, _ in TARGETS]
+    targets = [
+        Target(name, bench.fake_url, path) if name == "fake" else Target(name, bench.app.base, path, bench.app.mirrors)
+        for name, path, _ in TARGETS
+    ]
     for target in targets:
         await run_level(bench.requester(target, f"warmup-{target.name}"), n=WARMUP_REQUESTS, concurrency=1)
     before = memory_mb(bench.server_pid)
@@ -94,9 +107,9 @@ async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, A
                 f"CPU {summary.get('server_cpu_ms_per_request')} ms per stream, errors {summary['errors']}"
             )
     rss_before = before["rss_mb"]
-    per_stream_kb = (
-        (peak_after_app - rss_before) * 1024 / concurrency if peak_after_app is not None and rss_before else None
-    )
+    streams = concurrency / len(bench.server_pids)  # what the first process held, whose memory this is
+    grown = peak_after_app - rss_before if peak_after_app is not None and rss_before else None
+    per_stream_kb = grown * 1024 / streams if grown is not None else None
     return {
         "concurrency": concurrency,
         "rounds": rounds,
@@ -125,10 +138,12 @@ def _per_round(runs: Sequence[dict[str, Any]], key: str) -> str:
 
 def render_markdown(summary: dict[str, Any]) -> str:
     m = summary["machine"]
-    c = summary["concurrency"]
+    c, n = summary["concurrency"], summary["processes"]
+    start, end = markers(n)
+    where = "one process" if n == 1 else f"{n} processes on one database"
     lines = [
-        START,
-        f"### {c:,} streams on one process: `/rag/stream` against its floors (`bench/floor_bench.py`)",
+        start,
+        f"### {c:,} streams on {where}: `/rag/stream` against its floors (`bench/floor_bench.py`)",
         "",
         f"Measured {summary['date']} on {m['cpu']} (nproc {m['nproc']}), Python {m['python']}; the fake LLM, "
         "Postgres and the client share the two cores with the server. Command, from the repository root:",
@@ -137,10 +152,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
         summary["command"],
         "```",
         "",
-        f"{c:,} clients at once against each target in turn, {summary['rounds']} rounds, one server process; "
-        f"the fake LLM sends its first token after {FIRST_TOKEN_MS} ms, then {TOKENS} tokens {INTER_TOKEN_MS} ms "
-        f"apart. TTFT overhead = client TTFT − {FIRST_TOKEN_MS} ms, p50 of each round, and the worst p99. "
-        f"The target for `/rag/stream` is ≤ {TARGET_P50_MS:,.0f} ms p50.",
+        f"{c:,} clients at once against each target in turn, {summary['rounds']} rounds, "
+        + ("one server process" if n == 1 else f"{n} server processes taking the requests in turn")
+        + f"; the fake LLM sends its first token after {FIRST_TOKEN_MS} ms, then {TOKENS} tokens "
+        f"{INTER_TOKEN_MS} ms apart. TTFT overhead = client TTFT − {FIRST_TOKEN_MS} ms, p50 of each round, and the "
+        f"worst p99. Server CPU is all the processes'. The target for `/rag/stream` is ≤ {TARGET_P50_MS:,.0f} ms p50 "
+        "on one process.",
     ]
     for result in summary["servers"]:
         lines += [
@@ -165,11 +182,12 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines += [
             "",
             f"`/rag/stream`: {'met' if met else 'missed'} (median of the rounds "
-            f"{fmt(statistics.median(app))} ms). Its peak RSS: {fmt(result['rss_before_mb'])} MB before the "
-            f"load, {fmt(result['app_peak_rss_mb'])} MB after its first round, "
-            f"{fmt(result['app_rss_per_open_stream_kb'])} KB per open stream.",
+            f"{fmt(statistics.median(app))} ms). Its peak RSS"
+            + ("" if n == 1 else " in the first process")
+            + f": {fmt(result['rss_before_mb'])} MB before the load, {fmt(result['app_peak_rss_mb'])} MB after its "
+            f"first round, {fmt(result['app_rss_per_open_stream_kb'])} KB per open stream.",
         ]
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
@@ -178,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--server", choices=(*SERVERS, "both"), default="daphne")
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--processes", type=int, default=1, help="server processes on the one database")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--keep-db", action="store_true", help="leave the var/bench Postgres running afterwards")
     args = parser.parse_args(argv)
@@ -195,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             keep_db=args.keep_db,
             # bench/ on the path: the server imports floor_settings and floor_urls from it.
             env={"DJANGO_SETTINGS_MODULE": "floor_settings", "PYTHONPATH": str(ROOT / "bench")},
+            count=args.processes,
         )
     except KeyboardInterrupt as exc:
         log(f"interrupted ({str(exc) or 'SIGINT'}); stopping everything")
@@ -207,11 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": machine(),
         "concurrency": args.concurrency,
         "rounds": args.rounds,
+        "processes": args.processes,
         "servers": results,
         "duration_s": round(time.monotonic() - began, 1),
     }
     if not args.no_docs:
-        write_section(start=START, end=END, section=render_markdown(summary))
+        start, end = markers(args.processes)
+        write_section(start=start, end=end, section=render_markdown(summary))
         log("updated docs/benchmarks.md")
     print(json.dumps(summary, default=str))
     return 0

@@ -363,10 +363,13 @@ class Target:
     name: str  # "app", "chat", "fake", or one of floor_bench's floors
     base: str  # http://127.0.0.1:PORT
     path: str = "/rag/stream"  # what a GET streams, for every target but the fake
+    #: More server processes on one database (floor_bench --processes): requests take turns.
+    mirrors: tuple[str, ...] = ()
 
-    def spec(self, question: str) -> RequestSpec:
+    def spec(self, question: str, index: int = 0) -> RequestSpec:
         if self.name != "fake":
-            return RequestSpec("GET", f"{self.base}{self.path}", params={"question": question})
+            base = (self.base, *self.mirrors)[index % (1 + len(self.mirrors))]
+            return RequestSpec("GET", f"{base}{self.path}", params={"question": question})
         message = {"role": "user", "content": question}
         body = {"model": "bench-chat", "stream": True, "messages": [message], "max_tokens": 512}
         return RequestSpec("POST", f"{self.base}/v1/chat/completions", json_body=body)
@@ -436,13 +439,15 @@ async def chat_once(base: str, visitor: Visitor, question: str, *, index: int, r
 class Bench:
     """One server's measurements: the levels, the cancellation run, memory."""
 
-    def __init__(self, *, app_url: str, fake_url: str, server_pid: int) -> None:
-        self.app = Target("app", app_url)
-        self.chat = Target("chat", app_url)
+    def __init__(self, *, app_urls: Sequence[str], fake_url: str, server_pids: Sequence[int]) -> None:
+        self.app = Target("app", app_urls[0], mirrors=tuple(app_urls[1:]))
+        self.chat = Target("chat", app_urls[0])
         self.visitors: list[Visitor] = []
         self.fake = Target("fake", fake_url)
         self.fake_url = fake_url
-        self.server_pid = server_pid
+        self.server_pids = list(server_pids)
+        #: Memory is read from the first process (floor_bench --processes: each holds its share).
+        self.server_pid = server_pids[0]
         self.questions = [f"How does {subject} {aspect} work" for subject, aspect in topics()]
 
     def question(self, label: str, index: int) -> tuple[str, str]:
@@ -459,7 +464,7 @@ class Bench:
                 return await chat_once(target.base, self.visitors[index], question, index=index, rid=rid)
             return await stream_once(
                 session,
-                target.spec(question),
+                target.spec(question, index),
                 index=index,
                 rid=rid,
                 kind_of=target.kind_of,
@@ -487,10 +492,10 @@ class Bench:
         if target.name == "chat":
             self.visitors = await open_pages(target.base, n)
         await self.fake_call("POST", "/_reset")
-        cpu_before = cpu_seconds(self.server_pid)
+        cpu_before = self.server_cpu_seconds()
         async with asyncio.timeout(LEVEL_TIMEOUT_S):
             run = await run_level(self.requester(target, label), n=n, concurrency=concurrency)
-        cpu_after = cpu_seconds(self.server_pid)
+        cpu_after = self.server_cpu_seconds()
         summary = summarize(run, await self.upstream_records())
         if target.name != "fake":
             if cpu_before is not None and cpu_after is not None:
@@ -501,6 +506,10 @@ class Bench:
                 summary["server_cpu_share_of_wall"] = round(cpu / summary["wall_s"], 2) if summary["wall_s"] else None
             summary["server_memory"] = memory_mb(self.server_pid)
         return summary
+
+    def server_cpu_seconds(self) -> float | None:
+        seconds = [cpu_seconds(pid) for pid in self.server_pids]
+        return None if None in seconds else sum(seconds)  # type: ignore[arg-type]
 
     async def warm_up(self) -> None:
         self.visitors = await open_pages(self.chat.base, WARMUP_REQUESTS)
@@ -821,11 +830,18 @@ Measure = Callable[[Bench], Awaitable[dict[str, Any]]]
 
 
 def measure_servers(
-    servers: Sequence[str], *, measure: Measure, documents: int, keep_db: bool, env: dict[str, str] | None = None
+    servers: Sequence[str],
+    *,
+    measure: Measure,
+    documents: int,
+    keep_db: bool,
+    env: dict[str, str] | None = None,
+    count: int = 1,
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Start the fake LLM and the database, then each server in turn, and run ``measure``
-    against it: each server's results, and the ingest's output. ``env`` is added to the
-    app's. Everything started is stopped, the database too unless ``keep_db``."""
+    """Start the fake LLM and the database, then each server in turn (``count`` processes of
+    it on the one database), and run ``measure`` against it: each server's results, and the
+    ingest's output. ``env`` is added to the app's. Everything started is stopped, the
+    database too unless ``keep_db``."""
     processes = Processes()
     app: dict[str, str] | None = None
     try:
@@ -834,7 +850,8 @@ def measure_servers(
             app = app_env(fake_port) | (env or {})
             ingest = prepare_database(app, documents=documents)
             results = [
-                measure_server(s, env=app, fake_url=fake_url, processes=processes, measure=measure) for s in servers
+                measure_server(s, env=app, fake_url=fake_url, processes=processes, measure=measure, count=count)
+                for s in servers
             ]
     finally:
         processes.stop_all()
@@ -844,29 +861,34 @@ def measure_servers(
 
 
 def measure_server(
-    server: str, *, env: dict[str, str], fake_url: str, processes: Processes, measure: Measure
+    server: str, *, env: dict[str, str], fake_url: str, processes: Processes, measure: Measure, count: int = 1
 ) -> dict[str, Any]:
-    port = free_port()
-    proc = processes.start(server, server_argv(server, port), env)
+    names = [server] + [f"{server}-{i}" for i in range(2, count + 1)]  # their logs' names
+    ports = [free_port() for _ in names]
+    procs = [processes.start(name, server_argv(server, port), env) for name, port in zip(names, ports, strict=True)]
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http_ok(f"{url}/healthz", proc, server)
-        log(f"{server} (pid {proc.pid}) is up on {url}")
-        bench = Bench(app_url=url, fake_url=fake_url, server_pid=proc.pid)
+        urls = [f"http://127.0.0.1:{port}" for port in ports]
+        for name, url, proc in zip(names, urls, procs, strict=True):
+            wait_http_ok(f"{url}/healthz", proc, name)
+            log(f"{name} (pid {proc.pid}) is up on {url}")
+        bench = Bench(app_urls=urls, fake_url=fake_url, server_pids=[proc.pid for proc in procs])
         with client_runner() as runner:
             result = runner.run(measure(bench))
-        if proc.poll() is not None:
-            raise RuntimeError(f"{server} exited during the run ({proc.returncode})")
+        for name, proc in zip(names, procs, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited during the run ({proc.returncode})")
     finally:
-        processes.stop(proc)
+        for proc in procs:
+            processes.stop(proc)
     return {
         "server": server,
         "version": package_version(server),
         "command": shlex.join(
-            [os.path.relpath(a, ROOT) if a == sys.executable else a for a in server_argv(server, port)]
+            [os.path.relpath(a, ROOT) if a == sys.executable else a for a in server_argv(server, ports[0])]
         ),
+        "processes": count,
         **result,
-        "log_problems": log_problems(LOG_DIR / f"{server}.log"),
+        "log_problems": [line for name in names for line in log_problems(LOG_DIR / f"{name}.log")],
     }
 
 
