@@ -1,4 +1,5 @@
-"""Test data: documents with chunks embedded by whichever provider the settings choose."""
+"""Test data: documents with chunks embedded by whichever provider the settings choose, and
+answers being written."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import math
 
 from django.contrib.auth.models import Group
 
-from rag.models import Chunk, Collection, Document
+from rag.models import Chunk, Collection, Document, Message
 from rag.providers.fake import FakeEmbeddings
+from rag.services import answer_rows
 from rag.services.documents import DocumentInput, aadd_documents, default_collection
 
 CORPUS = {
@@ -73,3 +75,11 @@ def document_with_chunks(
         )
         for i, (vector, text) in enumerate(zip(vectors, texts, strict=True))
     )
+
+
+async def streaming_answers(n: int) -> list[Message]:
+    """``n`` answers of anonymous questions, claimed and streaming, in id order."""
+    return [
+        await answer_rows.open_new_turn(question=f"q{i}?", user_id=None, session_key="tests", model="m", k=1)
+        for i in range(n)
+    ]

@@ -10,17 +10,10 @@ import pytest
 from rag.answers import store
 from rag.answers.events import SOURCES, LogEvent
 from rag.models import Message
-from rag.services import answer_rows
+from tests.factories import streaming_answers
 from tests.locks import lockable, row_locked, until_one_waits_for_a_lock
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-async def streaming_answers(n: int) -> list[Message]:
-    return [
-        await answer_rows.open_new_turn(question=f"q{i}?", user_id=None, session_key="store", model="m", k=1)
-        for i in range(n)
-    ]
 
 
 async def test_a_flush_locks_the_rows_it_updates_in_id_order():

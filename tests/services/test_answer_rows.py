@@ -9,6 +9,7 @@ import pytest
 from rag.models import Message
 from rag.services import answer_rows
 from rag.services.answering import Outcome
+from tests.factories import streaming_answers
 from tests.locks import lockable, row_locked, until_one_waits_for_a_lock
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -17,10 +18,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 async def test_a_batch_of_final_saves_locks_its_rows_in_id_order():
     """As a flush of the event log does (rag.answers.store): in different orders, the two
     deadlock when they share two answers."""
-    first, second = [
-        await answer_rows.open_new_turn(question=f"q{i}?", user_id=None, session_key="rows", model="m", k=1)
-        for i in range(2)
-    ]
+    first, second = await streaming_answers(2)
     for answer in (first, second):
         answer_rows._fill(answer, Outcome(status=Message.Status.COMPLETE, text=f"answer {answer.pk}", model="m"))
     async with row_locked(first.pk):
