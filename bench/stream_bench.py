@@ -446,9 +446,12 @@ class Bench:
         self.fake = Target("fake", fake_url)
         self.fake_url = fake_url
         self.server_pids = list(server_pids)
-        #: Memory is read from the first process (floor_bench --processes: each holds its share).
-        self.server_pid = server_pids[0]
         self.questions = [f"How does {subject} {aspect} work" for subject, aspect in topics()]
+
+    @property
+    def server_pid(self) -> int:
+        """The process whose memory is read (floor_bench --processes: each holds its share)."""
+        return self.server_pids[0]
 
     def question(self, label: str, index: int) -> tuple[str, str]:
         rid = f"{label}-{index}-{uuid.uuid4().hex[:8]}"
