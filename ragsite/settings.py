@@ -117,10 +117,12 @@ DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
 # scans pgvector's HNSW scan stops after hnsw.ef_search candidates and the
 # filter then drops most of them. Set at connect time (a libpq startup option),
 # so the search itself costs no extra statement. See docs/benchmarks.md.
-# hnsw.ef_search is the HNSW candidate list, pgvector's default of 40: enough for k up to
-# RAG_MAX_K (20). A search for more chunks widens it to 2k for its own statement
-# (rag.services.retrieval); docs/benchmarks.md has recall and latency at 100k and 1M chunks.
-RAG_HNSW_EF_SEARCH = env_int("RAG_HNSW_EF_SEARCH", 40, min_value=1, max_value=1000)
+# hnsw.ef_search is the HNSW candidate list, set on every connection. A search that needs
+# more (2k for k chunks, and the RAG_SEARCH_CANDIDATES it scores) widens it for its own
+# statement, at two statements more: a set_config before, a RESET after
+# (rag.services.retrieval). So the default is 60, the default search's candidates, not
+# pgvector's 40. docs/benchmarks.md has recall and latency at 100k and 1M chunks.
+RAG_HNSW_EF_SEARCH = env_int("RAG_HNSW_EF_SEARCH", 60, min_value=1, max_value=1000)
 # How an HNSW index is built (pgvector's defaults): more makes a better graph, so more recall
 # at the same ef_search, for a slower build. Applies to indexes created from then on.
 RAG_HNSW_M = env_int("RAG_HNSW_M", 16, min_value=2, max_value=100)

@@ -133,18 +133,22 @@ def test_nearest_through_the_index_finds_the_true_neighbours():
     ensure_vector_index(embedding_model=model, dimensions=64)
     analyze()
     queries = unit_vectors(10, 64, seed=7)
-    qs = Chunk.objects.nearest(queries[0], embedding_model=model, dimensions=64, k=5)
-    assert index_name(model, 64) in qs.explain()
     hits = 0
-    for query in queries:
-        found = list(Chunk.objects.nearest(query, embedding_model=model, dimensions=64, k=5))
-        expected = brute_force(rows, query, 5)
-        # HNSW is approximate, so this compares sets (ties and near-ties may reorder).
-        hits += len({c.pk for c in found} & set(expected))
-        distances = [c.distance for c in found]
-        assert distances == sorted(distances)
-        for chunk in found:
-            assert chunk.distance == pytest.approx(cosine_distance(rows[chunk.pk], query), abs=1e-5)
+    # On a table this small the planner may rightly search exactly (at hnsw.ef_search 60 it
+    # does): what is checked is what the index finds, so sequential scans are off.
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")
+        qs = Chunk.objects.nearest(queries[0], embedding_model=model, dimensions=64, k=5)
+        assert index_name(model, 64) in qs.explain()
+        for query in queries:
+            found = list(Chunk.objects.nearest(query, embedding_model=model, dimensions=64, k=5))
+            expected = brute_force(rows, query, 5)
+            # HNSW is approximate, so this compares sets (ties and near-ties may reorder).
+            hits += len({c.pk for c in found} & set(expected))
+            distances = [c.distance for c in found]
+            assert distances == sorted(distances)
+            for chunk in found:
+                assert chunk.distance == pytest.approx(cosine_distance(rows[chunk.pk], query), abs=1e-5)
     # Measured: recall 1.0 on every run; HNSW's level assignment is random per build, so
     # this allows a single miss out of 50 rather than demanding exactness.
     assert hits / (5 * len(queries)) >= 0.98
@@ -336,7 +340,19 @@ def test_a_search_for_many_chunks_widens_ef_search_for_its_own_statement_only():
     assert sum("set_config('hnsw.ef_search'" in sql for sql in statements) == 5
     with connection.cursor() as cursor:
         cursor.execute("SHOW hnsw.ef_search")
-        assert cursor.fetchone()[0] == "40"  # the connection's own setting again
+        assert cursor.fetchone()[0] == "60"  # the connection's own setting again
+
+
+def test_the_default_search_is_one_statement_at_the_connections_ef_search():
+    model = "default-k-16"
+    document_with_chunks(unit_vectors(10, 16, seed=23), model=model)
+    statements = []
+    with connection.execute_wrapper(lambda execute, sql, *rest: statements.append(sql) or execute(sql, *rest)):
+        found = retrieval.search(QueryVector.from_floats(unit_vectors(1, 16, seed=24)[0]), embedding_model=model, k=4)
+    assert len(found) == 4
+    # The default search scores RAG_SEARCH_CANDIDATES (60) chunks, which the connection's
+    # hnsw.ef_search (RAG_HNSW_EF_SEARCH, 60) already covers: nothing to widen or reset.
+    assert len(statements) == 1, statements
 
 
 def test_the_index_is_built_with_the_configured_graph_parameters(settings):

@@ -218,7 +218,7 @@ def _search_rows(
     readers = [reader for _, reader, _ in queries]
     texts = [text for _, _, text in queries]
     with connection.cursor() as cursor:
-        # The HNSW scan keeps hnsw.ef_search candidates (RAG_HNSW_EF_SEARCH, 40): asking for
+        # The HNSW scan keeps hnsw.ef_search candidates (RAG_HNSW_EF_SEARCH, 60): asking for
         # more chunks than half that lost recall (k=40 at 40 missed up to 42% of the exact
         # nearest on the Debian FAQ eval), so a large k widens it for its own statement.
         # Candidates for scoring need ef_search at least as large, or the scan returns fewer.
