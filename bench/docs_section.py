@@ -17,3 +17,10 @@ def write_section(*, start: str, end: str, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     DOCS.write_text(text)
+
+
+def fmt(value: float | None) -> str:
+    """A figure in a table: one decimal below 100, thousands separated above; "–" for none."""
+    if value is None:
+        return "–"
+    return f"{value:.1f}" if abs(value) < 100 else f"{value:,.0f}"

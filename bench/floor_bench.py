@@ -46,9 +46,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from docs_section import write_section
-from sse_client import run_level
-from stream_bench import (
+from docs_section import fmt, write_section
+from load import WARMUP_REQUESTS, Bench, Target
+from servers import (
     DOCUMENTS,
     FIRST_TOKEN_MS,
     INTER_TOKEN_MS,
@@ -56,17 +56,14 @@ from stream_bench import (
     ROOT,
     SERVERS,
     TOKENS,
-    WARMUP_REQUESTS,
-    Bench,
-    Target,
-    _on_sigterm,
     command_line,
-    fmt,
     log,
     machine,
     measure_servers,
     memory_mb,
+    stop_on_sigterm,
 )
+from sse_client import run_level
 
 
 def markers(processes: int) -> tuple[str, str]:
@@ -202,14 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raw_args = list(sys.argv[1:] if argv is None else argv)
 
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     try:
         results, _ = measure_servers(
             SERVERS if args.server == "both" else (args.server,),
-            measure=lambda bench: measure(bench, concurrency=args.concurrency, rounds=args.rounds),
+            measure=lambda served: measure(Bench(served), concurrency=args.concurrency, rounds=args.rounds),
             documents=DOCUMENTS,
             keep_db=args.keep_db,
             # bench/ on the path: the server imports floor_settings and floor_urls from it.
