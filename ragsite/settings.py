@@ -274,6 +274,10 @@ RAG_HISTORY_TOKENS = env_int("RAG_HISTORY_TOKENS", 1000, min_value=0)
 # Serve /static/ from the app itself (tests, a single small deployment); `runserver`
 # does so anyway when DEBUG is on. Otherwise collectstatic and let the proxy serve them.
 RAG_SERVE_STATIC = env_bool("RAG_SERVE_STATIC", False)
+# The server processes (ragsite.asgi) collect cyclic garbage after this many allocations not
+# yet freed, not Python's 700: at 700, 1,000 streams at once spent 2-3 s of a 7-8 s burst's
+# CPU in the collector, in pauses of up to 400 ms (docs/benchmarks.md, bench/floor_bench.py).
+RAG_GC_GEN0_THRESHOLD = env_int("RAG_GC_GEN0_THRESHOLD", 20_000, min_value=100, max_value=10_000_000)
 
 if RAG_CHUNK_OVERLAP >= RAG_CHUNK_TOKENS:
     raise ImproperlyConfigured("RAG_CHUNK_OVERLAP must be smaller than RAG_CHUNK_TOKENS.")
