@@ -78,7 +78,7 @@ format: setup-dev
 # Every figure of docs/benchmarks.md's streaming sections, on this machine, in one run.
 bench: setup-dev
 	$(PY) bench/stream_bench.py
-	$(PY) bench/floor_bench.py --server both
+	$(PY) bench/floor_bench.py --server both --gc-baseline
 	$(PY) bench/answers_bench.py
 
 bench-ingest: setup-dev

@@ -26,8 +26,15 @@ What it measures
     (a load balancer's round robin, without its cost): what more processes buy on this
     machine. Its figures go to a section of their own.
 
+    Each target's row also says what Python's garbage collector cost its server during the
+    level (``/_floor/gc``): seconds in all, and the longest pause. With ``--gc-baseline``, a
+    second server beside the first runs with Python's own thresholds (700 allocations, not
+    the app's RAG_GC_GEN0_THRESHOLD), and ``/rag/stream`` on it is one more target of each
+    round: what the app's setting buys, in the same run.
+
 How to run
-    ``.venv/bin/python bench/floor_bench.py [--server daphne|uvicorn|both] [--rounds 2] [--processes 1]``
+    ``.venv/bin/python bench/floor_bench.py [--server daphne|uvicorn|both] [--rounds 2] [--processes 1]
+    [--gc-baseline]``
     from the repository root (about a minute per round and server). Like stream_bench, it
     binds loopback only, stops what it started, keeps logs in ``var/bench/logs/``, prints
     one JSON object as its last line and rewrites its section of ``docs/benchmarks.md``
@@ -46,6 +53,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import aiohttp
 from docs_section import fmt, write_section
 from load import WARMUP_REQUESTS, Bench, Target
 from servers import (
@@ -81,6 +89,12 @@ TARGETS = (
     ("bare", "/_floor/bare", "no LLM, no database: sleeps and streams like the fake"),
     ("fake", "", "the client straight to the fake LLM"),
 )
+#: With --gc-baseline: `/rag/stream` on a server beside the first, with Python's own
+#: garbage collection thresholds (700, 10, 10) instead of the app's (RAG_GC_GEN0_THRESHOLD).
+PYTHON_GC = "app-python-gc"
+WHAT = {name: what for name, _, what in TARGETS} | {
+    PYTHON_GC: "`/rag/stream` on a server with Python's own garbage collection thresholds (700)"
+}
 
 
 async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, Any]:
@@ -88,6 +102,8 @@ async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, A
         Target(name, bench.fake_url, path) if name == "fake" else Target(name, bench.app.base, path, bench.app.mirrors)
         for name, path, _ in TARGETS
     ]
+    if PYTHON_GC in bench.also:
+        targets.insert(1, Target(PYTHON_GC, bench.also[PYTHON_GC]))
     for target in targets:
         await run_level(bench.requester(target, f"warmup-{target.name}"), n=WARMUP_REQUESTS, concurrency=1)
     before = memory_mb(bench.server_pid)
@@ -95,7 +111,9 @@ async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, A
     peak_after_app: float | None = None
     for round_ in range(1, rounds + 1):
         for target in targets:
+            collected = await collector(target)
             summary = await bench.level(target, concurrency, concurrency)
+            summary["server_gc"] = await collector(target, since=collected)
             runs[target.name].append(summary)
             if target.name == "app" and peak_after_app is None:
                 peak_after_app = summary["server_memory"]["peak_rss_mb"]
@@ -104,7 +122,7 @@ async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, A
                 f"CPU {summary.get('server_cpu_ms_per_request')} ms per stream, errors {summary['errors']}"
             )
     rss_before = before["rss_mb"]
-    streams = concurrency / len(bench.server_pids)  # what the first process held, whose memory this is
+    streams = concurrency / (1 + len(bench.app.mirrors))  # what the first process held, whose memory this is
     grown = peak_after_app - rss_before if peak_after_app is not None and rss_before else None
     per_stream_kb = grown * 1024 / streams if grown is not None else None
     return {
@@ -117,6 +135,20 @@ async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, A
     }
 
 
+async def collector(target: Target, *, since: dict[str, float] | None = None) -> dict[str, float]:
+    """What Python's garbage collector has cost the target's server processes (``/_floor/gc``):
+    its seconds in all and its longest pause; since an earlier read, with ``since``."""
+    if target.name == "fake":
+        return {}
+    reads = []
+    async with aiohttp.ClientSession() as session:
+        for base in (target.base, *target.mirrors):
+            async with session.get(f"{base}/_floor/gc") as response:
+                reads.append(await response.json())
+    seconds = sum(read["seconds"] for read in reads) - (since or {}).get("seconds", 0.0)
+    return {"seconds": seconds, "longest_pause_s": max(read["longest_pause_s"] for read in reads)}
+
+
 def _brief(summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "ttft_overhead_ms": summary["ttft_overhead_ms"],
@@ -126,7 +158,15 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
         "error_kinds": summary["error_kinds"],
         "server_cpu_ms_per_request": summary.get("server_cpu_ms_per_request"),
         "server_cpu_share_of_wall": summary.get("server_cpu_share_of_wall"),
+        "server_gc_s": summary["server_gc"].get("seconds"),
+        "server_gc_longest_pause_ms": (
+            summary["server_gc"]["longest_pause_s"] * 1000 if summary["server_gc"] else None
+        ),
     }
+
+
+def _collected(run: dict[str, Any]) -> str:
+    return f"{run['server_gc_s']:.2f} s, {fmt(run['server_gc_longest_pause_ms'])} ms"
 
 
 def _per_round(runs: Sequence[dict[str, Any]], key: str) -> str:
@@ -162,17 +202,19 @@ def render_markdown(summary: dict[str, Any]) -> str:
             f"**{result['server']} {result['version']}**",
             "",
             "| target | what it streams | TTFT overhead p50 (each round) | p99 | first-to-last token p50 "
-            "| server CPU per stream | errors |",
-            "|---|---|---|---|---|---|---|",
+            "| server CPU per stream | garbage collection: seconds, longest pause | errors |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-        for name, _, what in TARGETS:
-            runs = result["targets"][name]
-            cpu = "–" if name == "fake" else f"{_per_round(runs, 'server_cpu_ms_per_request')} ms"
+        for name, runs in result["targets"].items():
+            cpu = gc = "–"
+            if name != "fake":
+                cpu = f"{_per_round(runs, 'server_cpu_ms_per_request')} ms"
+                gc = " / ".join(_collected(run) for run in runs)
             p50s = " / ".join(fmt(run["ttft_overhead_ms"]["p50"]) for run in runs)
             p99 = max((run["ttft_overhead_ms"]["p99"] or 0) for run in runs)
             lines.append(
-                f"| {name} | {what} | {p50s} | {fmt(p99)} | {_per_round(runs, 'first_to_last_token_ms_p50')} "
-                f"| {cpu} | {sum(run['errors'] for run in runs)} / {c * len(runs)} |"
+                f"| {name} | {WHAT[name]} | {p50s} | {fmt(p99)} | {_per_round(runs, 'first_to_last_token_ms_p50')} "
+                f"| {cpu} | {gc} | {sum(run['errors'] for run in runs)} / {c * len(runs)} |"
             )
         app = [run["ttft_overhead_ms"]["p50"] for run in result["targets"]["app"]]
         met = all(p50 is not None and p50 <= TARGET_P50_MS for p50 in app)
@@ -194,6 +236,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--processes", type=int, default=1, help="server processes on the one database")
+    parser.add_argument(
+        "--gc-baseline",
+        action="store_true",
+        help="also measure /rag/stream on a server with Python's own garbage collection thresholds",
+    )
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--keep-db", action="store_true", help="leave the var/bench Postgres running afterwards")
     args = parser.parse_args(argv)
@@ -212,6 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # bench/ on the path: the server imports floor_settings and floor_urls from it.
             env={"DJANGO_SETTINGS_MODULE": "floor_settings", "PYTHONPATH": str(ROOT / "bench")},
             count=args.processes,
+            also={PYTHON_GC: {"RAG_GC_GEN0_THRESHOLD": "700"}} if args.gc_baseline else None,
         )
     except KeyboardInterrupt as exc:
         log(f"interrupted ({str(exc) or 'SIGINT'}); stopping everything")

@@ -9,6 +9,9 @@ Each view speaks the app's text format (unnamed ``data:`` tokens, then ``data: [
   ``json.loads`` per chunk. Adds an upstream HTTP stream.
 * ``/_floor/client``: the same relayed through the app's chat provider (the ``openai`` client).
   Adds the client. ``/rag/stream`` adds the embedding, the search and the event log to this.
+
+And ``/_floor/gc``, what Python's garbage collector has cost the process, read before and
+after each level.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import json
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
 from django.conf import settings
-from django.http import HttpRequest, StreamingHttpResponse
+from django.http import HttpRequest, JsonResponse, StreamingHttpResponse
 from django.urls import include, path
 
 OPEN, DONE = b": stream open\n\n", b"data: [DONE]\n\n"
@@ -96,9 +101,46 @@ async def relay_client(request: HttpRequest) -> StreamingHttpResponse:
     return _stream(tokens())
 
 
+class _Collections:
+    """What Python's garbage collector has cost this process: its seconds and collections so
+    far, and its longest pause (every thread waits for a collection) since the last read."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.count = 0
+        self.longest = 0.0
+        self._began = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._began
+        self.seconds += pause
+        self.count += 1
+        self.longest = max(self.longest, pause)
+
+
+_collections = _Collections()
+gc.callbacks.append(_collections)
+
+
+async def collections(request: HttpRequest) -> JsonResponse:
+    """``/_floor/gc``: the collector's cost so far (a read starts the next longest pause)."""
+    body = {
+        "seconds": _collections.seconds,
+        "collections": _collections.count,
+        "longest_pause_s": _collections.longest,
+        "threshold": gc.get_threshold(),
+    }
+    _collections.longest = 0.0
+    return JsonResponse(body)
+
+
 urlpatterns = [
     path("_floor/bare", bare),
     path("_floor/aiohttp", relay_aiohttp),
     path("_floor/client", relay_client),
+    path("_floor/gc", collections),
     path("", include("ragsite.urls")),
 ]

@@ -153,6 +153,7 @@ class Bench:
         self.fake = Target("fake", served.fake_url)
         self.fake_url = served.fake_url
         self.server_pids = list(served.server_pids)
+        self.also = dict(served.also)
         self.questions = [f"How does {subject} {aspect} work" for subject, aspect in topics()]
 
     @property

@@ -21,8 +21,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -310,7 +310,10 @@ class Served:
 
     app_urls: list[str]
     fake_url: str
-    server_pids: list[int]
+    server_pids: list[int]  # all of them, ``also``'s included
+    #: Servers of the same kind started beside them with settings of their own, by label
+    #: (floor_bench --gc-baseline: one with Python's own garbage collection thresholds).
+    also: dict[str, str] = field(default_factory=dict)
 
 
 Measure = Callable[[Served], Awaitable[dict[str, Any]]]
@@ -324,9 +327,11 @@ def measure_servers(
     keep_db: bool,
     env: dict[str, str] | None = None,
     count: int = 1,
+    also: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Start the fake LLM and the database, then each server in turn (``count`` processes of
-    it on the one database), and run ``measure`` against it: each server's results, and the
+    it on the one database, and one more for each of ``also``'s labels, with that label's
+    settings added), and run ``measure`` against it: each server's results, and the
     ingest's output. ``env`` is added to the app's. Everything started is stopped, the
     database too unless ``keep_db``."""
     processes = Processes()
@@ -337,7 +342,9 @@ def measure_servers(
             app = app_env(fake_port) | (env or {})
             ingest = prepare_database(app, documents=documents)
             results = [
-                measure_server(s, env=app, fake_url=fake_url, processes=processes, measure=measure, count=count)
+                measure_server(
+                    s, env=app, fake_url=fake_url, processes=processes, measure=measure, count=count, also=also or {}
+                )
                 for s in servers
             ]
     finally:
@@ -348,17 +355,34 @@ def measure_servers(
 
 
 def measure_server(
-    server: str, *, env: dict[str, str], fake_url: str, processes: Processes, measure: Measure, count: int = 1
+    server: str,
+    *,
+    env: dict[str, str],
+    fake_url: str,
+    processes: Processes,
+    measure: Measure,
+    count: int = 1,
+    also: Mapping[str, Mapping[str, str]],
 ) -> dict[str, Any]:
     names = [server] + [f"{server}-{i}" for i in range(2, count + 1)]  # their logs' names
+    envs = [env] * count + [env | dict(extra) for extra in also.values()]
+    names += [f"{server}-{label}" for label in also]
     ports = [free_port() for _ in names]
-    procs = [processes.start(name, server_argv(server, port), env) for name, port in zip(names, ports, strict=True)]
+    procs = [
+        processes.start(name, server_argv(server, port), its_env)
+        for name, port, its_env in zip(names, ports, envs, strict=True)
+    ]
     try:
         urls = [f"http://127.0.0.1:{port}" for port in ports]
         for name, url, proc in zip(names, urls, procs, strict=True):
             wait_http_ok(f"{url}/healthz", proc, name)
             log(f"{name} (pid {proc.pid}) is up on {url}")
-        served = Served(app_urls=urls, fake_url=fake_url, server_pids=[proc.pid for proc in procs])
+        served = Served(
+            app_urls=urls[:count],
+            fake_url=fake_url,
+            server_pids=[proc.pid for proc in procs],
+            also=dict(zip(also, urls[count:], strict=True)),
+        )
         with client_runner() as runner:
             result = runner.run(measure(served))
         for name, proc in zip(names, procs, strict=True):
