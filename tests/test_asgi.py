@@ -1,8 +1,10 @@
 import gc
 
 import pytest
+from asgiref.testing import ApplicationCommunicator
 
 from ragsite import asgi
+from tests.garbage import cyclic_garbage, of_type
 
 
 @pytest.fixture
@@ -23,3 +25,52 @@ def test_the_server_collects_garbage_after_the_configured_allocations(settings, 
 def test_importing_the_asgi_application_applied_the_default(thresholds):
     # ragsite.asgi was imported above, with the settings' default, as a server imports it.
     assert gc.get_threshold()[0] == 20_000
+
+
+def http_scope(path: str) -> dict:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+    }
+
+
+async def request(path: str, *, leave_at_once: bool) -> list[dict]:
+    """A GET through the server's ASGI application; the client leaves at once, or after the
+    response, as a browser does. What the application sent."""
+    app = ApplicationCommunicator(asgi.http_application, http_scope(path))
+    await app.send_input({"type": "http.request", "body": b"", "more_body": False})
+    if leave_at_once:
+        await app.send_input({"type": "http.disconnect"})
+    sent = []
+    while not sent or sent[-1].get("type") != "http.response.body" or sent[-1].get("more_body"):
+        try:
+            sent.append(await app.receive_output(timeout=5))
+        except TimeoutError:
+            break  # the client left: the view was cancelled, and nothing more comes
+    if not leave_at_once:
+        await app.send_input({"type": "http.disconnect"})
+    await app.wait(timeout=5)
+    return sent
+
+
+@pytest.mark.parametrize("leave_at_once", [False, True], ids=["after-the-response", "at-once"])
+async def test_a_request_leaves_no_cycle_for_the_collector(leave_at_once):
+    await request("/no-such-page", leave_at_once=False)  # what is made once per process
+    with cyclic_garbage() as garbage:
+        sent = await request("/no-such-page", leave_at_once=leave_at_once)
+    if not leave_at_once:
+        assert sent[0]["status"] == 404
+    # Django's handler keeps the task that waits for the client in a cycle with its own
+    # frame, and the middleware keep the request in cycles with its user and messages.
+    assert of_type(garbage, "ASGIRequest") == []
+    assert of_type(garbage, "RequestAborted") == []

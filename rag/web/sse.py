@@ -171,6 +171,10 @@ async def ready_batches(source: AsyncIterator[T], *, heartbeat: float) -> AsyncI
                 return
     finally:
         timer.cancel()
+        # ``beat`` refers to itself (it sets the next timer): a reference cycle that would keep
+        # this stream's state, the queue and the timer's context with the request in it,
+        # until a full collection (rare in a server: ragsite.asgi.collect_less_often).
+        beat = None
         if not task.done():
             # The consumer left mid-answer: cancelling the pump unwinds the
             # source, which closes the upstream LLM request and saves the answer.

@@ -19,6 +19,7 @@ from rag.answers.events import LogEvent
 from rag.services import answering
 from rag.services.retrieval import Source
 from rag.web import sse
+from tests.garbage import cyclic_garbage, of_type
 from tests.sse import Event, SSEParser, parse_sse
 
 KEY = "6f1c0d1e-0000-4000-8000-000000000000"
@@ -387,6 +388,18 @@ async def test_ready_batches_passes_a_fast_source_through_in_one_batch():
 
     assert [b async for b in sse.ready_batches(source(), heartbeat=30)] == [[0, 1, 2, 3, 4]]
     assert pump_tasks() == []
+
+
+async def test_ready_batches_leaves_no_cycle_for_the_collector():
+    async def source():
+        yield 1
+
+    with cyclic_garbage() as garbage:
+        assert [b async for b in sse.ready_batches(source(), heartbeat=30)] == [[1]]
+    # The heartbeat sets its next timer itself: a cycle, which would keep the stream's queue
+    # and its context (the request in it) until a full collection.
+    assert of_type(garbage, "ready_batches.<locals>.beat") == []
+    assert of_type(garbage, "Queue") == []
 
 
 async def test_ready_batches_keeps_order_across_batches():
