@@ -163,7 +163,9 @@ async def _insert(conn: psycopg.AsyncConnection, batch: dict[int, list[LogEvent]
             "message_id": answer_id,
             "first_seq": events[0].seq,
             "last_seq": events[-1].seq,
-            # The log keeps each run as JSON text, exactly (jsonb would refuse a NUL).
+            # The log keeps each run as JSON text, exactly (jsonb would refuse a NUL), and it goes
+            # as a string inside the flush's JSON: as json, json_to_recordset would refuse the
+            # NUL's \u0000 too (tests/answers/test_store.py).
             "events": json.dumps([[e.kind, e.data] for e in events], ensure_ascii=False),
         }
         for answer_id, events in batch.items()

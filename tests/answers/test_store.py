@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from rag.answers import store
-from rag.answers.events import SOURCES, LogEvent
+from rag.answers.events import SOURCES, TOKEN, LogEvent
 from rag.models import Message
 from tests.factories import streaming_answers
 from tests.locks import lockable, row_locked, until_one_waits_for_a_lock
@@ -30,3 +30,15 @@ async def test_a_flush_locks_the_rows_it_updates_in_id_order():
         await asyncio.wait_for(flushing, timeout=10)
 
     assert [m.sources async for m in Message.objects.filter(pk__in=[first.pk, second.pk])] == [sources, sources]
+
+
+async def test_a_flush_stores_every_token_exactly_nul_included():
+    from tests.web.test_sse import TRICKY_TOKENS
+
+    [answer] = await streaming_answers(1)
+    key = str(answer.public_id)
+    events = [LogEvent(answer.pk, key, n, TOKEN, t) for n, t in enumerate(TRICKY_TOKENS, start=1)]
+    async with await psycopg.AsyncConnection.connect(**store.connection_params(), autocommit=True) as writer:
+        await store._insert(writer, {answer.pk: events})
+    assert "\x00" in TRICKY_TOKENS
+    assert [e.data for e in await store.read_after(answer.pk, key, 0)] == list(TRICKY_TOKENS)
