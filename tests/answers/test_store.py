@@ -12,6 +12,7 @@ from rag.answers.events import SOURCES, TOKEN, LogEvent
 from rag.models import Message
 from tests.factories import streaming_answers
 from tests.locks import lockable, row_locked, until_one_waits_for_a_lock
+from tests.web.test_sse import TRICKY_TOKENS
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -33,8 +34,6 @@ async def test_a_flush_locks_the_rows_it_updates_in_id_order():
 
 
 async def test_a_flush_stores_every_token_exactly_nul_included():
-    from tests.web.test_sse import TRICKY_TOKENS
-
     [answer] = await streaming_answers(1)
     key = str(answer.public_id)
     events = [LogEvent(answer.pk, key, n, TOKEN, t) for n, t in enumerate(TRICKY_TOKENS, start=1)]
