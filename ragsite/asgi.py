@@ -74,6 +74,11 @@ class Handler(ASGIHandler):
     * The middleware make cycles of the request itself: ``request.user`` and ``auser``
       close over the request, the messages' storage holds it. Once the response is sent
       and closed nothing reads the request, so its attributes are dropped.
+
+    One cycle stays, only for a client that leaves before its view returns: ``handle``
+    cancels the view's task and keeps it, with its CancelledError, in the same kind of
+    cycle with its frame. Breaking it means a copy of ``handle``; the request in it is
+    empty by then (tests/test_asgi.py).
     """
 
     async def handle(self, scope, receive, send) -> None:
