@@ -75,10 +75,10 @@ class Handler(ASGIHandler):
       close over the request, the messages' storage holds it. Once the response is sent
       and closed nothing reads the request, so its attributes are dropped.
 
-    One cycle stays, only for a client that leaves before its view returns: ``handle``
-    cancels the view's task and keeps it, with its CancelledError, in the same kind of
-    cycle with its frame. Breaking it means a copy of ``handle``; the request in it is
-    empty by then (tests/test_asgi.py).
+    One cycle can stay: a client that leaves while Django turns an exception into a
+    response (a 404, say) cancels ``response_for_exception`` midway, and the exception and
+    the frames of its traceback keep each other (seen in CI under load, every time). The
+    request in it is empty by then.
     """
 
     async def handle(self, scope, receive, send) -> None:
