@@ -77,8 +77,8 @@ class Handler(ASGIHandler):
 
     One cycle can stay: a client that leaves while Django turns an exception into a
     response (a 404, say) cancels ``response_for_exception`` midway, and the exception and
-    the frames of its traceback keep each other (seen in CI under load, every time). The
-    request in it is empty by then.
+    the frames of its traceback keep each other (first seen in CI; under load, every time).
+    The request in it is empty by then.
     """
 
     async def handle(self, scope, receive, send) -> None:
