@@ -89,7 +89,13 @@ def _storing_its_end(answer: Message) -> bool:
     the log (the last tokens as one, say) and break a resume from one of them."""
     if answer.claimed_at is None or answer.finish_reason == store.INTERRUPTED:
         return False  # stopped before anyone began it, or its process died
-    return timezone.now() - answer.claimed_at < dt.timedelta(seconds=claim_stale_s())
+    return not _claim_stale(answer)
+
+
+def _claim_stale(answer: Message) -> bool:
+    """Whether the answer was claimed by a process that has not renewed its claim since
+    claim_stale_s(): one that died."""
+    return answer.claimed_at is not None and timezone.now() - answer.claimed_at >= dt.timedelta(seconds=claim_stale_s())
 
 
 def _rest(answer: Message, logged: list[LogEvent], *, after: int) -> Iterator[LogEvent]:
@@ -157,6 +163,6 @@ def _answer(answer_id: int) -> Message:
 
 async def _interrupt_if_abandoned(answer: Message) -> bool:
     """Mark an answer whose claim went stale (its process died) as interrupted; True if so."""
-    if answer.claimed_at is None or timezone.now() - answer.claimed_at < dt.timedelta(seconds=claim_stale_s()):
+    if not _claim_stale(answer):
         return False
     return await store.interrupt(answer, message=INTERRUPTED)
