@@ -2,7 +2,7 @@ import asyncio
 import gc
 
 import pytest
-from asgiref.testing import ApplicationCommunicator
+from channels.testing import HttpCommunicator
 from django.http import HttpRequest, HttpResponse
 from django.urls import path
 
@@ -30,27 +30,10 @@ def test_importing_the_asgi_application_applied_the_default(thresholds):
     assert gc.get_threshold()[0] == 20_000
 
 
-def http_scope(path: str) -> dict:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"testserver")],
-        "client": ("127.0.0.1", 50000),
-        "server": ("testserver", 80),
-    }
-
-
 async def request(path: str, *, leave_at_once: bool) -> list[dict]:
     """A GET through the server's ASGI application; the client leaves at once, or after the
     response, as a browser does. What the application sent."""
-    app = ApplicationCommunicator(asgi.http_application, http_scope(path))
+    app = HttpCommunicator(asgi.http_application, "GET", path, headers=[(b"host", b"testserver")])
     await app.send_input({"type": "http.request", "body": b"", "more_body": False})
     sent = []
     if not leave_at_once:
