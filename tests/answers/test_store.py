@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-import psycopg
 import pytest
 
 from rag.answers import store
 from rag.answers.events import SOURCES, TOKEN, LogEvent
 from rag.models import Message
 from tests.factories import streaming_answers
-from tests.locks import lockable, row_locked, until_one_waits_for_a_lock
+from tests.locks import connect, lockable, row_locked, until_one_waits_for_a_lock
 from tests.web.test_sse import TRICKY_TOKENS
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -23,7 +22,7 @@ async def test_a_flush_locks_the_rows_it_updates_in_id_order():
     first, second = await streaming_answers(2)
     sources = [{"n": 1, "title": "t"}]
     batch = {a.pk: [LogEvent(a.pk, str(a.public_id), 1, SOURCES, sources)] for a in (second, first)}
-    async with await psycopg.AsyncConnection.connect(**store.connection_params(), autocommit=True) as writer:
+    async with await connect(autocommit=True) as writer:
         async with row_locked(first.pk):
             flushing = asyncio.ensure_future(store._insert(writer, batch))
             await until_one_waits_for_a_lock()
@@ -37,7 +36,7 @@ async def test_a_flush_stores_every_token_exactly_nul_included():
     [answer] = await streaming_answers(1)
     key = str(answer.public_id)
     events = [LogEvent(answer.pk, key, n, TOKEN, t) for n, t in enumerate(TRICKY_TOKENS, start=1)]
-    async with await psycopg.AsyncConnection.connect(**store.connection_params(), autocommit=True) as writer:
+    async with await connect(autocommit=True) as writer:
         await store._insert(writer, {answer.pk: events})
     assert "\x00" in TRICKY_TOKENS
     assert [e.data for e in await store.read_after(answer.pk, key, 0)] == list(TRICKY_TOKENS)
