@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import signal
 import statistics
 import sys
 import time
@@ -60,7 +59,6 @@ from servers import (
     DOCUMENTS,
     FIRST_TOKEN_MS,
     INTER_TOKEN_MS,
-    LOG_DIR,
     ROOT,
     SERVERS,
     TOKENS,
@@ -69,7 +67,6 @@ from servers import (
     machine,
     measure_servers,
     memory_mb,
-    stop_on_sigterm,
 )
 from sse_client import run_level
 
@@ -246,8 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raw_args = list(sys.argv[1:] if argv is None else argv)
 
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     try:

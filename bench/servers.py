@@ -334,6 +334,8 @@ def measure_servers(
     settings added), and run ``measure`` against it: each server's results, and the
     ingest's output. ``env`` is added to the app's. Everything started is stopped, the
     database too unless ``keep_db``."""
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # a kill stops what was started, as Ctrl+C does
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
     processes = Processes()
     app: dict[str, str] | None = None
     try:

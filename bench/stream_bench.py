@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -52,7 +51,6 @@ from servers import (
     DOCUMENTS,
     FIRST_TOKEN_MS,
     INTER_TOKEN_MS,
-    LOG_DIR,
     ROOT,
     SERVERS,
     TOKENS,
@@ -61,7 +59,6 @@ from servers import (
     machine,
     measure_servers,
     package_version,
-    stop_on_sigterm,
     topics,
 )
 
@@ -216,8 +213,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     levels = args.level or (QUICK_LEVELS if args.quick else LEVELS)
     raw_args = list(sys.argv[1:] if argv is None else argv)
 
-    signal.signal(signal.SIGTERM, stop_on_sigterm)
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     servers = SERVERS if args.server == "both" else (args.server,)
