@@ -116,8 +116,10 @@ class OpenAIConfig:
                 code="bad_stream",
             )
         if timed_out:
+            # Before the first byte the client retries a timeout too: the wait was that many times longer.
+            attempts = "" if mid_stream or not self.max_retries else f", {self.max_retries + 1} times"
             return ProviderError(
-                f"The {what} server at {where} did not answer within {self.timeout:g} s. "
+                f"The {what} server at {where} did not answer within {self.timeout:g} s{attempts}. "
                 "Check that it is running and not overloaded, or raise RAG_LLM_TIMEOUT.",
                 code="timeout",
             )

@@ -122,3 +122,14 @@ def test_a_server_closes_its_clients_when_it_stops(fake_server):
     assert web.proc.returncode == 0
     assert "GET /rag/stream" in web.log()
     assert "Unclosed client session" not in web.log()
+
+
+async def test_a_timeout_before_the_first_byte_says_how_often_it_was_waited_for(fake_llm, settings):
+    # The client retries a timeout too: the message must not claim one wait when there were two.
+    settings.RAG_LLM_TIMEOUT = 0.3
+    settings.RAG_LLM_MAX_RETRIES = 1
+    with pytest.raises(ProviderError) as raised:
+        await embedding_provider().embed(["a question fault=embed_hang"])
+    assert raised.value.code == "timeout"
+    assert "within 0.3 s, 2 times" in raised.value.message
+    assert len(fake_llm.embedding_requests) == 2
