@@ -65,17 +65,18 @@ async def follow(answer_id: int, *, key: str, after: int = 0) -> AsyncIterator[L
                 after = event.seq
                 if event.terminal:
                     return
-            if events:
-                continue
-            answer = await _answer(answer_id)
-            if answer.status != Message.Status.STREAMING:
-                logged = await store.read_after(answer_id, key, 0)
-                if (logged and logged[-1].terminal) or not _storing_its_end(answer):
-                    for event in _rest(answer, logged, after=after):
-                        yield event
-                    return
-            elif await _interrupt_if_abandoned(answer):
-                continue
+            # Events stored after this read's start are notified, and the wake was cleared
+            # before it: while they come, a notification is the only thing to wait for.
+            if not events:
+                answer = await _answer(answer_id)
+                if answer.status != Message.Status.STREAMING:
+                    logged = await store.read_after(answer_id, key, 0)
+                    if (logged and logged[-1].terminal) or not _storing_its_end(answer):
+                        for event in _rest(answer, logged, after=after):
+                            yield event
+                        return
+                elif await _interrupt_if_abandoned(answer):
+                    continue
             with suppress(TimeoutError):
                 await asyncio.wait_for(wake.wait(), check_s())
     finally:
