@@ -32,9 +32,14 @@ What it measures
     the app's RAG_GC_GEN0_THRESHOLD), and ``/rag/stream`` on it is one more target of each
     round: what the app's setting buys, in the same run.
 
+    With ``--baseline REV``, ``/rag/stream`` of an earlier commit is one more target: its
+    files as ``git archive`` has them, in ``var/bench-baseline/``, on a database of its own
+    that its own code migrates and fills with the same documents. A target set on another
+    machine compares only as a ratio to such a baseline measured in the same run.
+
 How to run
     ``.venv/bin/python bench/floor_bench.py [--server daphne|uvicorn|both] [--rounds 2] [--processes 1]
-    [--gc-baseline]``
+    [--gc-baseline] [--baseline REV]``
     from the repository root (about a minute per round and server). Like stream_bench, it
     binds loopback only, stops what it started, keeps logs in ``var/bench/logs/``, prints
     one JSON object as its last line and rewrites its section of ``docs/benchmarks.md``
@@ -45,11 +50,16 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import io
 import json
+import shutil
 import statistics
+import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -62,6 +72,7 @@ from servers import (
     ROOT,
     SERVERS,
     TOKENS,
+    Beside,
     command_line,
     log,
     machine,
@@ -92,6 +103,21 @@ PYTHON_GC = "app-python-gc"
 WHAT = {name: what for name, _, what in TARGETS} | {
     PYTHON_GC: "`/rag/stream` on a server with Python's own garbage collection thresholds (700)"
 }
+BASELINE_DIR = ROOT / "var" / "bench-baseline"
+
+
+BASELINE = "app@"  # its target's name: app@<commit>
+
+
+def baseline_source(rev: str) -> Path:
+    """The files of commit ``rev``, fresh in var/bench-baseline/src."""
+    source = BASELINE_DIR / "src"
+    shutil.rmtree(source, ignore_errors=True)
+    source.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(source, filter="data")
+    return source
 
 
 async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, Any]:
@@ -99,8 +125,8 @@ async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, A
         Target(name, bench.fake_url, path) if name == "fake" else Target(name, bench.app.base, path, bench.app.mirrors)
         for name, path, _ in TARGETS
     ]
-    if PYTHON_GC in bench.also:
-        targets.insert(1, Target(PYTHON_GC, bench.also[PYTHON_GC]))
+    # Beside the app, in each round: the servers started beside it (--gc-baseline, --baseline).
+    targets[1:1] = [Target(label, base) for label, base in bench.also.items()]
     for target in targets:
         await run_level(bench.requester(target, f"warmup-{target.name}"), n=WARMUP_REQUESTS, concurrency=1)
     before = memory_mb(bench.server_pid)
@@ -135,8 +161,8 @@ async def measure(bench: Bench, *, concurrency: int, rounds: int) -> dict[str, A
 async def collector(target: Target, *, since: dict[str, float] | None = None) -> dict[str, float]:
     """What Python's garbage collector has cost the target's server processes (``/_floor/gc``):
     its seconds in all and its longest pause; since an earlier read, with ``since``."""
-    if target.name == "fake":
-        return {}
+    if target.name == "fake" or target.name.startswith(BASELINE):
+        return {}  # an earlier commit has no /_floor/gc
     reads = []
     async with aiohttp.ClientSession() as session:
         for base in (target.base, *target.mirrors):
@@ -163,6 +189,8 @@ def _brief(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _collected(run: dict[str, Any]) -> str:
+    if run["server_gc_s"] is None:
+        return "–"
     return f"{run['server_gc_s']:.2f} s, {fmt(run['server_gc_longest_pause_ms'])} ms"
 
 
@@ -204,17 +232,28 @@ def render_markdown(summary: dict[str, Any]) -> str:
         ]
         for name, runs in result["targets"].items():
             cpu = gc = "–"
+            what = WHAT.get(name) or f"`/rag/stream` of {name.removeprefix(BASELINE)} (its own checkout and database)"
             if name != "fake":
                 cpu = f"{_per_round(runs, 'server_cpu_ms_per_request')} ms"
                 gc = " / ".join(_collected(run) for run in runs)
             p50s = " / ".join(fmt(run["ttft_overhead_ms"]["p50"]) for run in runs)
             p99 = max((run["ttft_overhead_ms"]["p99"] or 0) for run in runs)
             lines.append(
-                f"| {name} | {WHAT[name]} | {p50s} | {fmt(p99)} | {_per_round(runs, 'first_to_last_token_ms_p50')} "
+                f"| {name} | {what} | {p50s} | {fmt(p99)} | {_per_round(runs, 'first_to_last_token_ms_p50')} "
                 f"| {cpu} | {gc} | {sum(run['errors'] for run in runs)} / {c * len(runs)} |"
             )
         app = [run["ttft_overhead_ms"]["p50"] for run in result["targets"]["app"]]
         met = all(p50 is not None and p50 <= TARGET_P50_MS for p50 in app)
+        for name, runs in result["targets"].items():
+            if name.startswith(BASELINE):
+                theirs = [run["ttft_overhead_ms"]["p50"] for run in runs]
+                ratios = [a / b if a and b else None for a, b in zip(app, theirs, strict=True)]
+                lines += [
+                    "",
+                    f"`/rag/stream` against {name}, TTFT overhead p50 in each round: "
+                    + " / ".join(f"{r:.2f}×" if r else "–" for r in ratios)
+                    + ".",
+                ]
         lines += [
             "",
             f"`/rag/stream`: {'met' if met else 'missed'} (median of the rounds "
@@ -225,6 +264,28 @@ def render_markdown(summary: dict[str, Any]) -> str:
         ]
     lines.append(end)
     return "\n".join(lines)
+
+
+def beside(*, gc_baseline: bool, baseline: str | None) -> dict[str, Beside]:
+    servers = {}
+    if gc_baseline:
+        servers[PYTHON_GC] = Beside(env={"RAG_GC_GEN0_THRESHOLD": "700"})
+    if baseline:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", f"{baseline}^{{commit}}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        # Its own settings: floor_settings (bench/ on the path) may not fit its code.
+        env = {
+            "DJANGO_SETTINGS_MODULE": "ragsite.settings",
+            "PYTHONPATH": "",
+            "RAG_DATA_DIR": str(BASELINE_DIR / "data"),
+        }
+        servers[BASELINE + rev] = Beside(env=env, source=baseline_source(rev))
+    return servers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -238,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="also measure /rag/stream on a server with Python's own garbage collection thresholds",
     )
+    parser.add_argument("--baseline", metavar="REV", help="also measure /rag/stream of this earlier commit")
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--keep-db", action="store_true", help="leave the var/bench Postgres running afterwards")
     args = parser.parse_args(argv)
@@ -254,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # bench/ on the path: the server imports floor_settings and floor_urls from it.
             env={"DJANGO_SETTINGS_MODULE": "floor_settings", "PYTHONPATH": str(ROOT / "bench")},
             count=args.processes,
-            also={PYTHON_GC: {"RAG_GC_GEN0_THRESHOLD": "700"}} if args.gc_baseline else None,
+            also=beside(gc_baseline=args.gc_baseline, baseline=args.baseline),
         )
     except KeyboardInterrupt as exc:
         log(f"interrupted ({str(exc) or 'SIGINT'}); stopping everything")

@@ -73,12 +73,12 @@ class Processes:
     def __init__(self) -> None:
         self._procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str], *, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
         log_path = LOG_DIR / f"{name}.log"
         with log_path.open("wb") as out:
             # A session of its own: Ctrl+C reaches only this script, which then stops it in order.
             proc = subprocess.Popen(
-                argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
             )
         self._procs.append((name, proc))
         return proc
@@ -99,13 +99,13 @@ class Processes:
             self.stop(self._procs[-1][1])
 
 
-def run_step(name: str, argv: list[str], env: dict[str, str], timeout: float = 300) -> str:
+def run_step(name: str, argv: list[str], env: dict[str, str], timeout: float = 300, *, cwd: Path = ROOT) -> str:
     """Run a command to completion (migrate, ingest); its output goes to var/bench/logs/NAME.log."""
     log_path = LOG_DIR / f"{name}.log"
     with log_path.open("wb") as out:
         try:
             proc = subprocess.run(
-                argv, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=timeout
+                argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, timeout=timeout
             )
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{name} took more than {timeout:g} s; see {log_path}") from None
@@ -133,8 +133,9 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], name: str, timeout: fl
 
 
 def stop_embedded_db(env: dict[str, str]) -> None:
-    """Stop the var/bench Postgres that the app's processes started and left running (by design)."""
-    pgdata = DATA_DIR / "pgdata"
+    """Stop the embedded Postgres (of ``env``'s RAG_DATA_DIR) that the app's processes started
+    and left running (by design)."""
+    pgdata = Path(env["RAG_DATA_DIR"]) / "pgdata"
     if not (pgdata / "postmaster.pid").exists():
         return
     user = "'pgserver'" if os.geteuid() == 0 else "None"  # pgserver runs Postgres as 'pgserver' under root
@@ -293,14 +294,27 @@ def started_fake(processes: Processes) -> Iterator[tuple[str, int]]:
         processes.stop(proc)
 
 
-def prepare_database(env: dict[str, str], *, documents: int) -> list[str]:
-    """Migrate the var/bench database and ingest the generated documents; the ingest's output."""
-    run_step("migrate", [sys.executable, "manage.py", "migrate", "--noinput"], env)
+def prepare_database(env: dict[str, str], *, documents: int, source: Path = ROOT, name: str = "") -> list[str]:
+    """Migrate the database of ``env`` (var/bench) with the app in ``source`` and ingest the
+    generated documents; the ingest's output. ``name`` prefixes the steps' logs."""
+    run_step(f"{name}migrate", [sys.executable, "manage.py", "migrate", "--noinput"], env, cwd=source)
     with tempfile.TemporaryDirectory(prefix="bench-docs-") as folder:
         write_documents(Path(folder), min(documents, len(topics())))
-        ingest = run_step("ingest", [sys.executable, "manage.py", "ingest", folder], env).splitlines()
-    log(f"database ready ({ingest[-1] if ingest else 'ingested'})")
+        argv = [sys.executable, "manage.py", "ingest", folder]
+        ingest = run_step(f"{name}ingest", argv, env, cwd=source).splitlines()
+    log(f"{name}database ready ({ingest[-1] if ingest else 'ingested'})")
     return ingest
+
+
+@dataclass(frozen=True)
+class Beside:
+    """A server started beside each measured one: settings of its own (``env``, over the
+    app's), and, with ``source``, another checkout of the app (an earlier commit, say), which
+    then needs a RAG_DATA_DIR of its own in ``env``: its database is migrated and filled
+    with the same documents by its own code."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    source: Path = ROOT
 
 
 @dataclass(frozen=True)
@@ -311,8 +325,9 @@ class Served:
     app_urls: list[str]
     fake_url: str
     server_pids: list[int]  # all of them, ``also``'s included
-    #: Servers of the same kind started beside them with settings of their own, by label
-    #: (floor_bench --gc-baseline: one with Python's own garbage collection thresholds).
+    #: Servers of the same kind started beside them (``Beside``), by label (floor_bench
+    #: --gc-baseline: one with Python's own garbage collection thresholds; --baseline: an
+    #: earlier commit of the app).
     also: dict[str, str] = field(default_factory=dict)
 
 
@@ -327,32 +342,39 @@ def measure_servers(
     keep_db: bool,
     env: dict[str, str] | None = None,
     count: int = 1,
-    also: Mapping[str, Mapping[str, str]] | None = None,
+    also: Mapping[str, Beside] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Start the fake LLM and the database, then each server in turn (``count`` processes of
-    it on the one database, and one more for each of ``also``'s labels, with that label's
-    settings added), and run ``measure`` against it: each server's results, and the
-    ingest's output. ``env`` is added to the app's. Everything started is stopped, the
-    database too unless ``keep_db``."""
+    it on the one database, and one more for each of ``also``'s labels, as its ``Beside``
+    says), and run ``measure`` against it: each server's results, and the ingest's output.
+    ``env`` is added to the app's. Everything started is stopped, the databases too unless
+    ``keep_db``."""
     signal.signal(signal.SIGTERM, stop_on_sigterm)  # a kill stops what was started, as Ctrl+C does
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     processes = Processes()
-    app: dict[str, str] | None = None
+    also = also or {}
+    databases: list[dict[str, str]] = []  # the app's, then those of other checkouts
     try:
         with started_fake(processes) as (fake_url, fake_port):
             log(f"fake LLM on {fake_url}; logs in {LOG_DIR.relative_to(ROOT)}/")
             app = app_env(fake_port) | (env or {})
+            databases.append(app)
             ingest = prepare_database(app, documents=documents)
+            for label, beside in also.items():
+                if beside.source != ROOT:
+                    databases.append(app | dict(beside.env))
+                    prepare_database(databases[-1], documents=documents, source=beside.source, name=f"{label}-")
             results = [
                 measure_server(
-                    s, env=app, fake_url=fake_url, processes=processes, measure=measure, count=count, also=also or {}
+                    s, env=app, fake_url=fake_url, processes=processes, measure=measure, count=count, also=also
                 )
                 for s in servers
             ]
     finally:
         processes.stop_all()
-        if app is not None and not keep_db:
-            stop_embedded_db(app)
+        if not keep_db:
+            for database in databases:
+                stop_embedded_db(database)
     return results, ingest
 
 
@@ -364,15 +386,16 @@ def measure_server(
     processes: Processes,
     measure: Measure,
     count: int = 1,
-    also: Mapping[str, Mapping[str, str]],
+    also: Mapping[str, Beside],
 ) -> dict[str, Any]:
     names = [server] + [f"{server}-{i}" for i in range(2, count + 1)]  # their logs' names
-    envs = [env] * count + [env | dict(extra) for extra in also.values()]
+    envs = [env] * count + [env | dict(beside.env) for beside in also.values()]
+    sources = [ROOT] * count + [beside.source for beside in also.values()]
     names += [f"{server}-{label}" for label in also]
     ports = [free_port() for _ in names]
     procs = [
-        processes.start(name, server_argv(server, port), its_env)
-        for name, port, its_env in zip(names, ports, envs, strict=True)
+        processes.start(name, server_argv(server, port), its_env, cwd=source)
+        for name, port, its_env, source in zip(names, ports, envs, sources, strict=True)
     ]
     try:
         urls = [f"http://127.0.0.1:{port}" for port in ports]
