@@ -295,8 +295,9 @@ def started_fake(processes: Processes) -> Iterator[tuple[str, int]]:
 
 
 def prepare_database(env: dict[str, str], *, documents: int, source: Path = ROOT, name: str = "") -> list[str]:
-    """Migrate the database of ``env`` (var/bench) with the app in ``source`` and ingest the
-    generated documents; the ingest's output. ``name`` prefixes the steps' logs."""
+    """Migrate the database of ``env``'s RAG_DATA_DIR (var/bench for the app) with the app in
+    ``source`` and ingest the generated documents; the ingest's output. ``name`` prefixes
+    the steps' logs."""
     run_step(f"{name}migrate", [sys.executable, "manage.py", "migrate", "--noinput"], env, cwd=source)
     with tempfile.TemporaryDirectory(prefix="bench-docs-") as folder:
         write_documents(Path(folder), min(documents, len(topics())))
