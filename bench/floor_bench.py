@@ -103,10 +103,9 @@ PYTHON_GC = "app-python-gc"
 WHAT = {name: what for name, _, what in TARGETS} | {
     PYTHON_GC: "`/rag/stream` on a server with Python's own garbage collection thresholds (700)"
 }
+#: With --baseline REV: `/rag/stream` of that commit, a target named app@<commit>.
+BASELINE = "app@"
 BASELINE_DIR = ROOT / "var" / "bench-baseline"
-
-
-BASELINE = "app@"  # its target's name: app@<commit>
 
 
 def baseline_source(rev: str) -> Path:
