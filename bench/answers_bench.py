@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
+    from django.db import connections
+
+    from ragsite.embedded_db import stop_embedded_server
     from tests.processes import answers, free_port, start
 
     fake, environment = fake_llm_and_database(data_dir=DATA_DIR, tokens=TOKENS, inter_token_ms=INTER_TOKEN_MS)
@@ -170,6 +173,9 @@ def main() -> None:
         for web in webs:
             web.stop()
         fake.stop()
+        # Stopped as it was started, by this script: nothing of it keeps running afterwards.
+        connections.close_all()
+        stop_embedded_server(DATA_DIR)
     print(json.dumps(result, indent=2))
     if not args.no_write:
         write_doc(result)

@@ -134,13 +134,11 @@ def wait_http_ok(url: str, proc: subprocess.Popen[bytes], name: str, timeout: fl
 
 def stop_embedded_db(env: dict[str, str]) -> None:
     """Stop the embedded Postgres (of ``env``'s RAG_DATA_DIR) that the app's processes started
-    and left running (by design)."""
-    pgdata = Path(env["RAG_DATA_DIR"]) / "pgdata"
-    if not (pgdata / "postmaster.pid").exists():
-        return
-    user = "'pgserver'" if os.geteuid() == 0 else "None"  # pgserver runs Postgres as 'pgserver' under root
+    and left running (by design), as ``make stop-db`` does: in a child, which has the app on
+    its path."""
     code = (
-        f"import pathlib, pgserver; pgserver.pg_ctl(['-w', 'stop'], pgdata=pathlib.Path({str(pgdata)!r}), user={user})"
+        "import pathlib; from ragsite.embedded_db import stop_embedded_server; "
+        f"stop_embedded_server(pathlib.Path({env['RAG_DATA_DIR']!r}))"
     )
     with contextlib.suppress(subprocess.SubprocessError, OSError):
         subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=60)
