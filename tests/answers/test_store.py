@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from rag.answers import store
-from rag.answers.events import SOURCES, TOKEN, LogEvent
-from rag.models import Message
+from rag.answers.events import DONE, SOURCES, TOKEN, LogEvent
+from rag.models import AnswerEvents, Message
 from tests.factories import streaming_answers
 from tests.locks import connect, lockable, row_locked, until_one_waits_for_a_lock
 from tests.web.test_sse import TRICKY_TOKENS
@@ -40,3 +40,24 @@ async def test_a_flush_stores_every_token_exactly_nul_included():
         await store._insert(writer, {answer.pk: events})
     assert "\x00" in TRICKY_TOKENS
     assert [e.data for e in await store.read_after(answer.pk, key, 0)] == list(TRICKY_TOKENS)
+
+
+async def test_an_event_after_a_quiet_spell_is_written_at_once_then_they_wait_for_the_interval(monkeypatch):
+    """An answer's first token comes after the LLM's prefill: waiting a whole interval for it
+    made followers in other processes see it 105 ms late. Later events still go in batches."""
+    monkeypatch.setattr(store, "FLUSH_S", 600)
+    [answer] = await streaming_answers(1)
+    key = str(answer.public_id)
+    writer = store.EventWriter()
+    try:
+        writer.append(LogEvent(answer.pk, key, 1, TOKEN, "first"))
+        await asyncio.wait_for(writer.flushed(), timeout=10)  # not 600 s
+        writer.append(LogEvent(answer.pk, key, 2, TOKEN, " second"))
+        assert [e.seq for e in await store.read_after(answer.pk, key, 0)] == [1]  # within the interval: it waits
+        writer.append(LogEvent(answer.pk, key, 3, DONE, {"status": "complete"}))  # an end goes at once
+        await asyncio.wait_for(writer.flushed(), timeout=10)
+    finally:
+        writer._wake.set()  # a writer that failed the test would otherwise close after 600 s
+        await writer.aclose()
+    runs = [(r.first_seq, r.last_seq) async for r in AnswerEvents.objects.filter(message=answer).order_by("first_seq")]
+    assert runs == [(1, 1), (2, 3)]
