@@ -34,12 +34,16 @@ def bad_request(message: str, status: int = 400) -> JsonResponse:
 
 def api_method(method: str):
     """Like require_GET/require_POST, but the 405 is JSON that says what to use; a signed-in
-    user's request from another site is a 403 that says why (access.CrossSite)."""
+    user's request from another site is a 403 that says why (access.CrossSite).
+
+    No HEAD for a GET: the stream's would start an answer, and daphne writes a streamed
+    body even to a HEAD, onto a keep-alive connection the client reads its next response from.
+    """
 
     def decorator(view):
         @functools.wraps(view)
         async def wrapper(request: HttpRequest, *args, **kwargs):
-            if request.method != method and not (method == "GET" and request.method == "HEAD"):
+            if request.method != method:
                 response = bad_request(f"Use {method} for {request.path}.", status=405)
                 response["Allow"] = method
                 return response

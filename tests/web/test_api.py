@@ -519,6 +519,16 @@ async def test_wrong_method_is_a_405_json_error(client, method, path, allowed):
     assert allowed in error_of(response, 405)
 
 
+
+@pytest.mark.django_db
+async def test_head_of_the_stream_is_a_405_and_starts_no_answer(client):
+    """HEAD would start an answer (the LLM asked for nothing) and daphne writes a streamed body
+    even to a HEAD, onto a connection the client then reuses for its next request."""
+    response = await client.head("/rag/stream", {"question": "What is a leaf?"})
+    assert response.status_code == 405
+    assert response["Allow"] == "GET"
+    assert not await Message.objects.aexists()
+
 # --- upstream failures through HTTP --------------------------------------------------------------
 
 
