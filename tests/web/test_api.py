@@ -519,7 +519,6 @@ async def test_wrong_method_is_a_405_json_error(client, method, path, allowed):
     assert allowed in error_of(response, 405)
 
 
-
 @pytest.mark.django_db
 async def test_head_of_the_stream_is_a_405_and_starts_no_answer(client):
     """HEAD would start an answer (the LLM asked for nothing) and daphne writes a streamed body
@@ -528,6 +527,7 @@ async def test_head_of_the_stream_is_a_405_and_starts_no_answer(client):
     assert response.status_code == 405
     assert response["Allow"] == "GET"
     assert not await Message.objects.aexists()
+
 
 # --- upstream failures through HTTP --------------------------------------------------------------
 
