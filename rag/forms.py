@@ -41,6 +41,16 @@ def parse_question(*, question: object, k: object = None) -> QuestionInput:
     return QuestionInput(question=question, k=_parse_k(k))
 
 
+def parse_collection_name(value: object) -> str | None:
+    """The name of the one collection to search, or None (absent or ""): every one the
+    asker may read. Whether they may read it is the caller's to check."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or "\x00" in value or len(value) > Collection._meta.get_field("name").max_length:
+        raise BadQuestion("'collection' must be a collection's name: at most 100 characters, no NUL.")
+    return value
+
+
 def _parse_k(k: object) -> int:
     if k is None or k == "":
         return settings.RAG_DEFAULT_K

@@ -18,7 +18,7 @@ from rag.answers import generate, live, oneshot
 from rag.answers.access import CrossSite, asking_user
 from rag.answers.events import LogEvent, parse_id
 from rag.answers.follow import follow
-from rag.forms import BadQuestion, parse_question
+from rag.forms import BadQuestion, parse_collection_name, parse_question
 from rag.models import Message, Reader
 from rag.python_api import RAG
 from rag.services.metadata_filter import FilterError, MetadataFilter
@@ -73,10 +73,12 @@ async def reader(user, *, collection: str | None = None) -> Reader:
     collection by name. A name they may not read raises NoSuchCollection, in the same
     words whether it does not exist or is not theirs to read."""
     who = Reader.of(user)
-    if collection is None or collection == "":
+    try:
+        collection = parse_collection_name(collection)
+    except BadQuestion as exc:
+        raise BadCollection(str(exc)) from None
+    if collection is None:
         return who
-    if "\x00" in collection or len(collection) > 100:
-        raise BadCollection("'collection' must be a collection's name: at most 100 characters, no NUL.")
     if not await who.collections().filter(name=collection).aexists():
         raise NoSuchCollection(f"There is no collection named {collection!r} that you may read.")
     return who.only(name=collection)

@@ -2,7 +2,8 @@
 
 Client → server::
 
-    {"type": "ask", "question": "...", "k": 4, "conversation_id": "<uuid>"}   # k, conversation_id optional
+    {"type": "ask", "question": "...", "k": 4, "conversation_id": "<uuid>", "collection": "<name>"}
+                                            # k, conversation_id and collection optional
     {"type": "stop"}
     {"type": "resume", "last_event_id": "<id>"}   # after a reconnect: the events after that one
 
@@ -33,7 +34,7 @@ from django.contrib.auth import get_user_model
 from rag.answers import events
 from rag.answers.access import Owner, scope_owner
 from rag.answers.events import LogEvent, parse_id
-from rag.forms import BadQuestion, parse_question
+from rag.forms import BadQuestion, parse_collection_name, parse_question
 from rag.models import Reader
 from rag.services import chat
 from rag.services.connections import arelease_connection
@@ -82,14 +83,29 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
         try:
             q = parse_question(question=content.get("question"), k=content.get("k"))
             conversation_id = _uuid(content.get("conversation_id"))
+            collection = parse_collection_name(content.get("collection"))
         except BadQuestion as exc:
             await self.bad_request(str(exc))
             return
         owner = await self.get_owner()
+        reader = await self.reader()
+        collection_id = None
+        if collection is not None:
+            collection_id = await reader.collections().filter(name=collection).values_list("pk", flat=True).afirst()
+            if collection_id is None:
+                await self.bad_request(
+                    f"There is no collection named {collection!r} that you may read. "
+                    "Leave out 'collection' to search every collection you may read."
+                )
+                return
         try:
-            reader = await self.reader()
             answer = await chat.ask(
-                owner=owner, question=q.question, k=q.k, conversation_id=conversation_id, collections=reader
+                owner=owner,
+                question=q.question,
+                k=q.k,
+                conversation_id=conversation_id,
+                collection_id=collection_id,
+                collections=reader,
             )
             events = await chat.stream_turn(owner=owner, answer_id=answer.pk)
         except chat.NotFound:

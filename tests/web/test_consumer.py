@@ -107,6 +107,8 @@ async def test_an_upstream_error_is_an_error_message_then_done(fake_llm):
         ('{"type": "ask", "question": ""}', "non-empty"),
         ('{"type": "ask", "question": "q", "k": 0}', "'k' must be"),
         ('{"type": "ask", "question": "q", "conversation_id": "nope"}', "UUID"),
+        ('{"type": "ask", "question": "q", "collection": 5}', "'collection' must be a collection's name"),
+        ('{"type": "ask", "question": "q", "collection": "nowhere"}', "no collection named 'nowhere'"),
         ('{"type": "stop"}', "Nothing to stop"),
     ],
 )
@@ -265,6 +267,35 @@ async def test_a_signed_in_group_member_gets_the_group_collection_and_nobody_els
     assert refused["code"] == "bad_request" and "No such conversation" in refused["message"]
     assert not_resumed["code"] == "bad_request" and "No such answer" in not_resumed["message"]
     assert await Message.objects.filter(conversation_id=conversation_id).acount() == 2  # nothing added to it
+
+
+async def test_collection_narrows_the_search_to_one_the_asker_may_read(fake_llm):
+    """As on /rag/stream: by name, never wider than what the asker may read; a follow-up
+    (regenerate too) keeps it, since it is the turn's."""
+    from rag.services.documents import aadd_documents
+
+    await add_corpus()
+    secret, members = await agroup_collection()
+    await aadd_documents(documents=["The vault code is 4711."], collection=secret)
+    member_session = await signed_in_session("member")
+    await (await User.objects.aget(username="member")).groups.aadd(members)
+
+    member = await connect(member_session)
+    await member.send_json_to({"type": "ask", "question": "pgvector?", "k": 5, "collection": "secret"})
+    messages = await receive_until_done(member)
+    await member.disconnect()
+    [sources] = [m["sources"] for m in messages if m["type"] == "sources"]
+    assert sources and all("4711" in s["snippet"] for s in sources)  # only the named collection
+    answer = await Message.objects.aget(pk=messages[0]["answer_id"])
+    assert answer.collection_id == secret.pk
+
+    anonymous = await connect()
+    await anonymous.send_json_to({"type": "ask", "question": "The vault code?", "collection": "secret"})
+    refused = await anonymous.receive_json_from(timeout=5)
+    await anonymous.disconnect()
+    # The same words as for a collection that does not exist: its name reveals nothing.
+    assert refused["code"] == "bad_request" and "no collection named 'secret'" in refused["message"]
+    assert await Message.objects.acount() == 2  # the member's question and answer only
 
 
 async def test_an_open_socket_reads_with_the_users_flags_as_they_are_now(fake_llm):
