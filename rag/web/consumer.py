@@ -17,7 +17,7 @@ Server → client, per answer::
 
 One answer at a time per socket. Closing the socket does not stop the answer: it is
 finished and saved, and a new socket can resume it with the last ``id`` it saw. Stop
-stops it. Input a client must fix gets ``{"type": "error", "code": "bad_request",
+stops it. Input a client must fix (a misspelt key included) gets ``{"type": "error", "code": "bad_request",
 "message": ...}`` and the socket stays open.
 """
 
@@ -67,6 +67,12 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive_json(self, content: dict, **kwargs) -> None:
         kind = content.get("type")
+        if kind in _KEYS and (unknown := sorted(map(str, content.keys() - _KEYS[kind]))):
+            # A misspelt key ("conversationId") would otherwise start a new conversation, silently.
+            await self.bad_request(
+                f"Unknown key {unknown[0][:40]!r} in {kind!r}: it takes {', '.join(sorted(_KEYS[kind]))}."
+            )
+            return
         if kind == "ask":
             await self.ask(content)
         elif kind == "stop":
@@ -166,6 +172,14 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
         if self.owner is None:
             self.owner = await scope_owner(self.scope)
         return self.owner
+
+
+#: What each message may hold.
+_KEYS = {
+    "ask": {"type", "question", "k", "conversation_id", "collection"},
+    "stop": {"type"},
+    "resume": {"type", "last_event_id"},
+}
 
 
 def _uuid(value: object) -> uuid.UUID | None:

@@ -109,6 +109,8 @@ async def test_an_upstream_error_is_an_error_message_then_done(fake_llm):
         ('{"type": "ask", "question": "q", "conversation_id": "nope"}', "UUID"),
         ('{"type": "ask", "question": "q", "collection": 5}', "'collection' must be a collection's name"),
         ('{"type": "ask", "question": "q", "collection": "nowhere"}', "no collection named 'nowhere'"),
+        ('{"type": "ask", "question": "q", "conversationId": "x"}', "Unknown key 'conversationId' in 'ask'"),
+        ('{"type": "resume", "last_id": "x"}', "it takes last_event_id, type"),
         ('{"type": "stop"}', "Nothing to stop"),
     ],
 )
