@@ -25,6 +25,7 @@ from rag.services.metadata_filter import FilterError, MetadataFilter
 from rag.web import sse
 
 FORMATS = ("text", "json")
+QUERY_KEYS = frozenset({"question", "k", "collection", "filter"})
 logger = logging.getLogger(__name__)
 
 
@@ -201,6 +202,9 @@ async def query(request: HttpRequest):
         return bad_request("The body is not valid JSON: it is nested too deeply.")
     if not isinstance(body, dict):
         return bad_request('The body must be a JSON object like {"question": "...", "k": 4}.')
+    if unknown := sorted(body.keys() - QUERY_KEYS):
+        # A misspelt "colection" or "filters" would otherwise search more than was asked.
+        return bad_request(f"Unknown key {unknown[0][:40]!r}: the body takes {', '.join(sorted(QUERY_KEYS))}.")
     try:
         q = parse_question(question=body.get("question"), k=body.get("k"))
         metadata = MetadataFilter.parse(body.get("filter"))

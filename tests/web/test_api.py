@@ -448,6 +448,7 @@ async def test_stream_limits_come_from_settings(client, settings):
         (b'{"question": "ok", "k": NaN}', "'k'"),
         (b'{"question": "ok", "k": Infinity}', "'k'"),
         (b'{"question": "ok", "k": 1e400}', "'k'"),
+        (b'{"question": "ok", "colection": "handbook"}', "Unknown key 'colection': the body takes collection, filter"),
     ],
     ids=lambda v: ascii(v)[:40] if isinstance(v, bytes) else None,
 )
