@@ -73,10 +73,15 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 
 
 @pytest.fixture(autouse=True)
-async def _answers_end_with_their_test() -> AsyncIterator[None]:
-    """Generations run in tasks of their own: let each test's end before its database goes."""
+async def _answers_end_with_their_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Generations run in tasks of their own, here or in the live server: let each test's end
+    before its database goes (the teardown's TRUNCATE deadlocked with the server's last INSERT
+    of an answer whose client had left)."""
     yield
     await live.wait_idle()
+    if "live_server_url" in request.fixturenames:
+        begun = Message.objects.filter(role=Message.Role.ASSISTANT, claimed_at__isnull=False)
+        await logs_stored([pk async for pk in begun.values_list("pk", flat=True)])
 
 
 @pytest.fixture(scope="session")
