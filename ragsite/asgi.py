@@ -70,7 +70,7 @@ class Handler(ASGIHandler):
       the task (Django ticket 36700). Ended normally, it keeps nothing; ``handle`` does
       the same either way: it cancels the view if it still runs. (Django 6.1's ``handle``
       cancels the view only when this raises: look again before upgrading;
-      tests/web/test_api.py checks that a client that leaves stops its answer.)
+      tests/web/api/test_stream.py checks that a client that leaves stops its answer.)
     * The middleware make cycles of the request itself: ``request.user`` and ``auser``
       close over the request, the messages' storage holds it. Once the response is sent
       and closed nothing reads the request, so its attributes are dropped.
