@@ -455,3 +455,34 @@ async def test_an_answer_still_being_written_is_hidden_from_staff_who_may_not_re
         await chat.stop(owner=Owner(user_id=asker.pk), answer_id=answer.pk)
     assert "The vault code is" not in messages and "Which code opens the vault?" not in conversations
     assert "The vault code is" in member[0] and "Which code opens the vault?" in member[1]
+
+
+@pytest.mark.parametrize(
+    ("changelist", "field"),
+    [
+        ("collection", "visibility__exact"),
+        ("document", "status__exact"),
+        ("document", "embedding_model"),
+        ("message", "role__exact"),
+        ("message", "feedback__value"),
+        ("feedback", "value__exact"),
+    ],
+)
+def test_a_filter_value_holding_a_nul_is_a_bad_filter_not_a_500(changelist, field):
+    """Postgres refuses text holding a NUL: the admin treats it as any other bad filter."""
+    client = staff_client()
+    client.raise_request_exception = False
+    url = reverse(f"admin:rag_{changelist}_changelist")
+    response = client.get(url, {field: "\x00"})
+    assert response.status_code == 302 and response["Location"] == f"{url}?e=1"
+    assert client.get(response["Location"]).status_code == 200
+
+
+@pytest.mark.parametrize("object_id", ["x", "%00", "1x"])
+def test_the_chunks_of_a_document_that_cannot_exist_say_so_as_the_admin_does(object_id):
+    """Not a 500: Django's admin, as for any id that is not one, says it does not exist."""
+    client = staff_client()
+    client.raise_request_exception = False
+    response = client.get(f"{CHANGELIST}{object_id}/chunks/", follow=True)
+    assert response.status_code == 200
+    assert "doesn’t exist" in response.content.decode()
