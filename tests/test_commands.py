@@ -289,11 +289,43 @@ def test_ask_upstream_failure_is_a_command_error(fake_llm, capsys):
     assert Message.objects.get(role="assistant").status == Message.Status.ERROR
 
 
-@pytest.mark.parametrize("args", [["   "], ["question", "-k", "0"]])
-def test_ask_bad_input_is_a_command_error(args, fake_llm):
-    with pytest.raises(CommandError):
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["   "], "Ask a question"),
+        (["question", "-k", "0"], "'k' must be"),
+        (["question", "--collection", "nowhere"], "no collection named “nowhere” (there are: default)"),
+        (["question", "--filter", "{"], "not valid JSON"),
+        (["question", "--filter", '{"year": {"before": 2021}}'], "Unknown operator 'before'"),
+    ],
+)
+def test_ask_bad_input_is_a_command_error(args, says, fake_llm):
+    providers.run(add_corpus())
+    with pytest.raises(CommandError, match=re.escape(says)):
         call_command("ask", *args, stdout=io.StringIO())
-    assert fake_llm.records == []
+    assert fake_llm.records == []  # the LLM was not asked
+
+
+def test_ask_searches_one_collection_under_a_metadata_filter(fake_llm):
+    """As the API's collection and filter do: the sources come only from what they keep."""
+    from rag.models import Collection
+    from rag.services.documents import DocumentInput, aadd_documents
+
+    providers.run(add_corpus())
+    handbook = Collection.objects.create(name="handbook")
+    providers.run(
+        aadd_documents(
+            documents=[
+                DocumentInput(text="The office opens at nine.", title="Hours", metadata={"kind": "hours"}),
+                DocumentInput(text="The office has a pgvector poster.", title="Posters", metadata={"kind": "art"}),
+            ],
+            collection=handbook,
+        )
+    )
+    out = io.StringIO()
+    call_command("ask", "pgvector office?", "--collection", "handbook", "--filter", '{"kind": "hours"}', stdout=out)
+    sources = re.findall(r"^\[\d+\] (.+) \(", out.getvalue(), flags=re.M)
+    assert sources == ["Hours"]
 
 
 def reembed(*args: str) -> str:

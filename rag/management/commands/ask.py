@@ -8,9 +8,11 @@ import time
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from rag import providers
-from rag.forms import BadQuestion, parse_question
+from rag.forms import BadQuestion, parse_collection_name, parse_question
+from rag.models import Collection, Reader
 from rag.python_api import RAG
 from rag.services import answering
+from rag.services.metadata_filter import FilterError, MetadataFilter
 
 
 class Command(BaseCommand):
@@ -19,23 +21,53 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("question", nargs="+", help="The question (quotes optional).")
         parser.add_argument("-k", type=int, default=None, help="How many chunks to retrieve.")
+        parser.add_argument(
+            "--collection", metavar="NAME", help="Search this collection only (by name); default: all of them."
+        )
+        parser.add_argument(
+            "--filter",
+            dest="metadata",
+            metavar="JSON",
+            help='Keep documents whose metadata match, as JSON: \'{"tags": "faq"}\'.',
+        )
         parser.add_argument("--no-sources", action="store_true", help="Do not list the sources.")
 
-    def handle(self, *args, question: list[str], k: int | None, no_sources: bool, **options) -> None:
+    def handle(
+        self,
+        *args,
+        question: list[str],
+        k: int | None,
+        collection: str | None,
+        metadata: str | None,
+        no_sources: bool,
+        **options,
+    ) -> None:
         try:
             q = parse_question(question=" ".join(question), k=k)
-        except BadQuestion as exc:
+            name = parse_collection_name(collection)
+            where = MetadataFilter.parse(metadata)
+        except (BadQuestion, FilterError) as exc:
             raise CommandError(str(exc)) from None
-        if not providers.run(self._ask(q.question, q.k, show_sources=not no_sources)):
+        # The operator's tool: every collection, as the Python API searches, unless narrowed.
+        scope = None
+        if name is not None:
+            if not Collection.objects.filter(name=name).exists():
+                names = ", ".join(Collection.objects.values_list("name", flat=True)) or "none yet"
+                raise CommandError(f"There is no collection named “{name}” (there are: {names}).")
+            scope = Reader(superuser=True).only(name=name)
+        asked = self._ask(q.question, q.k, collections=scope, metadata=where, show_sources=not no_sources)
+        if not providers.run(asked):
             raise CommandError("The answer failed (see above).")
 
-    async def _ask(self, question: str, k: int, *, show_sources: bool) -> bool:
+    async def _ask(
+        self, question: str, k: int, *, collections: Reader | None, metadata: MetadataFilter | None, show_sources: bool
+    ) -> bool:
         out = self.stdout
         started = time.perf_counter()
         first: float | None = None
         metrics: answering.Metrics | None = None
         ok = True
-        async for event in RAG().aevents(question, k=k):
+        async for event in RAG().aevents(question, k=k, collections=collections, metadata=metadata):
             match event:
                 case answering.Sources(sources=sources) if show_sources:
                     for s in sources:
