@@ -10,7 +10,7 @@ PORT ?= 8000
 # left to sentence-transformers, pip would fetch a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: run llm worker test setup setup-dev chromium migrate sample lint format bench bench-ingest stop-db clean
+.PHONY: run llm worker test setup setup-dev chromium nginx migrate sample lint format bench bench-ingest stop-db clean
 
 # llama-cpp-python before the requirements: scripts/install-llama-cpp builds it for any
 # x86-64 CPU (pip's default -march=native build crashes on Intel CPUs with AMX).
@@ -33,8 +33,12 @@ SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 chromium:
 	command -v chromium >/dev/null || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y chromium)
 
+# tests/test_proxy.py runs deploy/nginx.conf, docker-compose's proxy, in front of two web processes.
+nginx:
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || ($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y nginx)
+
 setup: $(VENV)/.stamp-runtime
-setup-dev: $(VENV)/.stamp-dev chromium
+setup-dev: $(VENV)/.stamp-dev chromium nginx
 
 migrate: setup
 	$(PY) manage.py migrate --noinput

@@ -4,6 +4,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import aiohttp
 import pytest
 from django.db import connection
 
@@ -134,6 +135,33 @@ def llm_server(django_db_setup, django_db_blocker, fake_server: FakeOpenAI) -> I
     server = start_llm_server(app_env(db_name, fake_server.base_url, HOST="192.0.2.1", PORT="9"))
     yield server
     server.stop()
+
+
+@pytest.fixture
+def two_webs(fake_server: FakeOpenAI) -> Iterator[tuple[Process, Process]]:
+    """Two daphne processes on the test database (tests using them need ``transactional_db``)."""
+    env = app_env(
+        connection.settings_dict["NAME"],
+        fake_server.base_url,
+        RAG_TEST_LLM_TIMEOUT="30",
+        # A dead process's claim goes stale in 1.5 s, not 30 s.
+        RAG_CLAIM_RENEW_S="0.5",
+    )
+    a, b = start_daphne(env, name="web-a"), start_daphne(env, name="web-b")
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+def new_browser_session() -> aiohttp.ClientSession:
+    """One browser: its cookies (session, CSRF, owner) go wherever it sends requests; the host is an IP."""
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=aiohttp.ClientTimeout(total=60))
+
+
+@pytest.fixture
+async def browser_session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with new_browser_session() as session:
+        yield session
 
 
 async def answer_ended(answer_id: int) -> None:

@@ -1,4 +1,4 @@
-"""Real processes for tests: daphne web servers and the local model's server.
+"""Real processes for tests: daphne web servers, the local model's server, and the proxy.
 
 Each writes its output to a file, not a pipe: a pipe nobody reads fills after 64 KiB of
 access log and blocks the server, and a failing test can show the file.
@@ -7,6 +7,8 @@ access log and blocks the server, and a failing test can show the file.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -130,3 +132,58 @@ def start_llm_server(env: dict[str, str]) -> Process:
     argv = [sys.executable, "manage.py", "llm_server", "--port", str(port)]
     env = {**env, "RAG_TEST_CHAT_PROVIDER": "local"}
     return start("llm-server", argv, env=env, port=port, ready=lambda: answers(f"http://127.0.0.1:{port}/v1/models"))
+
+
+@dataclass
+class Proxy:
+    """nginx in front of web processes: which of them served each request."""
+
+    process: Process
+    access_log: Path
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    def routes(self) -> list[tuple[str, str, int]]:
+        """(method, path with its query, upstream port) of each request so far, in order; port 0: none."""
+        lines = self.access_log.read_text().splitlines() if self.access_log.exists() else []
+        routed = []
+        for line in lines:
+            method, path, upstreams = line.rsplit(" ", 1)[0].split(" ", 2)
+            # "a:1, b:2" when the first upstream failed and the next one served it: the last did.
+            last = upstreams.rsplit(",", 1)[-1].strip()
+            routed.append((method, path, int(last.rsplit(":", 1)[1]) if ":" in last else 0))
+        return routed
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_nginx(*, upstreams: list[Process]) -> Proxy:
+    """deploy/nginx.conf as docker-compose runs it, in front of ``upstreams`` instead of its
+    web services, with an access log of its own that names the upstream of each request."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx).exists():
+        raise RuntimeError("nginx is not installed: `make setup-dev` installs it (Debian's nginx package).")
+    port = free_port()
+    folder = Path(tempfile.mkdtemp(prefix="rag-test-nginx-"))
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    servers = iter(f"server 127.0.0.1:{web.port};" for web in upstreams)
+    conf, replaced = re.subn(r"server web\d+:8000;", lambda _: next(servers), conf)
+    assert replaced == len(upstreams), f"deploy/nginx.conf lists {replaced} web processes, not {len(upstreams)}"
+    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace(
+        "http {",
+        "http {\n"
+        "    log_format routed '$request_method $request_uri $upstream_addr $status';\n"
+        f"    access_log {folder}/access.log routed;\n"
+        f"    client_body_temp_path {folder}/body;\n"
+        f"    proxy_temp_path {folder}/proxy;\n",
+        1,
+    )
+    (folder / "nginx.conf").write_text(conf)
+    main = f"daemon off; pid {folder}/nginx.pid; error_log stderr;"
+    argv = [nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", main]
+    process = start("nginx", argv, env=dict(os.environ), port=port, ready=lambda: port_open(port))
+    return Proxy(process=process, access_log=folder / "access.log")

@@ -41,6 +41,8 @@ def test_the_proxy_balances_over_every_web_process_and_passes_streams_through(se
     assert set(re.findall(r"server (\w+):8000;", upstream)) == set(web_services(services))
     directives = "\n".join(line.split("#")[0] for line in nginx.splitlines())
     assert "sticky" not in directives and "ip_hash" not in directives  # any process serves any request
+    # ... but a browser's go to one while it is up (tests/test_proxy.py runs this file).
+    assert re.search(r"hash \$affinity consistent;", upstream)
     assert re.search(r"proxy_buffering off;", nginx)  # tokens as they come
     assert re.search(r"proxy_set_header Upgrade \$http_upgrade;", nginx)  # the WebSocket
     # Its origin check needs the Host with the port the browser used ($host drops it).

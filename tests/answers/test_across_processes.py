@@ -9,46 +9,20 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
-from django.db import connection
 
 from rag.models import AnswerEvents, Message
 from tests.conftest import wait_until
 from tests.factories import add_corpus
 from tests.fake_openai import FakeOpenAI
-from tests.processes import Process, app_env, start_daphne
+from tests.processes import Process, Proxy
 from tests.sse import Event, SSEParser
 
 pytestmark = pytest.mark.django_db(transaction=True)
 HTMX = {"HX-Request": "true"}
 TOKENS = [f"w{i} " for i in range(40)]
-
-
-@pytest.fixture
-def two_webs(fake_server: FakeOpenAI) -> Iterator[tuple[Process, Process]]:
-    env = app_env(
-        connection.settings_dict["NAME"],
-        fake_server.base_url,
-        RAG_TEST_LLM_TIMEOUT="30",
-        # A dead process's claim goes stale in 1.5 s, not 30 s.
-        RAG_CLAIM_RENEW_S="0.5",
-    )
-    a, b = start_daphne(env, name="web-a"), start_daphne(env, name="web-b")
-    yield a, b
-    a.stop()
-    b.stop()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    # One browser: its cookies (session, CSRF) go to both processes; the host is an IP.
-    async with aiohttp.ClientSession(
-        cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=aiohttp.ClientTimeout(total=60)
-    ) as session:
-        yield session
 
 
 @pytest.fixture
@@ -58,7 +32,7 @@ def slow_llm(fake_llm: FakeOpenAI) -> FakeOpenAI:
     return fake_llm
 
 
-async def ask(http: aiohttp.ClientSession, web: Process, question: str = "pgvector?") -> int:
+async def ask(http: aiohttp.ClientSession, web: Process | Proxy, question: str = "pgvector?") -> int:
     page = await (await http.get(f"{web.url}/")).text()
     token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)
     async with http.post(
@@ -70,7 +44,7 @@ async def ask(http: aiohttp.ClientSession, web: Process, question: str = "pgvect
 
 async def read(
     http: aiohttp.ClientSession,
-    web: Process,
+    web: Process | Proxy,
     answer_id: int,
     *,
     last_event_id: str | None = None,
@@ -101,13 +75,27 @@ async def stop(http: aiohttp.ClientSession, web: Process, answer_id: int) -> Non
         assert response.status == 204
 
 
-async def test_a_stream_dropped_on_one_process_resumes_on_the_other_with_no_gap(two_webs, http, slow_llm):
+async def kill_once_stored(web: Process, answer_id: int, *, seen: Event) -> None:
+    """Kill ``web``, generating ``answer_id``, once the events up to ``seen`` are stored: a
+    client's last tokens may be a flush (a tenth of a second) ahead of the log."""
+    last = int(seen.id.split(".")[1])
+    await asyncio.to_thread(
+        wait_until,
+        lambda: AnswerEvents.objects.filter(message_id=answer_id, last_seq__gte=last).exists(),
+        timeout=20,
+        what="the events the client saw, stored",
+    )
+    os.kill(web.pid, signal.SIGKILL)
+    await asyncio.to_thread(web.proc.wait)
+
+
+async def test_a_stream_dropped_on_one_process_resumes_on_the_other_with_no_gap(two_webs, browser_session, slow_llm):
     a, b = two_webs
     await add_corpus()
-    answer_id = await ask(http, a)
-    first = await read(http, a, answer_id, tokens=5)  # then the connection drops
+    answer_id = await ask(browser_session, a)
+    first = await read(browser_session, a, answer_id, tokens=5)  # then the connection drops
 
-    rest = await read(http, b, answer_id, last_event_id=first[-1].id)
+    rest = await read(browser_session, b, answer_id, last_event_id=first[-1].id)
 
     key, seq = first[-1].id.split(".")
     assert rest[0].id == f"{key}.{int(seq) + 1}"
@@ -117,18 +105,18 @@ async def test_a_stream_dropped_on_one_process_resumes_on_the_other_with_no_gap(
     assert answer.status == Message.Status.COMPLETE  # the drop did not stop it
 
 
-async def test_a_reload_on_the_other_process_catches_up_live(two_webs, http, slow_llm):
+async def test_a_reload_on_the_other_process_catches_up_live(two_webs, browser_session, slow_llm):
     a, b = two_webs
     await add_corpus()
     slow_llm.hold_after = 10  # still being written, however slow the machine, until released
-    answer_id = await ask(http, a)
-    await read(http, a, answer_id, tokens=3)
+    answer_id = await ask(browser_session, a)
+    await read(browser_session, a, answer_id, tokens=3)
     conversation_id = (await Message.objects.aget(pk=answer_id)).conversation_id
 
-    page = await (await http.get(f"{b.url}/c/{conversation_id}")).text()
+    page = await (await browser_session.get(f"{b.url}/c/{conversation_id}")).text()
     assert f'sse-connect="/chat/answers/{answer_id}/stream"' in page  # still streaming: the page subscribes
     replay: list[Event] = []
-    reading = asyncio.ensure_future(read(http, b, answer_id, into=replay))
+    reading = asyncio.ensure_future(read(browser_session, b, answer_id, into=replay))
     # It caught up with what process a had generated, while a was still generating...
     await asyncio.to_thread(wait_until, lambda: len(tokens_of(replay)) == 10, timeout=20, what="the catch-up")
     assert slow_llm.records[-1].ended_at is None
@@ -140,17 +128,17 @@ async def test_a_reload_on_the_other_process_catches_up_live(two_webs, http, slo
     assert [e.id for e in replay] == [f"{key}.{n}" for n in range(1, len(replay) + 1)]
 
 
-async def test_stop_pressed_on_the_other_process_closes_the_upstream_request(two_webs, http, slow_llm):
+async def test_stop_pressed_on_the_other_process_closes_the_upstream_request(two_webs, browser_session, slow_llm):
     a, b = two_webs
     await add_corpus()
-    answer_id = await ask(http, a)
-    reading = asyncio.ensure_future(read(http, a, answer_id))
+    answer_id = await ask(browser_session, a)
+    reading = asyncio.ensure_future(read(browser_session, a, answer_id))
     await asyncio.to_thread(
         wait_until, lambda: slow_llm.records and slow_llm.records[-1].tokens_sent >= 3, timeout=20, what="tokens"
     )
 
     pressed = time.monotonic()
-    await stop(http, b, answer_id)
+    await stop(browser_session, b, answer_id)
     record = await asyncio.to_thread(slow_llm.wait_for_close, timeout=10)
     events = await asyncio.wait_for(reading, timeout=20)
 
@@ -163,22 +151,14 @@ async def test_stop_pressed_on_the_other_process_closes_the_upstream_request(two
     assert answer.text == "".join(tokens_of(events))
 
 
-async def test_a_generating_process_that_dies_ends_its_answer_as_interrupted(two_webs, http, slow_llm):
+async def test_a_generating_process_that_dies_ends_its_answer_as_interrupted(two_webs, browser_session, slow_llm):
     a, b = two_webs
     await add_corpus()
     slow_llm.inter_token_ms = 200  # long enough to kill it in the middle
-    answer_id = await ask(http, a)
-    first = await read(http, a, answer_id, tokens=3)
-    following = asyncio.ensure_future(read(http, b, answer_id, last_event_id=first[-1].id))
-    # What the client saw is stored before the process dies (flushed every tenth of a second).
-    seen = int(first[-1].id.split(".")[1])
-    await asyncio.to_thread(
-        wait_until,
-        lambda: AnswerEvents.objects.filter(message_id=answer_id, last_seq__gte=seen).exists(),
-        timeout=20,
-        what="the events the client saw, stored",
-    )
-    os.kill(a.pid, signal.SIGKILL)
+    answer_id = await ask(browser_session, a)
+    first = await read(browser_session, a, answer_id, tokens=3)
+    following = asyncio.ensure_future(read(browser_session, b, answer_id, last_event_id=first[-1].id))
+    await kill_once_stored(a, answer_id, seen=first[-1])
 
     rest = await asyncio.wait_for(following, timeout=30)
 
