@@ -86,6 +86,7 @@ bench: setup-dev
 	$(PY) bench/stream_bench.py
 	$(PY) bench/floor_bench.py --server both --gc-baseline --baseline 646ab0b
 	$(PY) bench/answers_bench.py
+	$(PY) bench/proxy_bench.py
 
 bench-ingest: setup-dev
 	$(PY) bench/ingest_bench.py

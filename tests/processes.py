@@ -160,18 +160,21 @@ class Proxy:
         self.process.stop()
 
 
-def start_nginx(*, upstreams: list[Process]) -> Proxy:
-    """deploy/nginx.conf as docker-compose runs it, in front of ``upstreams`` instead of its
-    web services, with an access log of its own that names the upstream of each request."""
+def start_nginx(*, ports: list[int], edit: Callable[[str], str] | None = None) -> Proxy:
+    """deploy/nginx.conf as docker-compose runs it (or as ``edit`` changes it), in front of the
+    web processes on ``ports`` instead of its web services, with an access log of its own that
+    names the upstream of each request."""
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         raise RuntimeError("nginx is not installed: `make setup-dev` installs it (Debian's nginx package).")
     port = free_port()
     folder = Path(tempfile.mkdtemp(prefix="rag-test-nginx-"))
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
-    servers = iter(f"server 127.0.0.1:{web.port};" for web in upstreams)
+    if edit is not None:
+        conf = edit(conf)
+    servers = iter(f"server 127.0.0.1:{port};" for port in ports)
     conf, replaced = re.subn(r"server web\d+:8000;", lambda _: next(servers), conf)
-    assert replaced == len(upstreams), f"deploy/nginx.conf lists {replaced} web processes, not {len(upstreams)}"
+    assert replaced == len(ports), f"deploy/nginx.conf lists {replaced} web processes, not {len(ports)}"
     conf = conf.replace("listen 80;", f"listen 127.0.0.1:{port};")
     conf = conf.replace(
         "http {",

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture
 def proxy(two_webs: tuple[Process, Process]) -> Iterator[Proxy]:
-    proxy = start_nginx(upstreams=list(two_webs))
+    proxy = start_nginx(ports=[web.port for web in two_webs])
     yield proxy
     proxy.stop()
 
