@@ -167,15 +167,15 @@ def start_nginx(*, ports: list[int], edit: Callable[[str], str] | None = None) -
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx).exists():
         raise RuntimeError("nginx is not installed: `make setup-dev` installs it (Debian's nginx package).")
-    port = free_port()
+    listen = free_port()
     folder = Path(tempfile.mkdtemp(prefix="rag-test-nginx-"))
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     if edit is not None:
         conf = edit(conf)
-    servers = iter(f"server 127.0.0.1:{port};" for port in ports)
+    servers = iter(f"server 127.0.0.1:{upstream};" for upstream in ports)
     conf, replaced = re.subn(r"server web\d+:8000;", lambda _: next(servers), conf)
     assert replaced == len(ports), f"deploy/nginx.conf lists {replaced} web processes, not {len(ports)}"
-    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    conf = conf.replace("listen 80;", f"listen 127.0.0.1:{listen};")
     conf = conf.replace(
         "http {",
         "http {\n"
@@ -188,5 +188,5 @@ def start_nginx(*, ports: list[int], edit: Callable[[str], str] | None = None) -
     (folder / "nginx.conf").write_text(conf)
     main = f"daemon off; pid {folder}/nginx.pid; error_log stderr;"
     argv = [nginx, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-g", main]
-    process = start("nginx", argv, env=dict(os.environ), port=port, ready=lambda: port_open(port))
+    process = start("nginx", argv, env=dict(os.environ), port=listen, ready=lambda: port_open(listen))
     return Proxy(process=process, access_log=folder / "access.log")
