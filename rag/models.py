@@ -50,6 +50,11 @@ class Reader:
         """The collections this reader may search (lazy: a subquery where it is used)."""
         return Collection.objects.readable_by(self)
 
+    async def acollection_named(self, name: str) -> int | None:
+        """The id of the collection named ``name`` that this reader may search; None alike
+        whether it does not exist or is not theirs, so that a name reveals nothing."""
+        return await self.collections().filter(name=name).values_list("pk", flat=True).afirst()
+
 
 class CollectionQuerySet(models.QuerySet):
     def readable_by(self, who: Any) -> CollectionQuerySet:

@@ -80,7 +80,7 @@ async def reader(user, *, collection: str | None = None) -> Reader:
         raise BadCollection(str(exc)) from None
     if collection is None:
         return who
-    if not await who.collections().filter(name=collection).aexists():
+    if await who.acollection_named(collection) is None:
         raise NoSuchCollection(f"There is no collection named {collection!r} that you may read.")
     return who.only(name=collection)
 

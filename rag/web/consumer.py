@@ -97,7 +97,7 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
         reader = await self.reader()
         collection_id = None
         if collection is not None:
-            collection_id = await reader.collections().filter(name=collection).values_list("pk", flat=True).afirst()
+            collection_id = await reader.acollection_named(collection)
             if collection_id is None:
                 await self.bad_request(
                     f"There is no collection named {collection!r} that you may read. "
