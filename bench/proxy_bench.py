@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ UPSTREAMS = {
 }
 
 
-async def through(served: Served, *, edit, questions: int) -> dict[str, Any]:
+async def through(served: Served, *, edit: Callable[[str], str] | None, questions: int) -> dict[str, Any]:
     ports = [int(url.rsplit(":", 1)[1]) for url in served.app_urls]
     proxy = start_nginx(ports=ports, edit=edit)
     try:
