@@ -108,6 +108,13 @@ if DATABASES["default"]["ENGINE"] != "django.db.backends.postgresql":
 # A pool, because streaming views hand their connection back while they wait
 # on the LLM and borrow one again to save the answer (rag.services.connections).
 DATABASES["default"]["CONN_MAX_AGE"] = 0
+# The pool checks a connection (an empty query) before lending it, and after Postgres restarted
+# or failed over replaces all the broken ones at once (ragsite.postgres). Without the check,
+# each broken connection failed the request it was lent to: eleven /healthz 503s in a row.
+# It costs 0.24 checks per answer at c=100 (the rows, searches and saves are batched), 60 µs
+# of CPU each.
+DATABASES["default"]["ENGINE"] = "ragsite.postgres"
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
     "min_size": env_int("RAG_DB_POOL_MIN", 10, min_value=0),
     "max_size": env_int("RAG_DB_POOL_MAX", 20, min_value=1),

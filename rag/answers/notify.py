@@ -72,6 +72,7 @@ class Listener:
                 del self._followers[answer_id]
 
     async def _run(self) -> None:
+        failures = 0  # in a row: the first reconnects at once, as a Stop sent meanwhile is lost
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(**connection_params(), autocommit=True) as conn:
@@ -79,12 +80,15 @@ class Listener:
                     await conn.execute(f"LISTEN {STOP_CHANNEL}")
                     self.backend_pid = conn.info.backend_pid
                     self._ready.set()
+                    failures = 0
                     self._wake_all()  # whatever was stored while this connection was down
                     async for note in conn.notifies():
                         self._dispatch(note.channel, note.payload)
             except (psycopg.Error, OSError) as exc:
                 logger.warning("The LISTEN connection failed (%s); opening it again", exc)
-            await asyncio.sleep(RECONNECT_S)
+            if failures:
+                await asyncio.sleep(RECONNECT_S)  # Postgres is down: do not spin
+            failures += 1
 
     def _dispatch(self, channel: str, payload: str) -> None:
         if channel == STOP_CHANNEL:

@@ -45,7 +45,8 @@ def another_process_writes(answer: Message) -> None:
 async def test_followers_are_woken_after_the_listening_connection_comes_back(fake_llm, monkeypatch):
     # No claim checks to fall back on within the test: only a notification can wake the follower.
     monkeypatch.setattr(follow, "check_s", lambda: 600)
-    monkeypatch.setattr(notify, "RECONNECT_S", 0.05)
+    # A dropped connection is opened again at once (the pause is for a database that stays down).
+    monkeypatch.setattr(notify, "RECONNECT_S", 600)
     await add_corpus()
     answer = await chat.ask(owner=OWNER, question="pgvector?", k=1, start=False)
     # Claimed by a process that is alive elsewhere: this one only follows.

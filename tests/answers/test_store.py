@@ -61,3 +61,35 @@ async def test_an_event_after_a_quiet_spell_is_written_at_once_then_they_wait_fo
         await writer.aclose()
     runs = [(r.first_seq, r.last_seq) async for r in AnswerEvents.objects.filter(message=answer).order_by("first_seq")]
     assert runs == [(1, 1), (2, 3)]
+
+
+async def test_a_flush_retried_after_it_was_committed_replaces_its_run():
+    """A flush whose connection broke after its commit (the reply lost) is written again,
+    with the events appended since: no duplicate, and no unique violation retried forever."""
+    [answer] = await streaming_answers(1)
+    key = str(answer.public_id)
+    events = [LogEvent(answer.pk, key, n, TOKEN, f"t{n} ") for n in range(1, 6)]
+    async with await connect(autocommit=True) as writer:
+        await store._insert(writer, {answer.pk: events[:3]})
+        await store._insert(writer, {answer.pk: events})
+    assert [e.seq for e in await store.read_after(answer.pk, key, 0)] == [1, 2, 3, 4, 5]
+    assert await AnswerEvents.objects.filter(message=answer).acount() == 1
+
+
+async def test_a_writer_whose_connection_broke_writes_on_a_new_one_at_once(caplog):
+    """Postgres restarted or failed over: the next flush reconnects and writes, instead of
+    failing and waiting a second while followers in other processes wait for the events."""
+    [answer] = await streaming_answers(1)
+    key = str(answer.public_id)
+    writer = store.EventWriter()
+    writer.append(LogEvent(answer.pk, key, 1, TOKEN, "before"))
+    await asyncio.wait_for(writer.flushed(), timeout=10)
+    async with await connect(autocommit=True) as other:
+        await other.execute("SELECT pg_terminate_backend(%s)", [writer._conn.info.backend_pid])
+
+    writer.append(LogEvent(answer.pk, key, 2, DONE, {"status": "complete"}))
+    await asyncio.wait_for(writer.flushed(), timeout=10)
+
+    assert [e.seq for e in await store.read_after(answer.pk, key, 0)] == [1, 2]
+    assert not [r for r in caplog.records if r.name == "rag.answers.store"]  # not even one failed try
+    await writer.aclose()

@@ -1,0 +1,41 @@
+"""Django's PostgreSQL backend, with a pool that replaces all its broken connections at once.
+
+After Postgres restarted or failed over, every idle connection of the pool is broken. The
+pool checks a connection before lending it (``CONN_HEALTH_CHECKS``), but finds the broken
+ones one per borrow, pausing 0.9, 1.8, 3.6 s... between them: with its ten idle connections
+broken, a request waited out its 10 s timeout and failed (measured: two /healthz 503s in a
+row, and an answer whose final save failed). Here the first broken connection found has
+the pool check all the others at once, so the borrower's next try, which the pool makes
+without pausing, gets a new connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import psycopg
+from django.db.backends.postgresql import base
+from psycopg_pool import ConnectionPool
+
+logger = logging.getLogger(__name__)
+
+
+class DatabaseWrapper(base.DatabaseWrapper):
+    @property
+    def pool(self) -> ConnectionPool | None:
+        pool = super().pool
+        # Django passes psycopg_pool's own check when CONN_HEALTH_CHECKS is on, and refuses
+        # another one among the pool's options; tests/test_postgres.py fails if this stops working.
+        if pool is not None and pool._check is ConnectionPool.check_connection:
+            pool._check = functools.partial(_check_all_if_broken, pool=pool)
+        return pool
+
+
+def _check_all_if_broken(conn: psycopg.Connection, *, pool: ConnectionPool) -> None:
+    try:
+        ConnectionPool.check_connection(conn)
+    except psycopg.Error as exc:
+        logger.warning("A pooled database connection was broken (%s): checking the others", exc)
+        pool.check()
+        raise

@@ -1,0 +1,81 @@
+"""ragsite.postgres: when Postgres restarts or fails over, every connection it had breaks at
+once; no request, stream or save may pay for it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import psycopg
+import pytest
+from django.db import connection
+
+from rag.answers.store import connection_params
+from rag.models import Message
+from rag.services.connections import arelease_connection
+from tests.answers.test_across_processes import TOKENS, ask, read, tokens_of
+from tests.conftest import wait_until
+from tests.factories import add_corpus
+from tests.fake_openai import FakeOpenAI
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def drop_every_connection() -> int:
+    """What a restart or a failover does to the test database's clients: end them all."""
+    with psycopg.connect(**connection_params(), autocommit=True) as own:
+        return own.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()[0]
+
+
+def test_the_first_borrow_after_a_restart_replaces_every_broken_connection():
+    pool = connection.pool
+    connection.close()  # this thread's connection back to the pool, to be broken with the others
+    held = [pool.getconn() for _ in range(4)]
+    for conn in held:
+        pool.putconn(conn)
+    idle = pool.get_stats()["pool_available"]
+    lost = pool.get_stats().get("connections_lost", 0)
+    assert idle >= 4 and drop_every_connection() >= idle
+
+    with connection.cursor() as cursor:  # psycopg_pool's own check would find one broken per try,
+        cursor.execute("SELECT 1")  # pausing 0.9, 1.8, 3.6 s between: past its 10 s timeout
+        assert cursor.fetchone() == (1,)
+
+    assert pool.get_stats()["connections_lost"] - lost >= idle  # all of them, at the first borrow
+    assert pool.get_stats().get("requests_errors", 0) == 0
+
+
+@pytest.fixture
+def slow_llm(fake_llm: FakeOpenAI) -> FakeOpenAI:
+    fake_llm.tokens = TOKENS
+    fake_llm.inter_token_ms = 50
+    return fake_llm
+
+
+async def test_an_answer_streaming_when_every_connection_drops_is_saved_whole(two_webs, slow_llm):
+    a, b = two_webs
+    await add_corpus()
+    async with aiohttp.ClientSession(
+        cookie_jar=aiohttp.CookieJar(unsafe=True), timeout=aiohttp.ClientTimeout(total=60)
+    ) as http:
+        answer_id = await ask(http, a)
+        on_a, on_b = [], []  # generated on a; followed on b through the database
+        reading = asyncio.gather(read(http, a, answer_id, into=on_a), read(http, b, answer_id, into=on_b))
+        await asyncio.to_thread(wait_until, lambda: len(tokens_of(on_b)) >= 5, what="b to follow the answer")
+
+        await arelease_connection()  # what the test's ORM calls held, back to the pool
+        assert await asyncio.to_thread(drop_every_connection) >= 4  # both processes' pools and listeners
+
+        await asyncio.wait_for(reading, timeout=30)
+        for web in (a, b):
+            async with http.get(f"{web.url}/healthz") as response:
+                assert response.status == 200, await response.text()
+
+    for events in (on_a, on_b):
+        assert "".join(tokens_of(events)) == "".join(TOKENS)  # no gap, no duplicate
+        assert [e.type for e in events][-2:] == ["metrics", "done"]
+    answer = await Message.objects.aget(pk=answer_id)
+    assert answer.status == Message.Status.COMPLETE and answer.text == "".join(TOKENS)
