@@ -26,7 +26,9 @@ class QuestionInput:
 def parse_question(*, question: object, k: object = None) -> QuestionInput:
     if not isinstance(question, str) or not question.strip():
         raise BadQuestion("Ask a question: 'question' must be a non-empty string.")
-    question = question.strip()
+    # A form a browser posts itself (no JavaScript) sends line breaks as CRLF, which its
+    # box counted as one character against maxlength: a question that fitted was too long.
+    question = question.replace("\r\n", "\n").replace("\r", "\n").strip()
     if len(question) > settings.RAG_MAX_QUESTION_CHARS:
         raise BadQuestion(
             f"The question is {len(question)} characters long; the limit is {settings.RAG_MAX_QUESTION_CHARS}. "

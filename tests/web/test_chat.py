@@ -261,6 +261,16 @@ async def test_a_bad_question_is_a_422_fragment_for_the_form(fake_llm):
     assert await Message.objects.acount() == 0
 
 
+async def test_a_question_posted_without_javascript_that_fits_the_box_is_taken(fake_llm, settings):
+    """A browser counts a line break as one character against the box's maxlength, and a
+    form it posts itself (no JavaScript) sends it as two: CRLF."""
+    lines = ["What does pgvector add?"] + ["x" * 79] * 30
+    question = "\n".join(lines)[: settings.RAG_MAX_QUESTION_CHARS]
+    response = await AsyncClient().post("/chat/ask", {"question": question.replace("\n", "\r\n")})
+    assert response.status_code == 303
+    assert await Message.objects.filter(role=Message.Role.USER, text=question).aexists()
+
+
 async def test_stop_before_the_stream_connects_stops_the_answer_the_post_started(fake_llm):
     await add_corpus()
     fake_llm.first_token_ms = 2000  # the LLM is still thinking when Stop comes
