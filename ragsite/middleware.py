@@ -14,12 +14,20 @@ only when they actually would.
 
 from __future__ import annotations
 
+import logging
+
 from asgiref.sync import markcoroutinefunction, sync_to_async
 from django.conf import settings
 from django.contrib.auth import middleware as auth
 from django.contrib.messages import middleware as messages
 from django.contrib.sessions import middleware as sessions
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware import clickjacking, common, csrf, security
+from django.utils.html import escape
+
+from rag.services.connections import UNREACHABLE, UNREACHABLE_ERRORS
+
+logger = logging.getLogger(__name__)
 
 
 class InlineHooksMixin:
@@ -118,4 +126,42 @@ class ContentSecurityPolicyMiddleware:
     async def __call__(self, request):
         response = await self.get_response(request)
         response.headers.setdefault("Content-Security-Policy", self.policy)
+        return response
+
+
+class DatabaseUnavailableMiddleware:
+    """A request that could not reach Postgres (down, restarting, failing over, or no pooled
+    connection free within RAG_DB_POOL_TIMEOUT) gets a 503 that says so and when to try
+    again, not a 500: it saved nothing, and the same request shortly after works.
+
+    The API answers in its JSON; the chat page's htmx requests get the message in the
+    question form's error line (the question stays in the box); anything else, plain text.
+    """
+
+    RETRY_AFTER_S = 5
+
+    async_capable = True
+    sync_capable = False
+
+    def __init__(self, get_response) -> None:
+        self.get_response = get_response
+        markcoroutinefunction(self)
+
+    async def __call__(self, request: HttpRequest) -> HttpResponse:
+        return await self.get_response(request)
+
+    async def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        if not isinstance(exception, UNREACHABLE_ERRORS):
+            return None
+        logger.error("%s %s: the database cannot be reached: %s", request.method, request.path, exception)
+        match getattr(request.resolver_match, "namespace", ""):
+            case "rag":
+                response = JsonResponse({"error": UNREACHABLE}, status=503)
+            case _ if request.headers.get("HX-Request"):
+                response = HttpResponse(escape(UNREACHABLE), status=503)
+                response["HX-Retarget"] = "#form-error"
+                response["HX-Reswap"] = "innerHTML"
+            case _:
+                response = HttpResponse(UNREACHABLE, status=503, content_type="text/plain; charset=utf-8")
+        response["Retry-After"] = str(self.RETRY_AFTER_S)
         return response

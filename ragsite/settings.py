@@ -57,6 +57,7 @@ MIDDLEWARE = [
     "ragsite.middleware.MessageMiddleware",
     "ragsite.middleware.XFrameOptionsMiddleware",
     "ragsite.middleware.ContentSecurityPolicyMiddleware",
+    "ragsite.middleware.DatabaseUnavailableMiddleware",
 ]
 # Scripts, styles and everything else from this site only: no inline script or style (the
 # chat page's are static files, and htmx is told not to inject its own), no eval, no frames.

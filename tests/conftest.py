@@ -5,12 +5,15 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
+import psycopg
 import pytest
 from django.db import connection
+from psycopg import sql
 
 from rag import providers
 from rag.answers import live, notify, store
 from rag.models import Message
+from rag.services.connections import arelease_connection
 from tests import processes
 from tests.fake_openai import FakeOpenAI
 from tests.processes import ROOT, Process, app_env, start_daphne, start_llm_server
@@ -193,3 +196,33 @@ def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.01)  # the poll interval of a condition wait, not a race-hiding delay
+
+
+class DatabaseDown:
+    """Takes the test database away as a Postgres restart or failover does: no new connection,
+    and the ones open are ended. For tests with ``transactional_db``."""
+
+    def __init__(self) -> None:
+        self.params = store.connection_params()
+        self.name = self.params.pop("dbname")
+
+    async def refuse(self) -> None:
+        await arelease_connection()  # what the test's own ORM calls held, back to the pool
+        await asyncio.to_thread(self._allow, False)
+
+    async def allow(self) -> None:
+        await asyncio.to_thread(self._allow, True)
+
+    def _allow(self, allowed: bool) -> None:
+        with psycopg.connect(**self.params, dbname="postgres", autocommit=True) as own:
+            own.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(sql.Identifier(self.name), allowed))
+            if not allowed:
+                own.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [self.name])
+
+
+@pytest.fixture
+def database_down() -> Iterator[DatabaseDown]:
+    down = DatabaseDown()
+    yield down
+    down._allow(True)
+    connection.close()  # this thread's, ended with the others: back to the pool, which drops it

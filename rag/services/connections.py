@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from asgiref.sync import sync_to_async
-from django.db import connection
+from django.db import InterfaceError, OperationalError, connection
+
+#: What a request that could not reach Postgres (down, restarting, failing over, or no pooled
+#: connection free within RAG_DB_POOL_TIMEOUT) raises; it saved nothing, and trying again works.
+UNREACHABLE_ERRORS = (OperationalError, InterfaceError)
+UNREACHABLE = "The database cannot be reached right now, so nothing was saved. Try again in a few seconds."
 
 
 def release_connection() -> None:

@@ -18,13 +18,15 @@ Server → client, per answer::
 One answer at a time per socket. Closing the socket does not stop the answer: it is
 finished and saved, and a new socket can resume it with the last ``id`` it saw. Stop
 stops it. Input a client must fix (a misspelt key included) gets ``{"type": "error", "code": "bad_request",
-"message": ...}`` and the socket stays open.
+"message": ...}`` and the socket stays open; so does a message the database could not be reached for
+(``"code": "unavailable"``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from contextlib import aclosing, suppress
 
@@ -37,7 +39,9 @@ from rag.answers.events import LogEvent, parse_id
 from rag.forms import BadQuestion, parse_collection_name, parse_question
 from rag.models import Reader
 from rag.services import chat
-from rag.services.connections import arelease_connection
+from rag.services.connections import UNREACHABLE, UNREACHABLE_ERRORS, arelease_connection
+
+logger = logging.getLogger(__name__)
 
 
 class RagConsumer(AsyncJsonWebsocketConsumer):
@@ -73,14 +77,19 @@ class RagConsumer(AsyncJsonWebsocketConsumer):
                 f"Unknown key {unknown[0][:40]!r} in {kind!r}: it takes {', '.join(sorted(_KEYS[kind]))}."
             )
             return
-        if kind == "ask":
-            await self.ask(content)
-        elif kind == "stop":
-            await self.stop()
-        elif kind == "resume":
-            await self.resume(content)
-        else:
-            await self.bad_request(f"Unknown message type {str(kind)[:40]!r}: use 'ask', 'stop' or 'resume'.")
+        try:
+            if kind == "ask":
+                await self.ask(content)
+            elif kind == "stop":
+                await self.stop()
+            elif kind == "resume":
+                await self.resume(content)
+            else:
+                await self.bad_request(f"Unknown message type {str(kind)[:40]!r}: use 'ask', 'stop' or 'resume'.")
+        except UNREACHABLE_ERRORS as exc:
+            # As the HTTP views' 503 (ragsite.middleware): say so, and keep the socket open.
+            logger.error("WebSocket %r: the database cannot be reached: %s", kind, exc)
+            await self.send_json({"type": "error", "code": "unavailable", "message": UNREACHABLE})
 
     async def ask(self, content: dict) -> None:
         if self.task is not None and not self.task.done():

@@ -18,6 +18,21 @@
     }
   });
 
+  // A question the server did not take: say so where a refused one is explained (a 422 or
+  // a 503 puts its own words there), and leave the question in the box to send again.
+  function notTaken(event, why) {
+    const form = event.detail.elt;
+    if (form.id !== "ask-form") return;
+    form.querySelector("#form-error").textContent = why + " Your question is still in the box: send it again.";
+  }
+  document.addEventListener("htmx:responseError", function (event) {
+    const status = event.detail.xhr.status;
+    if (status !== 422 && status !== 503) notTaken(event, "The server failed to take your question (HTTP " + status + ").");
+  });
+  document.addEventListener("htmx:sendError", function (event) {
+    notTaken(event, "The server could not be reached.");
+  });
+
   // Copy the answer as text.
   document.addEventListener("click", function (event) {
     const button = event.target.closest("button[data-copy]");

@@ -201,3 +201,34 @@ async def test_the_chat_page_and_a_conversation_run_under_the_csp_without_a_viol
     assert "script-src 'self'" in policy and "unsafe-inline" not in policy and "frame-ancestors 'none'" in policy
     await page.wait_for_selector(".answer .markdown strong")
     assert await csp_violations(page) == []
+
+
+async def test_a_question_asked_while_the_database_is_down_stays_in_the_box_with_the_reason(
+    page, fake_llm, database_down
+):
+    await add_corpus()
+    await page.goto("/")
+    await database_down.refuse()
+    await page.fill("#question", "What does pgvector add?")
+
+    async with page.expect_response("**/chat/ask") as response:
+        await page.press("#question", "Enter")
+    assert (await response.value).status == 503
+    assert "database cannot be reached" in await page.text_content("#form-error")
+    assert await page.input_value("#question") == "What does pgvector add?"
+
+    await database_down.allow()
+    await page.press("#question", "Enter")  # the same question, sent again
+    await page.wait_for_selector(".answer .markdown")
+    assert await page.text_content("#form-error") == ""
+    assert await Message.objects.filter(role=Message.Role.USER, text="What does pgvector add?").acount() == 1
+
+
+async def test_a_question_the_server_cannot_be_reached_for_stays_in_the_box_with_the_reason(page, live_server_url):
+    await page.goto("/")
+    await page.route("**/chat/ask", lambda route: route.abort("connectionrefused"))
+    await page.fill("#question", "What does pgvector add?")
+    await page.press("#question", "Enter")
+    await wait_for_js(page, "document.querySelector('#form-error').textContent.length > 0")
+    assert "could not be reached" in await page.text_content("#form-error")
+    assert await page.input_value("#question") == "What does pgvector add?"

@@ -9,6 +9,7 @@ import pytest
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth.models import User
+from django.db import connection
 from django.test import AsyncClient
 
 from rag.answers.access import OWNER_COOKIE
@@ -350,3 +351,21 @@ async def test_an_anonymous_visitors_socket_is_theirs_by_the_owner_cookie(fake_l
         await stranger.send_json_to({"type": "resume", "last_event_id": f"{key}.1"})
         assert "No such answer" in (await stranger.receive_json_from(timeout=5))["message"]
         await stranger.disconnect()
+
+
+async def test_a_question_the_database_cannot_be_reached_for_is_an_error_and_the_socket_stays(
+    fake_llm, database_down, monkeypatch
+):
+    await add_corpus()
+    communicator = await connect()
+    monkeypatch.setattr(connection.pool, "timeout", 1.0)  # not the 10 s a server waits
+    await database_down.refuse()
+
+    await communicator.send_json_to({"type": "ask", "question": "What does pgvector add?"})
+    message = await communicator.receive_json_from(timeout=10)
+    assert message["code"] == "unavailable" and "database cannot be reached" in message["message"]
+
+    await database_down.allow()
+    await communicator.send_json_to({"type": "ask", "question": "What does pgvector add?"})
+    assert (await receive_until_done(communicator))[-1]["status"] == "complete"
+    await communicator.disconnect()
