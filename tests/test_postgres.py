@@ -10,8 +10,11 @@ import psycopg
 import pytest
 from django.db import connection
 
+from rag.answers import follow, live
+from rag.answers.access import Owner
 from rag.answers.store import connection_params
 from rag.models import Message
+from rag.services import chat
 from rag.services.connections import arelease_connection
 from tests.answers.test_across_processes import TOKENS, ask, read, tokens_of
 from tests.conftest import wait_until
@@ -19,6 +22,7 @@ from tests.factories import add_corpus
 from tests.fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.django_db(transaction=True)
+OWNER = Owner(user_id=None, session_key="postgres-restart")
 
 
 def drop_every_connection() -> int:
@@ -79,3 +83,34 @@ async def test_an_answer_streaming_when_every_connection_drops_is_saved_whole(tw
         assert [e.type for e in events][-2:] == ["metrics", "done"]
     answer = await Message.objects.aget(pk=answer_id)
     assert answer.status == Message.Status.COMPLETE and answer.text == "".join(TOKENS)
+
+
+async def test_an_answer_that_ends_while_the_database_is_down_is_saved_once_it_is_back(
+    fake_llm, database_down, monkeypatch
+):
+    await add_corpus()
+    monkeypatch.setattr(connection.pool, "timeout", 0.5)  # not the 10 s a server waits
+    fake_llm.tokens = TOKENS
+    fake_llm.inter_token_ms = 20
+    answer = await chat.ask(owner=OWNER, question="pgvector?", k=1)
+    seen = []
+    async for event in follow.follow(answer.pk, key=str(answer.public_id)):
+        seen.append(event)
+        if event.kind == "token":
+            break
+
+    failed_borrows = connection.pool.get_stats().get("requests_errors", 0)
+    await database_down.refuse()
+    await asyncio.to_thread(
+        wait_until,
+        lambda: connection.pool.get_stats().get("requests_errors", 0) > failed_borrows,
+        what="the answer to end, and its save to find no connection",
+    )
+    await database_down.allow()
+
+    rest = [e async for e in follow.follow(answer.pk, key=str(answer.public_id), after=seen[-1].seq)]
+    assert [e.kind for e in rest][-2:] == ["metrics", "done"]
+    assert "".join(e.data for e in seen + rest if e.kind == "token") == "".join(TOKENS)
+    await live.wait_idle()
+    saved = await Message.objects.aget(pk=answer.pk)
+    assert saved.status == Message.Status.COMPLETE and saved.text == "".join(TOKENS)

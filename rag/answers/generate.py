@@ -17,17 +17,19 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from rag.answers import live, notify, store
+from rag.answers import follow, live, notify, store
 from rag.answers.events import DONE, ERROR, METRICS, SOURCES, TOKEN
-from rag.answers.follow import metrics_of
 from rag.models import Message
 from rag.providers import ChatProvider, EmbeddingProvider, ProviderError, chat_provider
 from rag.services import answer_rows, answering
+from rag.services.connections import UNREACHABLE_ERRORS
 from rag.services.metadata_filter import MetadataFilter
 from rag.services.retrieval import CollectionScope, Source
 
 logger = logging.getLogger(__name__)
 
+#: How often the final save of an answer is tried again while the database cannot be reached.
+SAVE_RETRY_S = 1.0
 SAVE_FAILED = "The answer could not be saved as it ended; the text it had so far was kept. Ask again."
 
 
@@ -92,7 +94,7 @@ async def _run(
 
     async def save_once(outcome: answering.Outcome) -> Message:
         nonlocal saved
-        message = await save(outcome)
+        message = await _save_when_reachable(save, outcome, answer_id=answer.pk)
         saved = True
         return message
 
@@ -122,7 +124,7 @@ async def _run(
         # Stopped on request: generate saved the partial answer; say how it ended.
         asyncio.current_task().uncancel()
         if saved:
-            run.append(METRICS, metrics_of(answer))
+            run.append(METRICS, follow.metrics_of(answer))
     except Exception:
         # Saving the answer failed (the database went away, say): saved below as an error.
         logger.exception("Generating answer %d failed", answer.pk)
@@ -137,8 +139,23 @@ async def _run(
                 await save_once(kept)  # fills ``answer`` in memory before it writes
             except Exception:
                 logger.exception("Saving what answer %d had failed too; its event log keeps the text", answer.pk)
-            run.append(ERROR if failed else METRICS, _failure(answer) if failed else metrics_of(answer))
+            run.append(ERROR if failed else METRICS, _failure(answer) if failed else follow.metrics_of(answer))
         run.append(DONE, {"status": answer.status})
+
+
+async def _save_when_reachable(save: answering.SaveAnswer, outcome: answering.Outcome, *, answer_id: int) -> Message:
+    """``save(outcome)``, tried again while the database cannot be reached (restarting,
+    failing over) for as long as the answer's claim keeps it this process's: after that,
+    other processes take it for dead and end it as interrupted, with the text of its log."""
+    deadline = time.monotonic() + follow.claim_stale_s()
+    while True:
+        try:
+            return await save(outcome)
+        except UNREACHABLE_ERRORS as exc:
+            if time.monotonic() >= deadline:
+                raise
+            logger.warning("Saving answer %d: the database cannot be reached (%s); trying again", answer_id, exc)
+            await asyncio.sleep(SAVE_RETRY_S)
 
 
 def as_log(event: answering.AnswerEvent) -> tuple[str, object]:
@@ -179,4 +196,7 @@ async def _renew_claim_while(run: live.Live, answer: Message) -> None:
     a fresh claim every RAG_CLAIM_RENEW_S, with the text so far in case this process dies."""
     while True:
         await asyncio.sleep(settings.RAG_CLAIM_RENEW_S)
-        await store.renew_claim(answer.pk, text=run.text())
+        try:
+            await store.renew_claim(answer.pk, text=run.text())
+        except UNREACHABLE_ERRORS as exc:  # the next one may reach it: Postgres restarts
+            logger.warning("Renewing the claim of answer %d failed (%s)", answer.pk, exc)

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from rag.batching import Batcher
 from rag.models import Conversation, Message, storable
-from rag.services.connections import release_connection
+from rag.services.connections import UNREACHABLE_ERRORS, release_connection
 
 if TYPE_CHECKING:
     from rag.services.answering import Outcome, SaveAnswer
@@ -75,6 +75,12 @@ def saver_for(answer: Message) -> SaveAnswer:
     return save
 
 
+def _retry_row_by_row(exc: BaseException) -> bool:
+    """Whether to retry a failed batch row by row. Not when the database could not be
+    reached: each row would fail alike, one pool timeout after another."""
+    return not isinstance(exc, UNREACHABLE_ERRORS)
+
+
 #: The columns a finished answer fills in.
 _FILLED = (
     "text", "status", "error", "sources", "model", "retrieval_ms", "ttft_ms", "total_ms", "tokens",
@@ -112,7 +118,7 @@ def _save_fills(answers: list[Message]) -> list[Message]:
 # statement and one thread hop each (the c=100 benchmark: docs/benchmarks.md). A failed
 # batch is retried answer by answer, and an answer whose client has gone is saved all
 # the same.
-_fills: Batcher[Message, Message] = Batcher(_save_fills, max_size=100, split=lambda exc: True, keep_abandoned=True)
+_fills: Batcher[Message, Message] = Batcher(_save_fills, max_size=100, split=_retry_row_by_row, keep_abandoned=True)
 
 
 async def open_new_turn(
@@ -181,7 +187,7 @@ def _open_turns(opens: list[_Open]) -> list[Message]:
     return messages[1::2]
 
 
-_opens: Batcher[_Open, Message] = Batcher(_open_turns, max_size=100, split=lambda exc: True)
+_opens: Batcher[_Open, Message] = Batcher(_open_turns, max_size=100, split=_retry_row_by_row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +227,7 @@ def _save_turns(turns: list[_Turn]) -> list[Message]:
 # each, on the event loop's time while later questions wait for a first token.
 # A failed batch is retried turn by turn, so one bad row loses only itself; a
 # turn whose client has gone is saved all the same.
-_turns: Batcher[_Turn, Message] = Batcher(_save_turns, max_size=100, split=lambda exc: True, keep_abandoned=True)
+_turns: Batcher[_Turn, Message] = Batcher(_save_turns, max_size=100, split=_retry_row_by_row, keep_abandoned=True)
 
 
 def _conversation(question: str, *, user_id: int | None, session_key: str) -> Conversation:
