@@ -58,6 +58,12 @@ def test_the_local_model_runs_apart_and_is_restarted(services):
     assert all("llm_server" not in str(s.get("command", "")) for name, s in services.items() if name != "llm")
 
 
+def test_every_service_is_started_again_when_it_exits(services):
+    """The worker exits when Postgres stays unreachable past the pool's timeout (measured:
+    exit 1 after a 4 s outage); a web process, the model's or Postgres may die too."""
+    assert {name: s.get("restart") for name, s in services.items()} == dict.fromkeys(services, "unless-stopped")
+
+
 def test_compose_is_safe_by_default(services):
     """Read from the files (no Docker daemon here): the secret is required, production
     settings are on, /static/ is served, and the image keeps secrets out and runs as a user."""
