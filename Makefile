@@ -56,6 +56,7 @@ run: sample
 	@echo "Serving on http://$(HOST):$(PORT)/ with the local model's process and a worker  (Ctrl+C to stop)"
 	@# The worker about to start is the only one: anything left mid-run was left by a dead one.
 	$(PY) manage.py requeue_interrupted --older-than 0
+	$(PY) manage.py prune_answer_logs
 	$(PY) manage.py llm_server & llm=$$!; \
 	RAG_DB_POOL_MIN=1 $(PY) manage.py db_worker --no-reload --interval 0.5 --queue-name '*' & worker=$$!; \
 	trap 'kill $$llm $$worker 2>/dev/null; wait $$llm $$worker 2>/dev/null' EXIT INT TERM; \

@@ -277,6 +277,9 @@ RAG_SSE_HEARTBEAT = env_float("RAG_SSE_HEARTBEAT", 10.0, min_value=0.05)
 # A generating process renews its claim on an answer this often; a claim three times as
 # old belongs to a process that died, and its answer is ended as interrupted.
 RAG_CLAIM_RENEW_S = env_float("RAG_CLAIM_RENEW_S", 10.0, min_value=0.05)
+# An ended answer's event log is kept this many days for clients resuming it, then
+# `manage.py prune_answer_logs` deletes it; its text and metrics stay on its row.
+RAG_ANSWER_LOG_DAYS = env_float("RAG_ANSWER_LOG_DAYS", 7.0, min_value=0)
 # Earlier turns of a conversation put into the prompt, newest first, in estimated tokens.
 RAG_HISTORY_TOKENS = env_int("RAG_HISTORY_TOKENS", 1000, min_value=0)
 # Serve /static/ from the app itself (tests, a single small deployment); `runserver`

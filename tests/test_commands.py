@@ -14,7 +14,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from rag import providers
-from rag.models import Chunk, Document, Message, TermFrequency
+from rag.models import AnswerEvents, Chunk, Document, Message, TermFrequency
 from rag.services import term_stats
 from tests.factories import add_corpus
 
@@ -362,3 +362,17 @@ def test_reembed_now_in_process_for_one_collection(settings):
     assert Chunk.objects.filter(embedding_model="fake-embed-v3").count() == 4
     with pytest.raises(CommandError, match="No collection named 'nope'"):
         reembed("--collection", "nope")
+
+
+def test_prune_answer_logs_keeps_the_recent_ones_and_refuses_a_negative_age(fake_llm):
+    out = io.StringIO()
+    call_command("ask", "What does pgvector add?", stdout=io.StringIO())
+    answer = Message.objects.get(role=Message.Role.ASSISTANT)
+    AnswerEvents.objects.create(message=answer, first_seq=1, last_seq=1, events='[["token", "x"]]')
+
+    call_command("prune_answer_logs", stdout=out)  # RAG_ANSWER_LOG_DAYS: 7
+    assert out.getvalue().startswith("Deleted 0 event log run(s)") and AnswerEvents.objects.exists()
+    call_command("prune_answer_logs", "--days", "0", stdout=out)
+    assert not AnswerEvents.objects.exists()
+    with pytest.raises(CommandError, match="0 or more"):
+        call_command("prune_answer_logs", "--days", "-1")

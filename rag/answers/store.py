@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import datetime as dt
 import json
 import logging
 import weakref
@@ -243,6 +244,22 @@ def _stored_after(answer_id: int, key: str, seq: int) -> list[LogEvent]:
         for i, (kind, data) in enumerate(json.loads(events))
         if first + i > seq
     ]
+
+
+def prune_logs(*, ended_before: dt.datetime, batch: int = 10_000) -> int:
+    """Delete the event logs of the answers that ended before ``ended_before``; how many
+    runs. Their text, sources and metrics are on their rows, and a client resumes an answer
+    within seconds of losing it, not days: a log is about as large as its text again, in a
+    row per flush. One read of such an answer from the start gets an end made from its row
+    (rag.answers.follow._rest). In batches, so that no statement holds many rows' locks."""
+    ended = Message.objects.exclude(status=Message.Status.STREAMING).filter(updated_at__lt=ended_before)
+    deleted = 0
+    while True:
+        runs = AnswerEvents.objects.filter(message__in=ended.values("pk")).values_list("pk", flat=True)[:batch]
+        count, _ = AnswerEvents.objects.filter(pk__in=list(runs)).delete()
+        deleted += count
+        if count < batch:
+            return deleted
 
 
 # --- the answer's row, while it lives ---------------------------------------------------------

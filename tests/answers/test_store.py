@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import pytest
+from asgiref.sync import sync_to_async
+from django.utils import timezone
 
-from rag.answers import store
+from rag.answers import follow, store
 from rag.answers.events import DONE, SOURCES, TOKEN, LogEvent
 from rag.models import AnswerEvents, Message
 from tests.factories import streaming_answers
@@ -93,3 +96,32 @@ async def test_a_writer_whose_connection_broke_writes_on_a_new_one_at_once(caplo
     assert [e.seq for e in await store.read_after(answer.pk, key, 0)] == [1, 2]
     assert not [r for r in caplog.records if r.name == "rag.answers.store"]  # not even one failed try
     await writer.aclose()
+
+
+async def ended_long_ago(answer: Message, *, days: float) -> None:
+    """As an answer saved ``days`` ago by a process that has long stopped renewing its claim."""
+    then = timezone.now() - dt.timedelta(days=days)
+    await Message.objects.filter(pk=answer.pk).aupdate(
+        status=Message.Status.COMPLETE, text="t1 t2 t3 ", updated_at=then, claimed_at=then
+    )
+
+
+async def test_pruning_deletes_the_logs_of_answers_that_ended_before_the_cutoff_only():
+    old, recent, streaming = await streaming_answers(3)
+    async with await connect(autocommit=True) as writer:
+        for answer in (old, recent, streaming):
+            key = str(answer.public_id)
+            for n in (1, 2, 3):  # a run per flush
+                await store._insert(writer, {answer.pk: [LogEvent(answer.pk, key, n, TOKEN, f"t{n} ")]})
+    await ended_long_ago(old, days=8)
+    await ended_long_ago(recent, days=6)
+    await Message.objects.filter(pk=streaming.pk).aupdate(updated_at=timezone.now() - dt.timedelta(days=8))
+
+    cutoff = timezone.now() - dt.timedelta(days=7)
+    assert await sync_to_async(store.prune_logs)(ended_before=cutoff, batch=2) == 3
+
+    kept = {m async for m in AnswerEvents.objects.values_list("message_id", flat=True).distinct()}
+    assert kept == {recent.pk, streaming.pk}  # a streaming answer's log is never pruned
+    # The pruned answer still reads whole, from its row.
+    events = [e async for e in follow.follow(old.pk, key=str(old.public_id))]
+    assert [e.kind for e in events] == ["token", "metrics", "done"] and events[0].data == "t1 t2 t3 "
