@@ -33,6 +33,18 @@
     notTaken(event, "The server could not be reached.");
   });
 
+  // When the browser gives up on an answer's stream (its reconnect got an error: a server
+  // restarting, say), htmx's SSE extension opens a new EventSource on the sse-connect URL,
+  // without the Last-Event-ID header the browser's own reconnects send: the answer would
+  // start over, each token twice on the page. So that URL says where the page is.
+  document.addEventListener("htmx:sseMessage", function (event) {
+    const id = event.detail.lastEventId;
+    const answer = event.detail.elt && event.detail.elt.closest("[sse-connect]");
+    if (!id || !answer) return;
+    const url = answer.getAttribute("sse-connect").split("?")[0];
+    answer.setAttribute("sse-connect", url + "?last_event_id=" + encodeURIComponent(id));
+  });
+
   // Copy the answer as text.
   document.addEventListener("click", function (event) {
     const button = event.target.closest("button[data-copy]");

@@ -9,6 +9,7 @@ assertions do not depend on when Python happens to look.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -232,3 +233,35 @@ async def test_a_question_the_server_cannot_be_reached_for_stays_in_the_box_with
     await wait_for_js(page, "document.querySelector('#form-error').textContent.length > 0")
     assert "could not be reached" in await page.text_content("#form-error")
     assert await page.input_value("#question") == "What does pgvector add?"
+
+
+async def test_a_stream_the_browser_gave_up_on_resumes_where_the_page_is_not_from_the_start(page, fake_llm):
+    """The browser's reconnect is refused (a 503, as while Postgres restarts): the EventSource is
+    closed for good, and htmx's SSE extension opens a new one, which sends no Last-Event-ID."""
+    await add_corpus()
+    fake_llm.tokens = [f"word{i} " for i in range(12)]
+    whole = "".join(fake_llm.tokens)
+    streams, last_sent = [], []
+
+    async def stream(route):
+        streams.append(route.request)
+        if len(streams) == 1:  # the first 4 tokens, then the connection ends
+            response = await route.fetch()
+            frames = (await response.text()).split("\n\n")
+            tokens = [n for n, frame in enumerate(frames) if "\nevent: token\n" in f"\n{frame}\n"]
+            sent = frames[: tokens[3] + 1]
+            last_sent.append(re.search(r"^id: (\S+)$", sent[-1], re.M).group(1))
+            await route.fulfill(response=response, body="\n\n".join(sent) + "\n\n")
+        elif len(streams) == 2:  # the browser's reconnect, with its Last-Event-ID: refused
+            await route.fulfill(status=503, body="down")
+        else:
+            await route.continue_()
+
+    await page.route("**/chat/answers/*/stream*", stream)
+    await ask(page, "What does pgvector add?")
+    await page.wait_for_selector(".answer .markdown")
+
+    assert streams[2].url.endswith(f"?last_event_id={last_sent[0]}")  # where the page was
+    seen = await page.evaluate("window.__seen")
+    assert max(seen["lengths"]) <= len(whole)  # no token twice, even for a moment
+    assert (await page.text_content(".answer .markdown")).strip() == whole.strip()
