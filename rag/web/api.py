@@ -92,12 +92,13 @@ async def stream(request: HttpRequest):
     Every event carries an id. A request with ``Last-Event-ID`` (an EventSource that
     reconnects sends it by itself, to the same URL) never starts a generation: it gets
     the events of that answer after that id, then follows it live, from any process.
-    Without ``detach=1``, a client that leaves stops its answer at once.
+    ``?last_event_id=`` does the same for a client that opens a new EventSource, which
+    cannot send the header. Without ``detach=1``, a client that leaves stops its answer at once.
     """
     fmt = request.GET.get("format", "text")
     if fmt not in FORMATS:
         return bad_request(f"'format' must be one of {', '.join(FORMATS)}, not {fmt!r}.")
-    last_event_id = request.headers.get("Last-Event-ID")
+    last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
     if last_event_id:
         return await _resume(request, last_event_id, fmt=fmt)
     detach = request.GET.get("detach", "0")

@@ -108,3 +108,19 @@ async def test_an_api_client_stops_its_detached_answer(live_server_url, http, fa
 async def test_detach_must_be_0_or_1(live_server_url, http, fake_llm):
     async with http.get(f"{live_server_url}/rag/stream", params={"question": "q", "detach": "yes"}) as resp:
         assert resp.status == 400 and "'detach' must be 0 or 1" in (await resp.json())["error"]
+
+
+@live
+async def test_a_new_eventsource_resumes_with_last_event_id_in_the_url(live_server_url, http, fake_llm):
+    """An EventSource the browser gave up on cannot be given the header: a new one is opened
+    with the id in its URL, and asks nothing again."""
+    fake_llm.tokens = [f"w{i} " for i in range(30)]
+    fake_llm.inter_token_ms = 20
+    params = {"question": "pgvector?", "format": "json", "detach": "1"}
+    first = await read_tokens_then_leave(http, live_server_url, params, tokens=3)
+
+    rest = await stream(http, live_server_url, {**params, "last_event_id": first[-1].id})
+
+    assert json_tokens(first) + json_tokens(rest.events) == fake_llm.tokens
+    assert len([r for r in fake_llm.records if r.stream]) == 1
+    assert (await wait_for_final_message()).status == Message.Status.COMPLETE
