@@ -324,6 +324,14 @@ def test_staff_see_answers_with_metrics_and_feedback_filterable(client, answer):
     assert conversation.status_code == 200 and "123.45" in conversation.content.decode()  # the inline's gap p95
 
 
+def test_the_newest_messages_come_first(client, answer):
+    later = Message.objects.create(conversation=answer.conversation, role="user", text="And plantains?")
+    client.force_login(User.objects.create_superuser("admin", "a@example.com", "pw"))
+    html = client.get("/admin/rag/message/").content.decode()
+    assert html.index("And plantains?") < html.index("Yellow [1]") < html.index("Bananas?")
+    assert later.pk > answer.pk
+
+
 def test_the_admin_is_staff_only(client, answer):
     assert client.get("/admin/rag/message/").status_code == 302
     client.force_login(User.objects.create_user("visitor"))
