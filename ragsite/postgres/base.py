@@ -26,8 +26,9 @@ class DatabaseWrapper(base.DatabaseWrapper):
     def pool(self) -> ConnectionPool | None:
         pool = super().pool
         # Django passes psycopg_pool's own check when CONN_HEALTH_CHECKS is on, and refuses
-        # another one among the pool's options; tests/test_postgres.py fails if this stops working.
-        if pool is not None and pool._check is ConnectionPool.check_connection:
+        # another one among the pool's options. Should psycopg_pool rename the attribute, its
+        # own check stays (tests/test_postgres.py then fails) rather than every query.
+        if pool is not None and getattr(pool, "_check", None) is ConnectionPool.check_connection:
             pool._check = functools.partial(_check_all_if_broken, pool=pool)
         return pool
 
