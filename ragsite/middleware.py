@@ -150,7 +150,8 @@ class DatabaseUnavailableMiddleware:
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         return await self.get_response(request)
 
-    async def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+    def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
+        # Sync: Django runs the exception middleware in a thread whatever they are.
         if not isinstance(exception, UNREACHABLE_ERRORS):
             return None
         logger.error("%s %s: the database cannot be reached: %s", request.method, request.path, exception)
