@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 import psycopg
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 
 from rag.answers import follow, live
 from rag.answers.access import Owner
@@ -114,3 +114,19 @@ async def test_an_answer_that_ends_while_the_database_is_down_is_saved_once_it_i
     await live.wait_idle()
     saved = await Message.objects.aget(pk=answer.pk)
     assert saved.status == Message.Status.COMPLETE and saved.text == "".join(TOKENS)
+
+
+async def test_the_pool_connects_again_within_seconds_of_postgres_coming_back(database_down, monkeypatch):
+    """psycopg_pool tries again 1, 2, 4, 8... s apart: after a 40 s outage the app stayed
+    down 18 s longer than Postgres did (measured against a daphne)."""
+    pool = connection.pool
+    await database_down.refuse()
+    failed_borrows = pool.get_stats().get("requests_errors", 0)
+    monkeypatch.setattr(pool, "timeout", 0.5)
+    while pool.get_stats().get("requests_errors", 0) < failed_borrows + 20:  # about 10 s of outage:
+        with pytest.raises(OperationalError):  # the stock schedule's next try is some 5 s away
+            await Message.objects.acount()
+    await database_down.allow()
+
+    monkeypatch.setattr(pool, "timeout", 3.0)
+    assert await Message.objects.acount() == 0  # a connection within 3 s
