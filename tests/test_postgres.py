@@ -86,10 +86,12 @@ async def test_an_answer_streaming_when_every_connection_drops_is_saved_whole(tw
 
 
 async def test_an_answer_that_ends_while_the_database_is_down_is_saved_once_it_is_back(
-    fake_llm, database_down, monkeypatch
+    fake_llm, database_down, monkeypatch, settings
 ):
+    """However long Postgres stays down: here longer than the answer's claim would last."""
     await add_corpus()
     monkeypatch.setattr(connection.pool, "timeout", 0.5)  # not the 10 s a server waits
+    settings.RAG_CLAIM_RENEW_S = 0.5  # a claim goes stale in 1.5 s
     fake_llm.tokens = TOKENS
     fake_llm.inter_token_ms = 20
     answer = await chat.ask(owner=OWNER, question="pgvector?", k=1)
@@ -99,13 +101,12 @@ async def test_an_answer_that_ends_while_the_database_is_down_is_saved_once_it_i
         if event.kind == "token":
             break
 
-    failed_borrows = connection.pool.get_stats().get("requests_errors", 0)
     await database_down.refuse()
     await asyncio.to_thread(
-        wait_until,
-        lambda: connection.pool.get_stats().get("requests_errors", 0) > failed_borrows,
-        what="the answer to end, and its save to find no connection",
+        wait_until, lambda: any(r.stream and r.finished for r in fake_llm.records), what="the answer to end"
     )
+    # The outage's length is what is under test: twice the claim's life after the answer ended.
+    await asyncio.sleep(2 * follow.claim_stale_s())
     await database_down.allow()
 
     rest = [e async for e in follow.follow(answer.pk, key=str(answer.public_id), after=seen[-1].seq)]

@@ -144,18 +144,27 @@ async def _run(
 
 
 async def _save_when_reachable(save: answering.SaveAnswer, outcome: answering.Outcome, *, answer_id: int) -> Message:
-    """``save(outcome)``, tried again while the database cannot be reached (restarting,
-    failing over) for as long as the answer's claim keeps it this process's: after that,
-    other processes take it for dead and end it as interrupted, with the text of its log."""
-    deadline = time.monotonic() + follow.claim_stale_s()
+    """``save(outcome)``, tried again every SAVE_RETRY_S while the database cannot be reached
+    (restarting, failing over), as the event writer does with the answer's events: given up,
+    the answer's row would stay ``streaming`` for good, its log ending in an error that no
+    reader turns into an end of the row. Shutting the process down cancels the wait."""
+    failed_at = None
     while True:
         try:
-            return await save(outcome)
+            message = await save(outcome)
         except UNREACHABLE_ERRORS as exc:
-            if time.monotonic() >= deadline:
-                raise
-            logger.warning("Saving answer %d: the database cannot be reached (%s); trying again", answer_id, exc)
+            if failed_at is None:  # once, not every second of an outage
+                failed_at = time.monotonic()
+                logger.warning("Saving answer %d: the database cannot be reached (%s); trying again", answer_id, exc)
             await asyncio.sleep(SAVE_RETRY_S)
+            continue
+        if failed_at is not None:
+            logger.info(
+                "Saved answer %d, %.0f s after the database could not be reached",
+                answer_id,
+                time.monotonic() - failed_at,
+            )
+        return message
 
 
 def as_log(event: answering.AnswerEvent) -> tuple[str, object]:
