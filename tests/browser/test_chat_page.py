@@ -265,3 +265,14 @@ async def test_a_stream_the_browser_gave_up_on_resumes_where_the_page_is_not_fro
     seen = await page.evaluate("window.__seen")
     assert max(seen["lengths"]) <= len(whole)  # no token twice, even for a moment
     assert (await page.text_content(".answer .markdown")).strip() == whole.strip()
+
+
+async def test_a_refused_question_stays_in_the_box_with_the_reason(page, live_server_url):
+    await page.goto("/")
+    await page.fill("#question", "   ")  # passes the box's `required`, refused by the server
+    async with page.expect_response("**/chat/ask") as response:
+        await page.click("#ask-form button[type=submit]")
+    assert (await response.value).status == 422
+    await wait_for_js(page, "document.querySelector('#form-error').textContent.length > 0")
+    assert "non-empty" in await page.text_content("#form-error")
+    assert await page.input_value("#question") == "   "
