@@ -98,8 +98,7 @@ async def stream(request: HttpRequest):
     fmt = request.GET.get("format", "text")
     if fmt not in FORMATS:
         return bad_request(f"'format' must be one of {', '.join(FORMATS)}, not {fmt!r}.")
-    last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
-    if last_event_id:
+    if last_event_id := sse.last_event_id(request):
         return await _resume(request, last_event_id, fmt=fmt)
     detach = request.GET.get("detach", "0")
     if detach not in ("0", "1"):

@@ -116,16 +116,15 @@ async def answer_stream(request: HttpRequest, answer_id: int) -> StreamingHttpRe
     """GET /chat/answers/<id>/stream → text/event-stream of HTML fragments.
 
     The POST that asked started the answer; every stream follows its event log,
-    from the start or, for a reconnecting EventSource, after its ``Last-Event-ID``:
-    the header the browser's own reconnect sends, else ``?last_event_id=``, which the
-    page keeps in the URL for the EventSource htmx opens anew when the browser gave up.
+    from the start or, for a reconnecting EventSource, after its last event
+    (``sse.last_event_id``: the page keeps it in the URL too, for the EventSource htmx
+    opens anew when the browser gave up).
     """
     owner = await request_owner(request)
     reader = Reader.of(await request.auser())
-    last_event_id = request.headers.get("Last-Event-ID") or request.GET.get("last_event_id")
     try:
         events = await chat.stream_turn(
-            owner=owner, answer_id=answer_id, last_event_id=last_event_id or None, collections=reader
+            owner=owner, answer_id=answer_id, last_event_id=sse.last_event_id(request), collections=reader
         )
     except chat.NotFound:
         raise Http404("No such answer.") from None

@@ -25,6 +25,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from typing import TypeVar
 
+from django.http import HttpRequest
+
 from rag.answers import events
 from rag.answers.events import LogEvent
 
@@ -36,6 +38,13 @@ DONE = b"data: [DONE]\n\n"
 HEARTBEAT = b": keep-alive\n\n"
 # Sent at once so that clients and proxies see the response start immediately.
 OPENING = b": stream open\n\n"
+
+
+def last_event_id(request: HttpRequest) -> str | None:
+    """Where a client resumes a stream: the ``Last-Event-ID`` its EventSource sends when it
+    reconnects by itself, else ``?last_event_id=``, for a new EventSource (one the browser
+    gave up on), which cannot send the header."""
+    return request.headers.get("Last-Event-ID") or request.GET.get("last_event_id") or None
 
 
 def frame(data: str, event: str | None = None, *, id: str | None = None) -> bytes:
