@@ -199,8 +199,9 @@ def wait_until(predicate: Callable[[], object], *, timeout: float = 5.0, what: s
 
 
 class DatabaseDown:
-    """Takes the test database away as a Postgres restart or failover does: no new connection,
-    and the ones open are ended. For tests with ``transactional_db``."""
+    """Does to the test database what a Postgres restart or failover does: ends every
+    connection (``end_connections``), and refuses new ones until ``allow``. For tests with
+    ``transactional_db``."""
 
     def __init__(self) -> None:
         self.params = store.connection_params()
@@ -213,11 +214,20 @@ class DatabaseDown:
     async def allow(self) -> None:
         await asyncio.to_thread(self._allow, True)
 
+    def end_connections(self) -> int:
+        """End every connection to the test database (every process's); how many."""
+        with self._maintenance() as own:
+            ended = "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s"
+            return own.execute(ended, [self.name]).fetchone()[0]
+
     def _allow(self, allowed: bool) -> None:
-        with psycopg.connect(**self.params, dbname="postgres", autocommit=True) as own:
+        with self._maintenance() as own:
             own.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}").format(sql.Identifier(self.name), allowed))
-            if not allowed:
-                own.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", [self.name])
+        if not allowed:
+            self.end_connections()
+
+    def _maintenance(self) -> psycopg.Connection:
+        return psycopg.connect(**self.params, dbname="postgres", autocommit=True)
 
 
 @pytest.fixture

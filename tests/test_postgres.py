@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
-import psycopg
 import pytest
 from django.db import OperationalError, connection
 
 from rag.answers import follow, live
 from rag.answers.access import Owner
-from rag.answers.store import connection_params
 from rag.models import Message
 from rag.services import chat
 from rag.services.connections import arelease_connection
@@ -25,16 +23,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 OWNER = Owner(user_id=None, session_key="postgres-restart")
 
 
-def drop_every_connection() -> int:
-    """What a restart or a failover does to the test database's clients: end them all."""
-    with psycopg.connect(**connection_params(), autocommit=True) as own:
-        return own.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-        ).fetchone()[0]
-
-
-def test_the_first_borrow_after_a_restart_replaces_every_broken_connection():
+def test_the_first_borrow_after_a_restart_replaces_every_broken_connection(database_down):
     pool = connection.pool
     connection.close()  # this thread's connection back to the pool, to be broken with the others
     held = [pool.getconn() for _ in range(4)]
@@ -42,7 +31,7 @@ def test_the_first_borrow_after_a_restart_replaces_every_broken_connection():
         pool.putconn(conn)
     idle = pool.get_stats()["pool_available"]
     lost = pool.get_stats().get("connections_lost", 0)
-    assert idle >= 4 and drop_every_connection() >= idle
+    assert idle >= 4 and database_down.end_connections() >= idle
 
     with connection.cursor() as cursor:  # psycopg_pool's own check would find one broken per try,
         cursor.execute("SELECT 1")  # pausing 0.9, 1.8, 3.6 s between: past its 10 s timeout
@@ -59,7 +48,7 @@ def slow_llm(fake_llm: FakeOpenAI) -> FakeOpenAI:
     return fake_llm
 
 
-async def test_an_answer_streaming_when_every_connection_drops_is_saved_whole(two_webs, slow_llm):
+async def test_an_answer_streaming_when_every_connection_drops_is_saved_whole(two_webs, slow_llm, database_down):
     a, b = two_webs
     await add_corpus()
     async with aiohttp.ClientSession(
@@ -71,7 +60,7 @@ async def test_an_answer_streaming_when_every_connection_drops_is_saved_whole(tw
         await asyncio.to_thread(wait_until, lambda: len(tokens_of(on_b)) >= 5, what="b to follow the answer")
 
         await arelease_connection()  # what the test's ORM calls held, back to the pool
-        assert await asyncio.to_thread(drop_every_connection) >= 4  # both processes' pools and listeners
+        assert await asyncio.to_thread(database_down.end_connections) >= 4  # both processes' pools and listeners
 
         await asyncio.wait_for(reading, timeout=30)
         for web in (a, b):
